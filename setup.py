@@ -1,0 +1,43 @@
+"""solo: an open training stack for SOLO-style monolithic vision-language models."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="solo",
+    version="0.1.0",
+    description="Training stack for single-transformer vision-language models (SOLO style)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["solo", "solo.*", "megatron_patch", "megatron_patch.*", "data_prep", "data_prep.*"]),
+    package_data={"megatron_patch": ["recipes/*.yaml"]},
+    install_requires=[
+        # torch is a range on purpose: GPU users bring their own CUDA build; CPU machines
+        # install torch==2.13.0 first (see README).
+        "torch>=2.4,<2.15",
+        # Pinned exactly: the CPU redirects in megatron_patch/compat.py touch private names.
+        "megatron-core==0.16.1",
+        "transformers>=5.0,<6",
+        "accelerate>=1.0",
+        "deepspeed>=0.16",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "pillow>=10.0",
+        "numpy>=1.24",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+        "zstandard>=0.22",
+        "lz4>=4.0",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        "test": ["pytest>=7"],
+    },
+    entry_points={
+        "console_scripts": [
+            "solo=solo.cli:main",
+            "solo-data=data_prep.cli:main",
+        ]
+    },
+)
