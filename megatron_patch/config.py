@@ -1,0 +1,249 @@
+"""Typed training configuration, loaded from a YAML recipe plus dotted ``key=value`` overrides.
+
+Every recipe in ``megatron_patch/recipes/`` must load through :func:`load_config`: unknown keys,
+wrong types and inconsistent sizes are rejected at start-up with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    """Mistral/Llama-style decoder; defaults are Mistral-7B's."""
+
+    num_layers: int = 32
+    hidden_size: int = 4096
+    ffn_hidden_size: int = 14336
+    num_attention_heads: int = 32
+    num_query_groups: int = 8
+    vocab_size: int = 33029  # from the tokenizer; recipes for real runs set tokenizer instead
+    tokenizer: Optional[str] = None  # HF tokenizer dir: vocab_size and pad id are derived from it
+    make_vocab_size_divisible_by: int = 128
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    sliding_window: Optional[int] = 4096  # HF semantics: a token sees itself + 4095 earlier ones
+    init_method_std: float = 0.02
+    patch_dim: int = 3072
+    backend: str = "auto"  # auto | te | local
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class DataConfig:
+    # A packed directory, a mixture YAML (blend), or "synthetic" (the debug image task).
+    path: str = "synthetic"
+    seq_length: int = 32768
+    micro_batch_size: int = 1
+    global_batch_size: int = 128
+    pad_token_id: Optional[int] = None  # required unless model.tokenizer gives one
+    seed: int = 1234
+    num_workers: int = 0
+    cache_dir: Optional[str] = None  # megatron-core dataset index cache; default SAVE/data_cache
+    synthetic_samples: int = 4096
+    synthetic_classes: int = 4
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 5e-5
+    min_lr: float = 5e-6
+    warmup_iters: int = 200
+    decay_style: str = "cosine"
+    lr_decay_iters: Optional[int] = None  # default: training.train_iters
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True  # GPU only; CPU falls back (see train.py)
+
+
+@dataclass
+class TrainingConfig:
+    train_iters: int = 1525
+    seed: int = 1234
+    bf16: bool = True
+    recompute: str = "full"  # none | selective | full
+    recompute_num_layers: int = 1
+    log_interval: int = 1
+    on_nonfinite: str = "stop"  # stop | skip
+    exit_after_iters: Optional[int] = None  # stop (with a save) after this many iterations this run
+    # Testing hooks: make the loss of this global step non-finite / sleep per step (SIGTERM tests).
+    inject_nan_at_step: Optional[int] = None
+    step_sleep_s: float = 0.0
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None  # SAVE_DIR: checkpoints, metrics.jsonl; resume from here if present
+    save_interval: int = 100
+    keep_last: int = 3
+    # Start a new stage from a previous stage's checkpoint (a SAVE_DIR or an iter_* dir). Used only
+    # when `save` holds no checkpoint yet. The schedule (iteration, LR, consumed samples) restarts.
+    init_from: Optional[str] = None
+    init_load_optimizer: bool = False  # keep the previous stage's optimizer state (else reset)
+    sigterm_save: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = False
+    wandb_project: Optional[str] = None
+    flops_peak_tflops: Optional[float] = None  # per GPU; for MFU (default: bf16 dense of the GPU)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check/convert one value against a dataclass field annotation."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, globals())  # annotations are strings (__future__)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        raise ConfigError(f"{key}: expected a boolean, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(prefix + k for k in unknown)}; valid keys under "
+            f"{prefix or 'the top level'}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        f = fields[name]
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            kwargs[name] = _build(f.default_factory, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, f.type, prefix + name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; raise ConfigError naming the keys to fix."""
+    m, p, d, t, o = cfg.model, cfg.parallel, cfg.data, cfg.training, cfg.optimizer
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError("model.hidden_size must be divisible by model.num_attention_heads")
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError("model.num_attention_heads must be divisible by model.num_query_groups")
+    if m.num_query_groups % p.tensor_model_parallel_size:
+        raise ConfigError(
+            f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size} must divide "
+            f"model.num_query_groups={m.num_query_groups}"
+        )
+    if m.num_layers % p.pipeline_model_parallel_size:
+        raise ConfigError("parallel.pipeline_model_parallel_size must divide model.num_layers")
+    if m.backend not in ("auto", "te", "local"):
+        raise ConfigError(f"model.backend must be auto, te or local; got {m.backend!r}")
+    if t.recompute not in ("none", "selective", "full"):
+        raise ConfigError(f"training.recompute must be none, selective or full; got {t.recompute!r}")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"training.on_nonfinite must be stop or skip; got {t.on_nonfinite!r}")
+    if o.decay_style not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"optimizer.decay_style must be cosine, linear or constant; got {o.decay_style!r}")
+    if o.min_lr > o.lr:
+        raise ConfigError("optimizer.min_lr must not exceed optimizer.lr")
+    if d.global_batch_size % d.micro_batch_size:
+        raise ConfigError("data.global_batch_size must be a multiple of data.micro_batch_size")
+    if m.tokenizer is None and d.pad_token_id is None:
+        raise ConfigError("set data.pad_token_id, or model.tokenizer to derive it")
+    if m.sliding_window is not None and m.sliding_window < 1:
+        raise ConfigError("model.sliding_window must be >= 1 or null")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError("checkpoint.keep_last must be >= 1")
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML recipe, apply ``section.key=value`` overrides (values parsed as YAML), validate."""
+    with open(path, encoding="utf-8") as fh:
+        tree = yaml.safe_load(fh) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), raw)
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg

@@ -1,0 +1,231 @@
+"""SoloGPTModel: megatron-core's GPTModel plus SOLO's patch projection, by composition.
+
+Reading order: the config builder (Mistral/Llama choices), then the model. The model owns a
+``GPTModel`` (``language_model``) and, on the FIRST pipeline stage only, the 3072 -> hidden patch
+projection. It computes the input embeddings itself (token embedding, plus ``W . normalise(patch)``
+at every ``<vpatch>`` position) and hands them to ``GPTModel`` as ``decoder_input``, the way
+Megatron-LM's LLaVA model composes GPTModel.
+
+Parameter names, and the HF names they map to (the conversion issue owns the actual converter):
+
+=====================================================  ===========================================
+megatron-core (this model)                             HF ``SoloForCausalLM``
+=====================================================  ===========================================
+language_model.embedding.word_embeddings.weight        model.embed_tokens.weight
+vision_patch_projection.weight                         model.embed_vision_patch.weight
+language_model.decoder.layers.{i}.input_layernorm      model.layers.{i}.input_layernorm
+  (TE spec: self_attention.linear_qkv.layer_norm_weight)
+...layers.{i}.self_attention.linear_qkv.weight         q_proj/k_proj/v_proj (fused per KV group)
+...layers.{i}.self_attention.linear_proj.weight        model.layers.{i}.self_attn.o_proj.weight
+...layers.{i}.pre_mlp_layernorm                        model.layers.{i}.post_attention_layernorm
+  (TE spec: mlp.linear_fc1.layer_norm_weight)
+...layers.{i}.mlp.linear_fc1.weight                    [gate_proj; up_proj]
+...layers.{i}.mlp.linear_fc2.weight                    model.layers.{i}.mlp.down_proj.weight
+language_model.decoder.final_layernorm.weight          model.norm.weight
+language_model.output_layer.weight                     lm_head.weight (untied)
+=====================================================  ===========================================
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from solo.hf.image_processing_solo import PATCH_DIM, normalize_patches
+
+if TYPE_CHECKING:
+    from megatron_patch.config import ModelConfig, ParallelConfig, TrainingConfig
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
+    """Embedding rows: the tokenizer's vocab rounded up so every TP shard is equal and aligned."""
+    multiple = divisible_by * tp_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def build_transformer_config(
+    model: "ModelConfig", parallel: "ParallelConfig", training: "TrainingConfig"
+) -> TransformerConfig:
+    """Mistral/Llama architecture on megatron-core: RMSNorm, SwiGLU, GQA, RoPE, no biases."""
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if training.bf16 else torch.float32
+    recompute = {}
+    if training.recompute == "full":
+        recompute = dict(
+            recompute_granularity="full",
+            recompute_method="uniform",
+            recompute_num_layers=training.recompute_num_layers,
+        )
+    elif training.recompute == "selective":
+        recompute = dict(recompute_granularity="selective")
+    elif training.recompute != "none":
+        raise ValueError(f"training.recompute must be none, selective or full; got {training.recompute!r}")
+    window = None
+    if model.sliding_window is not None:
+        # HF Mistral: a query sees itself and sliding_window-1 earlier keys; TE's (left, right).
+        window = (model.sliding_window - 1, 0)
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.hidden_size // model.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        window_size=window,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=training.bf16,
+        calculate_per_token_loss=True,
+        # CPU: no fused kernels (they need TE/apex/CUDA); TP shards seed-identical to TP=1.
+        use_cpu_initialization=not on_gpu,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        cross_entropy_loss_fusion=False,
+        batch_p2p_comm=True,
+        batch_p2p_sync=on_gpu,
+        **recompute,
+    )
+
+
+class SoloGPTModel(MegatronModule):
+    """Decoder-only SOLO model: GPTModel + a patch projection on the first pipeline stage.
+
+    forward() takes one packed row per call (``[1, t]`` tensors, THD ``packed_seq_params``), the
+    ``patches`` referenced by that row (uint8 ``[N, 3072]``) and ``vision_patch_indices`` (``[1, t]``,
+    -1 where the token is not a patch, else the row into ``patches``).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        transformer_layer_spec: ModuleSpec,
+        vocab_size: int,
+        max_sequence_length: int,
+        rotary_base: float,
+        pre_process: bool = True,
+        post_process: bool = True,
+        patch_dim: int = PATCH_DIM,
+    ):
+        super().__init__(config=config)
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False
+        self.language_model = GPTModel(
+            config=config,
+            transformer_layer_spec=transformer_layer_spec,
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_base=int(rotary_base),
+        )
+        if pre_process:
+            # Split along the output (hidden) dim under TP, gathered before the add: each rank
+            # holds a 3072 x hidden/TP shard, like SOLO's Megatron layer.
+            self.vision_patch_projection = tensor_parallel.ColumnParallelLinear(
+                patch_dim,
+                config.hidden_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                gather_output=True,
+                skip_bias_add=True,
+            )
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline stages > 0 receive their input through this hook (schedules call it)."""
+        self.language_model.set_input_tensor(input_tensor)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        patches: Optional[torch.Tensor],
+        vision_patch_indices: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """[b, s] ids -> [s, b, h] embeddings; E[<vpatch>] + W . normalise(patch) at patch positions."""
+        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+        if patches is None or patches.shape[0] == 0:
+            return embeddings
+        if vision_patch_indices is None or vision_patch_indices.shape != input_ids.shape:
+            raise ValueError("vision_patch_indices must be given with the shape of input_ids")
+        pixels = normalize_patches(patches, dtype=self.vision_patch_projection.weight.dtype)
+        projected, _ = self.vision_patch_projection(pixels)  # [N, h]
+        index = vision_patch_indices.transpose(0, 1)  # [s, b], like the embeddings
+        seq_pos, batch_pos = torch.nonzero(index >= 0, as_tuple=True)
+        rows = index[seq_pos, batch_pos]
+        if rows.numel() and int(rows.max()) >= projected.shape[0]:
+            raise ValueError(
+                f"vision_patch_indices reference patch {int(rows.max())} but only "
+                f"{projected.shape[0]} patches were given"
+            )
+        return embeddings.index_put(
+            (seq_pos, batch_pos), projected[rows].to(embeddings.dtype), accumulate=True
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+        patches: Optional[torch.Tensor] = None,
+        vision_patch_indices: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Per-token losses [b, s] when ``labels`` are given (last stage), else logits/hidden."""
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.embed(input_ids, patches, vision_patch_indices)
+        return self.language_model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            decoder_input=decoder_input,
+            labels=labels,
+            packed_seq_params=packed_seq_params,
+        )
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Reshardable (TP/PP) checkpoint layout; the projection is sharded like SOLO's."""
+        sharded = self.language_model.sharded_state_dict(
+            prefix=f"{prefix}language_model.", sharded_offsets=sharded_offsets, metadata=metadata
+        )
+        if self.pre_process:
+            sharded.update(
+                self.vision_patch_projection.sharded_state_dict(
+                    prefix=f"{prefix}vision_patch_projection.",
+                    sharded_offsets=sharded_offsets,
+                    metadata=metadata,
+                )
+            )
+        return sharded
