@@ -1,0 +1,118 @@
+"""`solo create`: turn a local Hugging Face Mistral/Llama checkpoint into a SOLO checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+SUPPORTED_MODEL_TYPES = ("mistral", "llama")
+PATCH_INIT_STD = 0.02
+
+
+class CreateError(ValueError):
+    """The base checkpoint cannot be turned into a SOLO checkpoint; the message says why and what to do."""
+
+
+def _check_base(base: Path) -> dict:
+    if not base.is_dir():
+        raise CreateError(f"base checkpoint {base} is not a directory; pass a local Hugging Face model directory")
+    config_path = base / "config.json"
+    if not config_path.is_file():
+        raise CreateError(f"{config_path} is missing; --base must be a Hugging Face model directory")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise CreateError(f"{config_path} is not valid JSON ({error})") from error
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CreateError(
+            f"{base}: unsupported architecture model_type={model_type!r} "
+            f"(architectures={config.get('architectures')}); solo create supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if not any(base.glob("*.safetensors")) and not any(base.glob("pytorch_model*.bin")):
+        raise CreateError(f"{base} has no weights (*.safetensors or pytorch_model*.bin); copy the full checkpoint")
+    if not any((base / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise CreateError(f"{base} has no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer files too")
+    return config
+
+
+@torch.no_grad()
+def _resize_with_mean_rows(model, new_size: int) -> None:
+    """Grow the input embedding and the LM head to `new_size` rows; new rows = mean of the old rows."""
+    old_size = model.get_input_embeddings().weight.shape[0]
+    if new_size < old_size:
+        raise CreateError(f"tokenizer has {new_size} entries but the model has {old_size} embedding rows")
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        weight = module.weight
+        mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)
+        module.weight = torch.nn.Parameter(torch.cat([weight, mean.expand(new_size - old_size, -1)], dim=0))
+        if isinstance(module, torch.nn.Embedding):
+            module.num_embeddings = new_size
+        else:
+            module.out_features = new_size
+    model.config.vocab_size = new_size
+
+
+def create_solo_checkpoint(
+    base_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    resize_mode: str = "fit",
+    overwrite: bool = False,
+) -> Path:
+    """Build a SOLO checkpoint in `out_dir` from the Mistral/Llama checkpoint in `base_dir`.
+
+    Extends the tokenizer (SOLO-7B ids for a 32,000-entry base), grows the embeddings and LM head
+    with mean-of-old rows, adds the patch projection drawn from N(0, 0.02) with `seed`, and saves
+    model (safetensors), tokenizer and processor so the Auto classes load the directory with
+    `trust_remote_code=True`. The directory appears atomically: all is written to a temporary
+    sibling that is renamed into place at the end.
+    """
+    from transformers import AutoTokenizer
+
+    from solo.hf import SoloConfig, SoloForCausalLM
+    from solo.hf.image_processing_solo import SoloImageProcessor
+    from solo.hf.processing_solo import SoloProcessor
+    from solo.tokenizer import extend_tokenizer
+
+    base, out = Path(base_dir), Path(out_dir)
+    _check_base(base)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CreateError(f"output directory {out} exists and is not empty; choose another or pass --overwrite")
+
+    tokenizer = extend_tokenizer(AutoTokenizer.from_pretrained(base))
+    config = SoloConfig.from_pretrained(base)
+    config.architectures = ["SoloForCausalLM"]
+    model = SoloForCausalLM.from_pretrained(base, config=config, dtype="auto")
+    generator = torch.Generator().manual_seed(seed)
+    projection = model.model.embed_vision_patch.weight
+    with torch.no_grad():
+        projection.copy_(torch.randn(projection.shape, generator=generator) * PATCH_INIT_STD)
+    _resize_with_mean_rows(model, len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.bos_token_id = tokenizer.bos_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        SoloProcessor(SoloImageProcessor(resize_mode=resize_mode), tokenizer).save_pretrained(staging)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

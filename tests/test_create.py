@@ -1,0 +1,139 @@
+"""`solo create`: a base Mistral/Llama checkpoint becomes a SOLO checkpoint that Auto classes load."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+from solo.cli import main as solo_main
+from solo.create import CreateError, create_solo_checkpoint
+from solo.tiny import make_base_checkpoint
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return make_base_checkpoint(tmp_path_factory.mktemp("base") / "mistral")
+
+
+@pytest.fixture(scope="module")
+def solo_dir(base_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("created") / "solo"
+    assert solo_main(["create", "--base", str(base_dir), "--out", str(out), "--seed", "7"]) == 0
+    return out
+
+
+def test_created_checkpoint_has_solo7b_vocab_and_mean_initialised_rows(base_dir, solo_dir):
+    base = load_file(os.path.join(base_dir, "model.safetensors"))
+    solo = load_file(os.path.join(solo_dir, "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert solo[name].shape[0] == 33029
+        torch.testing.assert_close(solo[name][:32000], base[name], rtol=0, atol=0)
+        expected_new = base[name].mean(dim=0).expand(1029, -1)
+        torch.testing.assert_close(solo[name][32000:], expected_new)
+    projection = solo["model.embed_vision_patch.weight"]
+    assert projection.shape == (64, 3072)
+    assert abs(projection.std().item() - 0.02) < 0.002 and abs(projection.mean().item()) < 0.002
+    # Every base weight is carried over unchanged.
+    for name, tensor in base.items():
+        if name not in ("model.embed_tokens.weight", "lm_head.weight"):
+            torch.testing.assert_close(solo[name], tensor, rtol=0, atol=0)
+    config = json.loads((solo_dir / "config.json").read_text())
+    assert config["vocab_size"] == 33029 and config["pad_token_id"] != config["eos_token_id"]
+
+
+def test_projection_init_is_seeded(base_dir, tmp_path):
+    first = create_solo_checkpoint(base_dir, tmp_path / "a", seed=3)
+    second = create_solo_checkpoint(base_dir, tmp_path / "b", seed=3)
+    third = create_solo_checkpoint(base_dir, tmp_path / "c", seed=4)
+    key = "model.embed_vision_patch.weight"
+    weights = [load_file(os.path.join(d, "model.safetensors"))[key] for d in (first, second, third)]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+
+
+def test_text_logits_equal_the_base_model(base_dir, solo_dir):
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    solo = AutoModelForCausalLM.from_pretrained(solo_dir, trust_remote_code=True).eval()
+    ids = torch.tensor([[1, 67, 405, 294, 263, 363, 16]])
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+        got = solo(input_ids=ids).logits
+    torch.testing.assert_close(got[..., :32000], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_classes_load_without_this_package(solo_dir, tmp_path):
+    """The exported directory carries its own code: a Python that cannot import `solo` still runs it."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 100, 3), dtype=np.uint8))
+    image_path = tmp_path / "photo.png"
+    image.save(image_path)
+    prompt = "<s>[INST] <image>\nWhat is this? [/INST]"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["solo"] = None  # make `import solo` fail, whatever is installed
+        try:
+            import solo
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("solo is importable")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoProcessor
+        processor = AutoProcessor.from_pretrained({str(solo_dir)!r}, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained({str(solo_dir)!r}, trust_remote_code=True).eval()
+        inputs = processor({prompt!r}, images=[{str(image_path)!r}])
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        torch.save({{"input_ids": inputs["input_ids"], "logits": logits}}, {str(tmp_path / "out.pt")!r})
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(tmp_path / "out.pt", weights_only=True)
+
+    processor = AutoProcessor.from_pretrained(solo_dir, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(solo_dir, trust_remote_code=True).eval()
+    inputs = processor(prompt, images=[str(image_path)])
+    assert torch.equal(inputs["input_ids"], remote["input_ids"])
+    assert (inputs["vision_patch_indices"] >= 0).sum() == 6  # 100x70 → 2 rows x 3 cols (closest aspect)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    torch.testing.assert_close(logits, remote["logits"], rtol=0, atol=0)
+
+
+def test_llama_base_is_supported(tmp_path):
+    base = make_base_checkpoint(tmp_path / "llama", architecture="llama")
+    out = create_solo_checkpoint(base, tmp_path / "solo")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "solo" and config["sliding_window"] is None
+
+
+def test_bad_bases_give_clear_errors(base_dir, tmp_path, capsys):
+    with pytest.raises(CreateError, match="is not a directory"):
+        create_solo_checkpoint(tmp_path / "nope", tmp_path / "out")
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(CreateError, match="unsupported architecture model_type='gpt2'"):
+        create_solo_checkpoint(gpt2, tmp_path / "out")
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tokenizer / name).write_bytes((Path(base_dir) / name).read_bytes())
+    with pytest.raises(CreateError, match="no tokenizer"):
+        create_solo_checkpoint(no_tokenizer, tmp_path / "out")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("user data")
+    assert solo_main(["create", "--base", str(base_dir), "--out", str(busy)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (busy / "keep.txt").read_text() == "user data"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".busy.tmp")]
