@@ -39,6 +39,7 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from solo.hf.image_processing_solo import PATCH_DIM, normalize_patches
 
@@ -217,6 +218,7 @@ class SoloGPTModel(MegatronModule):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Reshardable (TP/PP) checkpoint layout; the projection is sharded like SOLO's."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
         sharded = self.language_model.sharded_state_dict(
             prefix=f"{prefix}language_model.", sharded_offsets=sharded_offsets, metadata=metadata
         )

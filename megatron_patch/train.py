@@ -1,0 +1,688 @@
+"""SOLO pretraining on megatron-core primitives (the pip wheel has no ``megatron.training``).
+
+    torchrun [torchrun args] -m megatron_patch.train --config RECIPE [section.key=value ...]
+
+Resume = run the same command again: if ``checkpoint.save`` holds a checkpoint, model, optimizer,
+LR schedule, RNG (same topology) and data position are restored and training continues with the
+next unseen sample. A new stage starts from ``checkpoint.init_from`` (a previous stage's SAVE_DIR)
+with its schedule reset and its optimizer state kept only if ``checkpoint.init_load_optimizer``.
+
+Per step: one log line and one ``SAVE_DIR/metrics.jsonl`` record (step, loss, text/image losses,
+lr, grad_norm, tokens_per_s, consumed_samples, sample_ids, mfu on GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_patch import compat
+from megatron_patch.config import Config, ConfigError, load_config
+
+logger = logging.getLogger("megatron_patch.train")
+
+CKPT_PREFIX = "iter_"
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+# Peak dense bf16 TFLOP/s per GPU, for MFU when logging.flops_peak_tflops is unset.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "B200": 2250.0}
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up
+# ----------------------------------------------------------------------------------------------
+
+
+def init_distributed(cfg: Config) -> None:
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    p = cfg.parallel
+    world = dist.get_world_size()
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    if world % model_parallel:
+        raise ConfigError(
+            f"world size {world} is not divisible by TP*PP*CP = {model_parallel}; "
+            "change NPROC/--nproc_per_node or the parallel sizes"
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+    )
+    dp = parallel_state.get_data_parallel_world_size()
+    if cfg.data.global_batch_size % (cfg.data.micro_batch_size * dp):
+        raise ConfigError(
+            f"data.global_batch_size={cfg.data.global_batch_size} must be a multiple of "
+            f"data.micro_batch_size*DP = {cfg.data.micro_batch_size}*{dp}"
+        )
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.training.seed)
+
+
+def resolve_tokenizer_fields(cfg: Config) -> None:
+    """vocab_size and pad id come from the tokenizer when one is named (never hard-coded)."""
+    if cfg.model.tokenizer is None:
+        return
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+    cfg.model.vocab_size = len(tok)
+    if cfg.data.pad_token_id is None:
+        if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+            raise ConfigError(
+                f"tokenizer {cfg.model.tokenizer} has no pad token distinct from EOS (SOLO's pad=EOS "
+                "meant EOS was never learned); add one or set data.pad_token_id"
+            )
+        cfg.data.pad_token_id = tok.pad_token_id
+
+
+def build_model(cfg: Config):
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_patch.model import SoloGPTModel, build_transformer_config, solo_layer_spec
+    from megatron_patch.model.model import padded_vocab_size
+
+    tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.training)
+    vocab = padded_vocab_size(
+        cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size
+    )
+    model = SoloGPTModel(
+        config=tconfig,
+        transformer_layer_spec=solo_layer_spec(cfg.model.backend),
+        vocab_size=vocab,
+        max_sequence_length=cfg.data.seq_length,
+        rotary_base=cfg.model.rope_theta,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        patch_dim=cfg.model.patch_dim,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    if cfg.training.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(tconfig, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer(cfg),
+    )
+    model = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
+    return model, tconfig
+
+
+def use_distributed_optimizer(cfg: Config) -> bool:
+    """CPU fallback, in one place: megatron's distributed optimizer refuses CPU tensors, so on CPU
+    the (non-distributed) megatron optimizer runs, with compat's CPU grad clipping."""
+    return cfg.optimizer.use_distributed_optimizer and torch.cuda.is_available()
+
+
+def build_optimizer(cfg: Config, model):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = cfg.optimizer
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=cfg.training.bf16,
+        params_dtype=torch.bfloat16 if cfg.training.bf16 else torch.float32,
+        use_distributed_optimizer=use_distributed_optimizer(cfg),
+    )
+    optimizer = get_megatron_optimizer(opt_config, [model])
+    decay_iters = o.lr_decay_iters or cfg.training.train_iters
+    gbs = cfg.data.global_batch_size
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_iters * gbs,
+        lr_decay_steps=max(decay_iters, 1) * gbs,
+        lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(decay_iters, 1) * gbs,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+    )
+    return optimizer, scheduler
+
+
+def unwrap(model):
+    inner = model.module
+    return getattr(inner, "module", inner)  # Float16Module
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: torch_dist (reshardable), atomic "latest", keep-last-N
+# ----------------------------------------------------------------------------------------------
+
+
+def _iter_dir(save: str, iteration: int) -> str:
+    return os.path.join(save, f"{CKPT_PREFIX}{iteration:07d}")
+
+
+def read_latest(save: Optional[str]) -> Optional[int]:
+    if not save:
+        return None
+    path = os.path.join(save, LATEST_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return int(fh.read().strip())
+
+
+def _topology() -> Dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return dict(
+        tp=ps.get_tensor_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
+        dp=ps.get_data_parallel_world_size(),
+    )
+
+
+def _rng_object(is_loading: bool):
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state = None
+    if not is_loading:
+        state = dict(
+            cpu=torch.get_rng_state(),
+            cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            tracker=tensor_parallel.get_cuda_rng_tracker().get_states(),
+        )
+    topo = _topology()
+    return ShardedObject(
+        "rng_state",
+        state,
+        (topo["pp"], topo["tp"], topo["dp"]),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()),
+        replica_id=0,
+    )
+
+
+def _sharded_state(model, optimizer, *, is_loading: bool, with_optimizer: bool, with_rng: bool):
+    model_sd = unwrap(model).sharded_state_dict()
+    state: Dict[str, Any] = {"model": model_sd}
+    if with_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    if with_rng:
+        state["rng_state"] = _rng_object(is_loading)
+    return state
+
+
+def save_checkpoint(cfg: Config, model, optimizer, scheduler, iteration: int, consumed: int) -> None:
+    """Write iter_N atomically: into iter_N.tmp, rename, then point 'latest' at it."""
+    from megatron.core import dist_checkpointing
+
+    save = cfg.checkpoint.save
+    final = _iter_dir(save, iteration)
+    tmp = final + ".tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(save, exist_ok=True)
+        for stale in (tmp, final):
+            if os.path.exists(stale):
+                shutil.rmtree(stale)
+        os.makedirs(tmp)
+    dist.barrier()
+    state = _sharded_state(model, optimizer, is_loading=False, with_optimizer=True, with_rng=True)
+    state.update(
+        iteration=iteration,
+        consumed_samples=consumed,
+        scheduler=scheduler.state_dict(),
+        topology=_topology(),
+        config=cfg.to_dict(),
+    )
+    dist_checkpointing.save(state, tmp)
+    dist.barrier()
+    if rank == 0:
+        os.replace(tmp, final)
+        latest_tmp = os.path.join(save, LATEST_FILE + ".tmp")
+        with open(latest_tmp, "w", encoding="utf-8") as fh:
+            fh.write(str(iteration))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(latest_tmp, os.path.join(save, LATEST_FILE))
+        _prune_checkpoints(save, cfg.checkpoint.keep_last)
+        logger.info("saved checkpoint %s", final)
+    dist.barrier()
+
+
+def _prune_checkpoints(save: str, keep_last: int) -> None:
+    iters = sorted(
+        int(name[len(CKPT_PREFIX):])
+        for name in os.listdir(save)
+        if name.startswith(CKPT_PREFIX) and name[len(CKPT_PREFIX):].isdigit()
+    )
+    for old in iters[:-keep_last]:
+        shutil.rmtree(_iter_dir(save, old), ignore_errors=True)
+    for name in os.listdir(save):  # leftovers of a save that crashed
+        if name.startswith(CKPT_PREFIX) and name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(save, name), ignore_errors=True)
+
+
+def load_checkpoint(cfg: Config, ckpt_dir: str, model, optimizer, *, with_optimizer: bool, restore_rng: bool) -> dict:
+    from megatron.core import dist_checkpointing, tensor_parallel
+
+    common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+    same_topology = common.get("topology") == _topology()
+    with_rng = restore_rng and same_topology
+    state = _sharded_state(model, optimizer, is_loading=True, with_optimizer=with_optimizer, with_rng=with_rng)
+    loaded = dist_checkpointing.load(state, ckpt_dir)
+    unwrap(model).load_state_dict(loaded["model"])
+    if with_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if with_rng:
+        rng = loaded["rng_state"]
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+    return common
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """A SAVE_DIR (follow its 'latest') or an iter_* directory."""
+    latest = read_latest(path)
+    if latest is not None:
+        return _iter_dir(path, latest)
+    if os.path.exists(os.path.join(path, "metadata.json")):
+        return path
+    raise FileNotFoundError(f"{path} is neither a SAVE_DIR with {LATEST_FILE} nor a checkpoint directory")
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward step and loss
+# ----------------------------------------------------------------------------------------------
+
+
+def loss_func(loss_mask: torch.Tensor, image_doc: torch.Tensor, nan: bool, output_tensor: torch.Tensor):
+    """Sum of token losses on the loss mask, and the token count (megatron-core's per-token mode:
+    the schedules sum counts over micro-batches and finalize_model_grads over DP ranks, then scale
+    gradients by 1/count). A micro-batch without loss tokens returns 0 and 0, never NaN."""
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.reshape(-1).float()
+    if nan:
+        losses = losses * float("nan")
+    total = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    img = image_doc.reshape(-1).float() * mask
+    txt = mask - img
+    detached = losses.detach()
+    report = torch.stack(
+        [total.detach(), mask.sum(), (detached * img).sum(), img.sum(), (detached * txt).sum(), txt.sum()]
+    )
+    return total, num_tokens, {"report": report}
+
+
+def forward_step(state: dict, data_iterator: Iterator, model):
+    from megatron_patch.data import packed_seq_params
+
+    batch = next(data_iterator)
+    state["batches"].append(batch)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else torch.device("cpu")
+    tokens = batch["tokens"].to(device)
+    patches = batch["patches"].to(device)
+    vpi = batch["vision_patch_indices"].to(device)
+    labels = batch["labels"].to(device)
+    psp = packed_seq_params(batch)
+    psp.cu_seqlens_q = psp.cu_seqlens_kv = batch["cu_seqlens"].to(device)
+    output = model(
+        input_ids=tokens,
+        position_ids=None,
+        attention_mask=None,
+        labels=labels,
+        packed_seq_params=psp,
+        patches=patches,
+        vision_patch_indices=vpi,
+    )
+    return output, partial(loss_func, batch["loss_mask"].to(device), batch["image_doc"].to(device), state["nan"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def count_parameters(model, exclude: Optional[str] = None) -> int:
+    """Parameters summed over TP and PP ranks (one model replica), optionally skipping names."""
+    from megatron.core import parallel_state as ps
+
+    local = sum(p.numel() for n, p in unwrap(model).named_parameters() if not (exclude and exclude in n))
+    t = torch.tensor([local], dtype=torch.float64)
+    dist.all_reduce(t, group=ps.get_model_parallel_group())
+    return int(t.item())
+
+
+def step_flops(cfg: Config, n_matmul_params: int, tokens: int, sum_doc_len_sq: float) -> float:
+    """Megatron convention: 6·N per token plus causal attention over Σ L_i² (fwd+bwd)."""
+    m = cfg.model
+    attention = 6.0 * m.num_layers * m.hidden_size * sum_doc_len_sq  # 3 × (2·2·L²·h / 2)
+    return 6.0 * n_matmul_params * tokens + attention
+
+
+def peak_flops_per_device(cfg: Config) -> Optional[float]:
+    if not torch.cuda.is_available():
+        return None
+    if cfg.logging.flops_peak_tflops:
+        return cfg.logging.flops_peak_tflops * 1e12
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+class MetricsWriter:
+    def __init__(self, cfg: Config, resumed_iteration: int):
+        self.path = os.path.join(cfg.checkpoint.save, "metrics.jsonl") if cfg.checkpoint.save else None
+        self.tb = self.wandb = None
+        if dist.get_rank() != 0:
+            self.path = None
+            return
+        if self.path:
+            os.makedirs(cfg.checkpoint.save, exist_ok=True)
+            if os.path.exists(self.path):  # drop records of steps after the checkpoint resumed from
+                with open(self.path, encoding="utf-8") as fh:
+                    keep = [ln for ln in fh if ln.strip() and json.loads(ln)["step"] <= resumed_iteration]
+                with open(self.path, "w", encoding="utf-8") as fh:
+                    fh.writelines(keep)
+        if cfg.logging.tensorboard and cfg.checkpoint.save:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(cfg.checkpoint.save, "tensorboard"))
+        if cfg.logging.wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, config=cfg.to_dict(), resume="allow")
+
+    def write(self, record: dict) -> None:
+        if dist.get_rank() != 0:
+            return
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
+        if self.tb:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, record["step"])
+        if self.wandb:
+            self.wandb.log(scalars, step=record["step"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Loop
+# ----------------------------------------------------------------------------------------------
+
+
+class _Terminate:
+    """SIGTERM flag: the current step finishes, a checkpoint is written, the run exits 0."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        self.requested = True
+
+
+def _grads_finite(model) -> bool:
+    for buffer in list(model.buffers) + list(model.expert_parallel_buffers):
+        if not torch.isfinite(buffer.grad_data).all():
+            return False
+    return True
+
+
+def train(cfg: Config) -> int:
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_patch.data import GlobalBatchSampler, build_train_dataset, collate_packed
+
+    resolve_tokenizer_fields(cfg)
+    init_distributed(cfg)
+    rank = dist.get_rank()
+    model, tconfig = build_model(cfg)
+    optimizer, scheduler = build_optimizer(cfg, model)
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.no_sync_func = model.no_sync
+    tconfig.grad_sync_func = None
+
+    # ---- resume / init ----
+    iteration, consumed = 0, 0
+    latest = read_latest(cfg.checkpoint.save)
+    if latest is not None:
+        common = load_checkpoint(
+            cfg, _iter_dir(cfg.checkpoint.save, latest), model, optimizer, with_optimizer=True, restore_rng=True
+        )
+        iteration, consumed = common["iteration"], common["consumed_samples"]
+        scheduler.num_steps = common["scheduler"]["num_steps"]
+        scheduler.step(increment=0)
+        if rank == 0:
+            logger.info("resumed from %s at iteration %d (%d samples)", cfg.checkpoint.save, iteration, consumed)
+    elif cfg.checkpoint.init_from:
+        src = resolve_checkpoint_dir(cfg.checkpoint.init_from)
+        load_checkpoint(
+            cfg, src, model, optimizer, with_optimizer=cfg.checkpoint.init_load_optimizer, restore_rng=False
+        )
+        scheduler.step(increment=0)
+        if rank == 0:
+            logger.info("initialised from %s (schedule reset, optimizer %s)", src,
+                        "kept" if cfg.checkpoint.init_load_optimizer else "reset")
+    else:
+        scheduler.step(increment=0)
+
+    # ---- data ----
+    d, t = cfg.data, cfg.training
+    total_samples = t.train_iters * d.global_batch_size
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    num_microbatches = d.global_batch_size // (d.micro_batch_size * dp_size)
+    cache_dir = d.cache_dir or (os.path.join(cfg.checkpoint.save, "data_cache") if cfg.checkpoint.save else None)
+    dataset = build_train_dataset(
+        d.path, max(total_samples, 1), d.seq_length, d.pad_token_id, d.seed, cache_dir,
+        synthetic_vocab_size=cfg.model.vocab_size, synthetic_num_packs=d.synthetic_samples,
+        synthetic_num_classes=d.synthetic_classes,
+    )
+    sampler = GlobalBatchSampler(len(dataset), consumed, d.micro_batch_size, dp_rank, dp_size)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate_packed, num_workers=d.num_workers,
+        persistent_workers=d.num_workers > 0,
+    )
+    data_iter = iter(loader)
+
+    metrics = MetricsWriter(cfg, iteration)
+    n_params = count_parameters(model)
+    n_matmul = count_parameters(model, exclude="word_embeddings")  # lookups are not matmuls
+    peak = peak_flops_per_device(cfg)
+    if rank == 0:
+        logger.info("model: %.2fM parameters; TP=%d PP=%d DP=%d; %d micro-batches/step",
+                    n_params / 1e6, ps.get_tensor_model_parallel_world_size(),
+                    ps.get_pipeline_model_parallel_world_size(), dp_size, num_microbatches)
+
+    terminate = _Terminate()
+    if cfg.checkpoint.sigterm_save:
+        signal.signal(signal.SIGTERM, terminate)
+    forward_backward = get_forward_backward_func()
+    run_start_iteration = iteration
+    last_saved = latest if latest is not None else None
+    exit_code = 0
+
+    model.train()
+    while iteration < t.train_iters:
+        step_start = time.perf_counter()
+        state = {"batches": [], "nan": t.inject_nan_at_step == iteration + 1}
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = forward_backward(
+            forward_step_func=partial(forward_step, state),
+            data_iterator=data_iter,
+            model=[model],
+            num_microbatches=num_microbatches,
+            seq_length=d.seq_length * d.micro_batch_size,
+            micro_batch_size=1,
+            forward_only=False,
+        )
+        # Global loss sums: last-stage, TP-rank-0 ranks contribute; everyone learns the result.
+        report = torch.zeros(6, dtype=torch.float64)
+        if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+            for r in reports:
+                report += r["report"].double().cpu()
+        dist.all_reduce(report)
+        finite = torch.tensor([float(math.isfinite(report[0].item()) and _grads_finite(model))])
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        skipped = False
+        grad_norm = None
+        if finite.item() < 1:
+            msg = (f"non-finite loss or gradient at step {iteration + 1} "
+                   f"(loss sum {report[0].item()}); samples {[b['sample_ids'] for b in state['batches']]}")
+            if t.on_nonfinite == "stop":
+                if rank == 0:
+                    logger.error("%s: stopping without updating the weights (last checkpoint: %s). "
+                                 "Set training.on_nonfinite=skip to skip such steps.", msg, last_saved)
+                exit_code = 3
+                break
+            skipped = True
+            if rank == 0:
+                logger.warning("%s: step skipped", msg)
+        else:
+            update_ok, grad_norm, _ = optimizer.step()
+            if not update_ok:
+                skipped = True
+            else:
+                scheduler.step(increment=d.global_batch_size)
+        iteration += 1
+        consumed += d.global_batch_size
+        if t.step_sleep_s:
+            time.sleep(t.step_sleep_s)
+
+        # ---- log ----
+        elapsed = time.perf_counter() - step_start
+        sample_ids: List[str] = [s for b in state["batches"] for s in b["sample_ids"]]
+        doc_sq = sum(float(((b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).double() ** 2).sum()) for b in state["batches"])
+        gathered: List[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), dp_rank, sample_ids, doc_sq))
+        all_ids, total_doc_sq = [], 0.0
+        for tp_r, pp_r, dp_r, ids, sq in sorted(gathered, key=lambda g: g[2]):
+            if tp_r == 0 and pp_r == 0:
+                all_ids.extend(ids)
+                total_doc_sq += sq
+        tokens = d.global_batch_size * d.seq_length
+        n_loss = report[1].item()
+        record = dict(
+            step=iteration,
+            loss=report[0].item() / n_loss if n_loss else 0.0,
+            text_loss=report[4].item() / report[5].item() if report[5].item() else None,
+            image_loss=report[2].item() / report[3].item() if report[3].item() else None,
+            loss_tokens=int(n_loss),
+            lr=optimizer.param_groups[0]["lr"],
+            grad_norm=float(grad_norm) if grad_norm is not None else None,
+            tokens_per_s=tokens / elapsed,
+            step_time_s=elapsed,
+            consumed_samples=consumed,
+            skipped=skipped,
+            sample_ids=all_ids,
+        )
+        if peak:
+            record["mfu"] = step_flops(cfg, n_matmul, tokens, total_doc_sq) / elapsed / (peak * dist.get_world_size())
+        metrics.write(record)
+        if rank == 0 and iteration % t.log_interval == 0:
+            logger.info(
+                "step %d/%d | loss %.4f | text %s | image %s | lr %.3e | grad_norm %s | %.0f tok/s%s%s",
+                iteration, t.train_iters, record["loss"],
+                "-" if record["text_loss"] is None else f"{record['text_loss']:.4f}",
+                "-" if record["image_loss"] is None else f"{record['image_loss']:.4f}",
+                record["lr"], "-" if grad_norm is None else f"{grad_norm:.3f}", record["tokens_per_s"],
+                f" | mfu {record['mfu']:.1%}" if "mfu" in record else "", " | SKIPPED" if skipped else "",
+            )
+
+        # ---- checkpoint / stop ----
+        flag = torch.tensor([1.0 if terminate.requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop_now = flag.item() > 0 or (
+            t.exit_after_iters is not None and iteration - run_start_iteration >= t.exit_after_iters
+        )
+        if cfg.checkpoint.save and (iteration % cfg.checkpoint.save_interval == 0 or stop_now or iteration == t.train_iters):
+            save_checkpoint(cfg, model, optimizer, scheduler, iteration, consumed)
+            last_saved = iteration
+        if stop_now:
+            if rank == 0:
+                logger.info("stopping at iteration %d (%s)", iteration,
+                            "SIGTERM" if flag.item() > 0 else "exit_after_iters")
+            break
+
+    if t.train_iters == 0 and cfg.checkpoint.save and last_saved is None:
+        save_checkpoint(cfg, model, optimizer, scheduler, 0, 0)  # materialise the initial weights
+    dist.barrier()
+    return exit_code
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_patch.train",
+        description="SOLO pretraining on megatron-core. Launch with torchrun for several processes. "
+        "Re-running the same command resumes from checkpoint.save.",
+    )
+    parser.add_argument("--config", required=True, help="YAML recipe, e.g. megatron_patch/recipes/debug_cpu.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.train_iters=10")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    compat.apply()
+    with compat.device_scope():
+        code = train(cfg)
+    dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
