@@ -1,0 +1,166 @@
+"""`solo-data`: prepare SOLO training data (pack, plan, stats, preview). Non-interactive."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from solo.hf.image_processing_solo import DEFAULT_MAX_PIXELS, RESIZE_MODES
+
+from .encode import TEMPLATES
+from .sources import FORMATS
+
+PACK_EPILOG = """\
+formats:
+  imagenet     class folders ROOT/<synset>/*.JPEG or tar shards (keys start with the synset, or
+               carry .cls); needs --class-map (lines "n01440764 tench" or JSON)
+  caption      webdataset tars (KEY.jpg + KEY.txt/KEY.json) or JSONL/parquet rows
+               {"image": path-or-bytes, "caption": text}
+  interleaved  MMC4 {"text_list", "image_info": [{"image_name", "matched_text_index"}]} or
+               OBELICS {"texts", "images"} JSONL/parquet
+  text         JSONL(.gz/.zst/.lz4)/parquet {"text": ...}; --exclude-subset drops SlimPajama subsets
+               (e.g. --exclude-subset RedPajamaCommonCrawl --exclude-subset RedPajamaC4)
+  llava        LLaVA JSON/JSONL {"image", "conversations": [{"from": "human"|"gpt", "value"}]}
+  chat         OpenAI-chat JSONL, SOLO's interchange format (base64 data-URL or path images)
+
+Relative image paths resolve against --image-root (default: the input file's folder).
+Run the same command again after an interruption (even kill -9): finished work is reused and the
+result is byte-identical to an uninterrupted run. Bad records are rejected with a reason in
+OUTPUT/report.json and never stop the run.
+
+example:
+  solo-data pack shards/*.tar --format caption --tokenizer ckpt/tokenizer \\
+      --seq-length 32768 --output packed/cc3m --workers 8
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="solo-data",
+        description="Prepare SOLO training data: convert raw sources and pack them into fixed-length "
+                    "sequences (pack), plan a mixture (plan), inspect packed data (stats, preview).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pack = commands.add_parser(
+        "pack", help="convert and pack raw sources into a packed directory",
+        description="Convert raw sources of one format into documents, tokenise them, verify every image, "
+                    "split over-long documents at clean points and pack them (best-fit-decreasing over a "
+                    "bounded window) into sequences of at most --seq-length tokens.",
+        epilog=PACK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pack.add_argument("inputs", nargs="+", metavar="INPUT",
+                      help="input files (.jsonl[.gz|.zst|.lz4], .json, .parquet, .tar) or folders of them; "
+                           "for imagenet also class folders")
+    pack.add_argument("--format", required=True, choices=FORMATS, help="source format (see below)")
+    pack.add_argument("--tokenizer", required=True, metavar="DIR", help="SOLO tokenizer directory (extended, fast)")
+    pack.add_argument("--seq-length", required=True, type=int, metavar="N", help="pack length limit in tokens")
+    pack.add_argument("--output", required=True, metavar="DIR", help="output directory (created)")
+    pack.add_argument("--workers", type=int, default=1, metavar="K", help="parallel worker processes (default 1)")
+    pack.add_argument("--template", choices=TEMPLATES, default="plain",
+                      help="plain: messages concatenated without role markers (pretraining, SOLO); "
+                           "mistral: Mistral-Instruct [INST] turns (SFT/chat). Default plain")
+    pack.add_argument("--loss-on-user", action="store_true", help="train on user-turn text too (default: no loss)")
+    pack.add_argument("--resize-mode", choices=RESIZE_MODES, default="fit",
+                      help="image resize rule: fit (aspect-preserving, default) or solo (SOLO-7B's)")
+    pack.add_argument("--image-root", metavar="DIR", help="folder that relative image paths resolve against")
+    pack.add_argument("--class-map", metavar="FILE", help="imagenet: synset → class name mapping")
+    pack.add_argument("--exclude-subset", action="append", default=[], metavar="NAME",
+                      help="text: drop records of this subset (meta.redpajama_set_name); repeatable")
+    pack.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="P",
+                      help=f"reject images that decode to more pixels (default {DEFAULT_MAX_PIXELS})")
+    pack.add_argument("--max-image-bytes", type=int, default=32 * 1024 * 1024, metavar="B",
+                      help="reject image files larger than this (default 32 MiB)")
+    pack.add_argument("--window", type=int, default=16384, metavar="DOCS",
+                      help="packing window in document pieces (memory bound; default 16384)")
+    pack.add_argument("--chunk-size", type=int, default=256, metavar="RECORDS",
+                      help="records per unit of parallel work and of resume (default 256)")
+    pack.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    pack.add_argument("--keep-work", action="store_true", help="keep OUTPUT/.work (chunk files) after success")
+    pack.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    plan = commands.add_parser(
+        "plan", help="per-source sample counts and iterations of a mixture",
+        description="Read a mixture YAML (packed directories with weights) and print, and write as JSON, the "
+                    "number of packs drawn from each source and the number of iterations.",
+        epilog="mixture YAML:\n  sources:\n    - path: packed/imagenet21k\n      weight: 0.7\n"
+               "    - path: packed/slimpajama\n      weight: 0.3\n"
+               "Weights are normalised; leave them all out for natural weights (each source's share of packs).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_argument("mixture", metavar="MIXTURE", help="mixture YAML file")
+    plan.add_argument("--global-batch", required=True, type=int, metavar="B", help="packs per iteration")
+    amount = plan.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--epochs", type=float, metavar="E",
+                        help="train on E × (total packs of all sources) samples")
+    amount.add_argument("--tokens", type=float, metavar="T", help="train on about T non-pad tokens")
+    plan.add_argument("--output", metavar="FILE", help="plan JSON to write (default: MIXTURE with .plan.json)")
+
+    stats = commands.add_parser("stats", help="length/fill histograms and per-source counts of a packed directory")
+    stats.add_argument("directory", metavar="DIR")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    preview = commands.add_parser(
+        "preview", help="render one pack as a picture (images as patch grids, text with loss marks)",
+        description="Render pack i: each image drawn at its patch grid, the text decoded with the tokens "
+                    "that carry loss marked (green), document boundaries shown. FILE ending in .html gives "
+                    "a web page; .png a single picture.")
+    preview.add_argument("directory", metavar="DIR")
+    preview.add_argument("--pack", type=int, default=0, metavar="I", help="pack index (default 0)")
+    preview.add_argument("--out", required=True, metavar="FILE", help="output .png or .html")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "pack":
+            return _pack(args)
+        if args.command == "plan":
+            from .mixture import plan_mixture, print_plan
+
+            plan = plan_mixture(args.mixture, args.global_batch, epochs=args.epochs, tokens=args.tokens,
+                                output=args.output)
+            print_plan(plan)
+            return 0
+        if args.command == "stats":
+            from .stats import compute_stats, format_stats
+
+            result = compute_stats(args.directory)
+            print(json.dumps(result, indent=2) if args.json else format_stats(result))
+            return 0
+        if args.command == "preview":
+            from .preview import render_preview
+
+            render_preview(args.directory, args.pack, args.out)
+            print(f"wrote {args.out}")
+            return 0
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"solo-data {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _pack(args) -> int:
+    from .encode import EncodeOptions
+    from .pack import PackConfig, run_pack
+    from .sources import SourceOptions, load_class_map
+
+    if args.format == "imagenet" and not args.class_map:
+        raise ValueError("--format imagenet needs --class-map FILE (synset → class name)")
+    source = SourceOptions(
+        format=args.format, image_root=args.image_root,
+        class_map=load_class_map(args.class_map) if args.class_map else {},
+        exclude_subsets=tuple(args.exclude_subset), max_image_bytes=args.max_image_bytes)
+    encode = EncodeOptions(seq_length=args.seq_length, template=args.template, loss_on_user=args.loss_on_user,
+                           resize_mode=args.resize_mode, max_pixels=args.max_image_pixels)
+    if args.seq_length < 8:
+        raise ValueError("--seq-length must be at least 8")
+    config = PackConfig(inputs=args.inputs, output=args.output, tokenizer=args.tokenizer, source=source,
+                        encode=encode, workers=args.workers, chunk_size=args.chunk_size, window_items=args.window,
+                        overwrite=args.overwrite, keep_work=args.keep_work, progress=not args.no_progress)
+    run_pack(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,428 @@
+"""`solo-data pack`: raw sources → packed directory; parallel, deterministic and resumable.
+
+Pipeline:
+
+1. The main process reads raw records in input order and cuts them into chunks of `chunk_size`.
+2. K worker processes convert and encode one chunk each (parse, read and fully decode every image,
+   tokenise the chunk in one batched call, lay images out, split over-long documents) and write
+   the result to `OUTPUT/.work/chunk-NNNNNNNN.{pkl,img}` (temporary name, then an atomic rename).
+3. The main process consumes the chunks strictly in order, feeds the document pieces to the
+   windowed best-fit-decreasing packer, and writes finished packs with `PackWriter`.
+
+Resume: `.work/state.json` holds the run's fingerprint (inputs, settings, tokenizer). Run again
+after a crash (even `kill -9`) and finished chunks are reused; the packing pass (cheap: no image
+decoding) is redone from the start, so the output is byte-identical to an uninterrupted run.
+`metadata.json` is written last; then `.work` is removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import sys
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from .encode import DocumentEncoder, EncodeOptions
+from .packed_format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    METADATA_FILE,
+    REPORT_FILE,
+    PackWriter,
+    write_json_atomic,
+)
+from .packing import BestFitPacker
+from .schema import RejectedInput
+from .sources import FilteredOut, Record, SourceOptions, expand_inputs, iter_records, record_to_document
+
+WORK_DIR = ".work"
+SOLO_FP16_BYTES_PER_PATCH = 3072 * 2
+
+
+@dataclass
+class PackConfig:
+    inputs: list[str]
+    output: str
+    tokenizer: str
+    source: SourceOptions
+    encode: EncodeOptions
+    workers: int = 1
+    chunk_size: int = 256
+    window_items: int = 16384
+    window_tokens: int | None = None
+    carry_packs: int = 64
+    overwrite: bool = False
+    keep_work: bool = False
+    progress: bool = True
+    expanded_inputs: list[str] = field(default_factory=list)
+
+
+def tokenizer_fingerprint(directory: str) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            digest.update(name.encode() + b"\0")
+            with open(path, "rb") as handle:
+                digest.update(hashlib.sha256(handle.read()).digest())
+    return digest.hexdigest()[:32]
+
+
+def load_tokenizer(directory: str):
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"--tokenizer {directory!r} is not a directory; save a SOLO tokenizer there first")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"tokenizer in {directory} is not a fast tokenizer; save it with tokenizers installed")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError("tokenizer pad id must exist and differ from EOS; extend it with solo.tokenizer.extend_tokenizer")
+    return tokenizer
+
+
+def run_fingerprint(config: PackConfig) -> dict[str, Any]:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "inputs": [{"path": os.path.abspath(path), "bytes": _input_size(path)} for path in config.expanded_inputs],
+        "source": config.source.fingerprint(),
+        "encode": config.encode.fingerprint(),
+        "tokenizer": {"dir": os.path.abspath(config.tokenizer), "digest": tokenizer_fingerprint(config.tokenizer)},
+        "packer": {"window_items": config.window_items, "window_tokens": config.window_tokens,
+                   "carry_packs": config.carry_packs},
+    }
+
+
+def _input_size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+    return os.path.getsize(path)
+
+
+# --------------------------------------------------------------------------- workers
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_dir: str, source: SourceOptions, encode: EncodeOptions, work_dir: str) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _WORKER["encoder"] = DocumentEncoder(load_tokenizer(tokenizer_dir), encode)
+    _WORKER["source"] = source
+    _WORKER["work_dir"] = work_dir
+
+
+def chunk_paths(work_dir: str, index: int) -> tuple[str, str]:
+    stem = os.path.join(work_dir, f"chunk-{index:08d}")
+    return stem + ".pkl", stem + ".img"
+
+
+def encode_chunk(index: int, records: list[Record]) -> int:
+    """Convert + encode one chunk and write it atomically. Returns the chunk index."""
+    encoder: DocumentEncoder = _WORKER["encoder"]
+    source: SourceOptions = _WORKER["source"]
+    entries: list[tuple] = [None] * len(records)  # type: ignore[list-item]
+    documents, names, slots = [], [], []
+    for position, record in enumerate(records):
+        try:
+            documents.append(record_to_document(record, source))
+            names.append(record.name)
+            slots.append(position)
+        except RejectedInput as error:
+            entries[position] = ("rejected", record.name, error.reason)
+        except FilteredOut as filtered:
+            entries[position] = ("filtered", filtered.subset)
+        except Exception as error:  # any other parse failure of one record must not stop the run
+            entries[position] = ("rejected", record.name, f"unreadable record ({type(error).__name__}: {error})")
+    image_blob = bytearray()
+    for position, result in zip(slots, encoder.encode(documents, names)):
+        record = records[position]
+        if isinstance(result, RejectedInput):
+            entries[position] = ("rejected", record.name, result.reason)
+            continue
+        image_refs = []
+        for data in result.images:
+            image_refs.append((len(image_blob), len(data)))
+            image_blob += data
+        pieces = [(piece.tokens, piece.loss_mask, piece.images) for piece in result.pieces]
+        entries[position] = ("doc", record.input_index, record.number, pieces, image_refs)
+    pkl_path, img_path = chunk_paths(_WORKER["work_dir"], index)
+    for path, payload in ((img_path, bytes(image_blob)), (pkl_path, pickle.dumps(entries, protocol=5))):
+        temporary = f"{path}.tmp{os.getpid()}"
+        with open(temporary, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)  # .img first, .pkl last: a .pkl means the chunk is complete
+    return index
+
+
+# --------------------------------------------------------------------------- main process
+
+
+def _chunks(records: Iterator[Record], size: int) -> Iterator[tuple[int, list[Record]]]:
+    chunk: list[Record] = []
+    index = 0
+    for record in records:
+        chunk.append(record)
+        if len(chunk) == size:
+            yield index, chunk
+            index, chunk = index + 1, []
+    if chunk:
+        yield index, chunk
+
+
+class _ImageSource:
+    """Reads image bytes back from chunk files (a few open handles, least recently used closed)."""
+
+    def __init__(self, work_dir: str, max_open: int = 64):
+        self.work_dir, self.max_open = work_dir, max_open
+        self.handles: OrderedDict[int, Any] = OrderedDict()
+
+    def read(self, chunk: int, offset: int, length: int) -> bytes:
+        handle = self.handles.pop(chunk, None)
+        if handle is None:
+            handle = open(chunk_paths(self.work_dir, chunk)[1], "rb")
+            if len(self.handles) >= self.max_open:
+                self.handles.popitem(last=False)[1].close()
+        self.handles[chunk] = handle
+        return os.pread(handle.fileno(), length, offset)
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+
+
+class _Accounting:
+    def __init__(self, seq_length: int):
+        self.seq_length = seq_length
+        self.documents_in = 0
+        self.documents_packed = 0
+        self.rejected: list[dict[str, str]] = []
+        self.filtered: dict[str, int] = {}
+        self.documents_split = 0
+        self.pieces = 0
+        self.pieces_without_loss = 0
+        self.packs = 0
+        self.tokens = 0
+        self.loss_tokens = 0
+        self.vision_tokens = 0
+        self.images = 0
+        self.image_bytes = 0
+        self.patches = 0
+        self.max_pack_length = 0
+
+    def report(self) -> dict[str, Any]:
+        slots = self.packs * self.seq_length
+        return {
+            "documents_in": self.documents_in,
+            "documents_packed": self.documents_packed,
+            "documents_rejected": len(self.rejected),
+            "rejected": self.rejected,
+            "documents_filtered": sum(self.filtered.values()),
+            "filtered_by_subset": dict(sorted(self.filtered.items())),
+            "documents_split": self.documents_split,
+            "pieces": self.pieces,
+            "pieces_without_loss": self.pieces_without_loss,
+            "packs": self.packs,
+            "seq_length": self.seq_length,
+            "tokens": self.tokens,
+            "max_pack_length": self.max_pack_length,
+            "fill": round(self.tokens / slots, 6) if slots else 0.0,
+            "loss_tokens": self.loss_tokens,
+            "vision_tokens": self.vision_tokens,
+            "text_tokens": self.tokens - self.vision_tokens,
+            "images": self.images,
+            "patches": self.patches,
+            "image_bytes": self.image_bytes,
+            "bytes_per_image": round(self.image_bytes / self.images, 1) if self.images else 0.0,
+            "solo_fp16_patch_bytes": self.patches * SOLO_FP16_BYTES_PER_PATCH,
+            "bytes_vs_solo_fp16": round(self.image_bytes / (self.patches * SOLO_FP16_BYTES_PER_PATCH), 5)
+            if self.patches else 0.0,
+        }
+
+
+def _prepare_output(config: PackConfig, fingerprint: dict[str, Any]) -> str | None:
+    """Check the output folder; returns 'complete' if this exact run already finished there."""
+    output, work_dir = config.output, os.path.join(config.output, WORK_DIR)
+    state_path = os.path.join(work_dir, "state.json")
+    metadata_path = os.path.join(output, METADATA_FILE)
+    if os.path.exists(metadata_path) and not config.overwrite:
+        with open(metadata_path, encoding="utf-8") as handle:
+            if json.load(handle).get("fingerprint") == fingerprint:
+                shutil.rmtree(work_dir, ignore_errors=True)
+                return "complete"
+        raise FileExistsError(f"{output} holds packed data of different inputs or settings; "
+                              "choose another --output or pass --overwrite")
+    if os.path.isdir(output) and os.listdir(output):
+        if os.path.exists(state_path) and not config.overwrite:
+            with open(state_path, encoding="utf-8") as handle:
+                if json.load(handle) != fingerprint:
+                    raise FileExistsError(f"{output} holds an unfinished run with different inputs or settings; "
+                                          "rerun that command, or pass --overwrite to start over")
+            return None  # resume
+        if not config.overwrite:
+            raise FileExistsError(f"{output} is not empty and is not a solo-data pack output; "
+                                  "choose an empty folder or pass --overwrite")
+        shutil.rmtree(output)
+    os.makedirs(work_dir, exist_ok=True)
+    write_json_atomic(state_path, fingerprint)
+    return None
+
+
+def run_pack(config: PackConfig) -> dict[str, Any]:
+    """Run (or resume) one pack job and return its report."""
+    if config.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    config.expanded_inputs = expand_inputs(config.inputs, config.source.format)
+    tokenizer = load_tokenizer(config.tokenizer)
+    DocumentEncoder(tokenizer, config.encode)  # validates vision tokens and options up front
+    fingerprint = run_fingerprint(config)
+    if _prepare_output(config, fingerprint) == "complete":
+        with open(os.path.join(config.output, REPORT_FILE), encoding="utf-8") as handle:
+            report = json.load(handle)
+        print(f"{config.output} is already complete ({report['packs']} packs); nothing to do", file=sys.stderr)
+        return report
+    work_dir = os.path.join(config.output, WORK_DIR)
+    for name in os.listdir(work_dir):  # pieces of writes a crash interrupted
+        if ".tmp" in name:
+            os.remove(os.path.join(work_dir, name))
+
+    from tqdm import tqdm
+
+    seq_length = config.encode.seq_length
+    packer = BestFitPacker(seq_length, config.window_items, config.window_tokens, config.carry_packs)
+    writer = PackWriter(config.output, len(tokenizer))
+    images = _ImageSource(work_dir)
+    accounting = _Accounting(seq_length)
+    progress = tqdm(desc="pack", unit="doc", disable=not config.progress, file=sys.stderr, smoothing=0.1)
+    started = time.time()
+    init_args = (config.tokenizer, config.source, config.encode, work_dir)
+
+    def write_packs(packs) -> None:
+        for pack in packs:
+            tokens, loss, cu, layout, origin, pack_images = [], [], [0], [], [], []
+            for _, length, (piece, chunk, image_refs, piece_origin) in pack.items:
+                piece_tokens, piece_loss, piece_layout = piece
+                for offset, rows, cols, image_index in piece_layout:
+                    layout.append((cu[-1] + offset, rows, cols))
+                    pack_images.append(images.read(chunk, *image_refs[image_index]))
+                    accounting.patches += rows * cols
+                tokens.append(piece_tokens)
+                loss.append(piece_loss)
+                cu.append(cu[-1] + length)
+                origin.append(piece_origin)
+            all_tokens = np.concatenate(tokens)
+            all_loss = np.concatenate(loss)
+            writer.add_pack(all_tokens, all_loss, np.asarray(cu, np.int32),
+                            np.asarray(layout, np.int32).reshape(-1, 3), np.asarray(origin, np.int64), pack_images)
+            accounting.packs += 1
+            accounting.tokens += len(all_tokens)
+            accounting.max_pack_length = max(accounting.max_pack_length, len(all_tokens))
+            accounting.loss_tokens += int(all_loss.sum())
+            accounting.images += len(pack_images)
+            accounting.image_bytes += sum(len(data) for data in pack_images)
+            accounting.vision_tokens += sum(rows * cols + rows + 1 for _, rows, cols in layout)
+        if packs:
+            progress.set_postfix(packs=accounting.packs, fill=f"{accounting.tokens / (accounting.packs * seq_length):.4f}")
+
+    def consume(index: int) -> None:
+        pkl_path, _ = chunk_paths(work_dir, index)
+        with open(pkl_path, "rb") as handle:
+            entries = pickle.load(handle)
+        for entry in entries:
+            if entry[0] == "filtered":
+                accounting.filtered[entry[1]] = accounting.filtered.get(entry[1], 0) + 1
+                continue
+            accounting.documents_in += 1
+            if entry[0] == "rejected":
+                accounting.rejected.append({"input": entry[1], "reason": entry[2]})
+                continue
+            _, input_index, number, pieces, image_refs = entry
+            accounting.documents_packed += 1
+            accounting.documents_split += len(pieces) > 1
+            for piece_number, piece in enumerate(pieces):
+                accounting.pieces += 1
+                accounting.pieces_without_loss += not piece[1].any()
+                write_packs(packer.add(len(piece[0]), (piece, index, image_refs, (input_index, number, piece_number))))
+        progress.update(len(entries))
+
+    records = iter_records(config.expanded_inputs, config.source)
+    pending: deque[tuple[int, Any]] = deque()
+    try:
+        if config.workers == 1:
+            _init_worker(*init_args)
+            for index, chunk in _chunks(records, config.chunk_size):
+                if not os.path.exists(chunk_paths(work_dir, index)[0]):
+                    encode_chunk(index, chunk)
+                consume(index)
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
+                                     initargs=init_args) as pool:
+                for index, chunk in _chunks(records, config.chunk_size):
+                    done = os.path.exists(chunk_paths(work_dir, index)[0])
+                    pending.append((index, None if done else pool.submit(encode_chunk, index, chunk)))
+                    while len(pending) > 2 * config.workers or (pending and pending[0][1] is None):
+                        head, future = pending.popleft()
+                        if future is not None:
+                            future.result()
+                        consume(head)
+                while pending:
+                    head, future = pending.popleft()
+                    if future is not None:
+                        future.result()
+                    consume(head)
+        write_packs(packer.flush())
+    finally:
+        progress.close()
+        images.close()
+    writer.finalize()
+
+    report = accounting.report()
+    if report["documents_in"] != report["documents_packed"] + report["documents_rejected"]:
+        raise RuntimeError("accounting bug: documents_in != documents_packed + documents_rejected")
+    write_json_atomic(os.path.join(config.output, REPORT_FILE), report)
+    vision = DocumentEncoder(tokenizer, config.encode).vision
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "seq_length": seq_length,
+        "packs": report["packs"],
+        "tokenizer": {
+            "dir": os.path.abspath(config.tokenizer),
+            "vocab_size": len(tokenizer),
+            "bos_id": tokenizer.bos_token_id,
+            "eos_id": tokenizer.eos_token_id,
+            "pad_id": tokenizer.pad_token_id,
+            "vision_start_id": vision.start,
+            "vision_patch_id": vision.patch,
+            "vision_row_sep_id": vision.row_sep,
+            "vision_end_id": vision.end,
+        },
+        "resize_mode": config.encode.resize_mode,
+        "template": config.encode.template,
+        "loss_on_user": config.encode.loss_on_user,
+        "source_format": config.source.format,
+        "inputs": [os.path.abspath(path) for path in config.expanded_inputs],
+        "fingerprint": fingerprint,
+    }
+    write_json_atomic(os.path.join(config.output, METADATA_FILE), metadata)
+    if not config.keep_work:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    elapsed = time.time() - started
+    print(f"packed {report['documents_packed']}/{report['documents_in']} documents "
+          f"({report['documents_rejected']} rejected) into {report['packs']} packs, fill {report['fill']:.4f}, "
+          f"{report['images']} images, in {elapsed:.1f}s", file=sys.stderr)
+    return report

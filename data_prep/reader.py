@@ -1,0 +1,151 @@
+"""Random-access reader of a packed directory (the input of the megatron-core training dataset).
+
+    r = PackedReader(directory)
+    len(r)                      # number of packs
+    r[i] -> dict(tokens=int32[L], loss_mask=uint8[L], cu_seqlens=int32[D+1],
+                 patches=uint8[N, 3072], vision_patch_indices=int64[L])
+
+L <= r.seq_length (no padding is stored). `loss_mask[t] = 1` means token t is a training target
+(predicted from position t-1 of the same document). `vision_patch_indices[t]` is -1 for every token
+that is not a `<vpatch>`, else the row of `patches` holding that patch. Patches are decoded from
+the stored image bytes and cut by the shared image processor at the recorded grid. The format is
+described in `data_prep.packed_format`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from solo.hf.image_processing_solo import PATCH_DIM, image_to_patches, load_image
+
+from .packed_format import FORMAT_NAME, FORMAT_VERSION, IMAGES_PREFIX, METADATA_FILE, PER_PACK_PREFIXES
+
+
+def _open_indexed(prefix: str):
+    import logging
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    logging.getLogger("megatron.core.datasets.indexed_dataset").setLevel(logging.WARNING)
+    # numpy cannot memory-map an empty file (a text-only source has no image bytes at all).
+    return IndexedDataset(prefix, mmap=os.path.getsize(prefix + ".bin") > 0)
+
+
+class PackedReader:
+    """Reads packs of a `solo-data pack` output directory; safe to use from DataLoader workers."""
+
+    def __init__(self, directory: str):
+        self.directory = os.fspath(directory)
+        metadata_path = os.path.join(self.directory, METADATA_FILE)
+        if not os.path.exists(metadata_path):
+            raise FileNotFoundError(
+                f"{self.directory} has no {METADATA_FILE}: not a packed directory, or its pack run has not "
+                "finished (rerun the same `solo-data pack` command to complete it)"
+            )
+        with open(metadata_path, encoding="utf-8") as handle:
+            self.metadata = json.load(handle)
+        if self.metadata.get("format") != FORMAT_NAME or self.metadata.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{self.directory}: unsupported format {self.metadata.get('format')!r} "
+                             f"version {self.metadata.get('format_version')!r}; expected {FORMAT_NAME} v{FORMAT_VERSION}")
+        self.seq_length: int = self.metadata["seq_length"]
+        self.tokenizer_info: dict = self.metadata["tokenizer"]
+        self.tokenizer_dir: str = self.tokenizer_info["dir"]
+        self.resize_mode: str = self.metadata["resize_mode"]
+        self.vision_patch_id: int = self.tokenizer_info["vision_patch_id"]
+        self._datasets = None
+
+    @property
+    def datasets(self) -> dict:
+        if self._datasets is None:  # opened lazily, so a reader pickles cheaply into workers
+            names = PER_PACK_PREFIXES + (IMAGES_PREFIX,)
+            self._datasets = {name: _open_indexed(os.path.join(self.directory, name)) for name in names}
+            if len(self._datasets["tokens"]) != self.metadata["packs"]:
+                raise ValueError(f"{self.directory}: tokens has {len(self._datasets['tokens'])} packs, "
+                                 f"metadata says {self.metadata['packs']}")
+        return self._datasets
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_datasets"] = None
+        return state
+
+    def __len__(self) -> int:
+        return self.metadata["packs"]
+
+    # ---- cheap per-pack metadata (index files only, no .bin reads) -----------------------------
+
+    @property
+    def pack_lengths(self) -> np.ndarray:
+        """Tokens per pack."""
+        return np.asarray(self.datasets["tokens"].sequence_lengths, dtype=np.int64)
+
+    @property
+    def documents_per_pack(self) -> np.ndarray:
+        return np.asarray(self.datasets["cu_seqlens"].sequence_lengths, dtype=np.int64) - 1
+
+    @property
+    def images_per_pack(self) -> np.ndarray:
+        return np.diff(np.asarray(self.datasets[IMAGES_PREFIX].document_indices, dtype=np.int64))
+
+    @property
+    def image_bytes_per_image(self) -> np.ndarray:
+        return np.asarray(self.datasets[IMAGES_PREFIX].sequence_lengths, dtype=np.int64)
+
+    # ---- one pack ---------------------------------------------------------------------------
+
+    def _check(self, index: int) -> int:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"pack {index} out of range for {len(self)} packs")
+        return index % len(self) if len(self) else index
+
+    def image_layout(self, index: int) -> np.ndarray:
+        """(offset of `<vision>`, rows, cols) per image of pack `index`, int32 [n_images, 3]."""
+        return np.asarray(self.datasets["image_layout"][self._check(index)]).reshape(-1, 3)
+
+    def image_bytes(self, index: int) -> list[bytes]:
+        """The stored (original, encoded) bytes of the images of pack `index`, in token order."""
+        index = self._check(index)
+        images = self.datasets[IMAGES_PREFIX]
+        first, last = images.document_indices[index], images.document_indices[index + 1]
+        return [images[int(item)].tobytes() for item in range(first, last)]
+
+    def doc_origin(self, index: int) -> np.ndarray:
+        """(input index, record number, piece number) per document piece of pack `index`."""
+        return np.asarray(self.datasets["doc_origin"][self._check(index)]).reshape(-1, 3)
+
+    def get(self, index: int, decode_images: bool = True) -> dict[str, np.ndarray]:
+        index = self._check(index)
+        data = self.datasets
+        tokens = np.asarray(data["tokens"][index], dtype=np.int32)
+        loss_mask = np.asarray(data["loss_mask"][index], dtype=np.uint8)
+        cu_seqlens = np.asarray(data["cu_seqlens"][index], dtype=np.int32)
+        layout = self.image_layout(index)
+        indices = np.full(len(tokens), -1, dtype=np.int64)
+        patch_blocks = []
+        next_patch = 0
+        blobs = self.image_bytes(index) if decode_images else [None] * len(layout)
+        for image_number, ((offset, rows, cols), blob) in enumerate(zip(layout.tolist(), blobs)):
+            positions = (offset + 1 + np.arange(rows)[:, None] * (cols + 1) + np.arange(cols)[None, :]).reshape(-1)
+            if positions[-1] >= len(tokens) or np.any(tokens[positions] != self.vision_patch_id):
+                raise ValueError(f"{self.directory}: pack {index} image {image_number} layout does not match its tokens")
+            indices[positions] = np.arange(next_patch, next_patch + rows * cols)
+            next_patch += rows * cols
+            if decode_images:
+                patches, grid = image_to_patches(load_image(blob, name=f"pack {index} image {image_number}"),
+                                                 self.resize_mode)
+                if grid != (rows, cols):
+                    raise ValueError(f"{self.directory}: pack {index} image {image_number} decodes to grid {grid}, "
+                                     f"recorded {(rows, cols)}; the image processor changed since packing")
+                patch_blocks.append(patches)
+        if decode_images:
+            patches = np.concatenate(patch_blocks) if patch_blocks else np.zeros((0, PATCH_DIM), np.uint8)
+        else:
+            patches = np.zeros((0, PATCH_DIM), np.uint8)
+        return {"tokens": tokens, "loss_mask": loss_mask, "cu_seqlens": cu_seqlens,
+                "patches": patches, "vision_patch_indices": indices}
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self.get(index)

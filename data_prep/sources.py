@@ -1,0 +1,614 @@
+"""Source converters: raw datasets of the SOLO stages and SFT → `Document`s (one sample schema).
+
+Reading is split in two so that packing can run in parallel and resume:
+
+* `iter_records(paths, options)` runs in the main process and only reads bytes: JSONL lines
+  (plain, .gz, .zst, .lz4), entries of a JSON list, parquet rows, webdataset tar samples (members
+  grouped by key), or image files of class folders. Each record has a stable name
+  (`file:line`, `file:key`, ...) used in report.json.
+* `record_to_document(record, options)` runs in the workers: it parses, resolves and reads the
+  image files, and returns a `Document`, or raises `RejectedInput` (bad JSON, non-UTF-8 text,
+  unknown role, missing image file, empty document, ...) or `FilteredOut` (an excluded subset).
+
+Formats (`--format`):
+
+=============  ===========================================================================
+imagenet       class folders (`ROOT/<synset>/*.JPEG`) or tar shards whose keys start with the
+               synset (`n01440764_10026.JPEG`) or carry a `.cls` index; `--class-map` maps
+               synsets to names. Document: one assistant message [image, class name].
+caption        image–caption pairs: webdataset tars (`KEY.jpg` + `KEY.txt`/`KEY.json`), or
+               JSONL/parquet rows with an image path (or bytes) and a caption.
+interleaved    MMC4 (`text_list` + `image_info[matched_text_index]`) or OBELICS (`texts` and
+               `images` aligned lists) JSONL/parquet; images are inserted before their sentence.
+text           text-only JSONL/parquet (`text` field), with subset filtering
+               (`--exclude-subset RedPajamaCommonCrawl` reads SlimPajama's
+               `meta.redpajama_set_name`).
+llava          LLaVA instruction JSON/JSONL (`image`, `conversations` of human/gpt turns with
+               `<image>` placeholders).
+chat           OpenAI-chat JSONL (SOLO's interchange format): a list of messages,
+               `{"messages"|"conversations": [...]}` or one message; content a string or items
+               `text` / `image_url` (base64 data URL or a local path) / `image` (a local path).
+=============  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import io
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any, Iterator, NamedTuple
+
+from .schema import Document, RejectedInput, check_role
+
+FORMATS = ("imagenet", "caption", "interleaved", "text", "llava", "chat")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+IMAGE_PLACEHOLDER = "<image>"
+SYNSET_PATTERN = re.compile(r"n\d{8}")
+
+
+class FilteredOut(Exception):
+    """A record deliberately left out by a filter option (counted per subset, not as rejected)."""
+
+    def __init__(self, subset: str):
+        self.subset = subset
+        super().__init__(subset)
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How to read one source. Everything here is part of the pack run's fingerprint."""
+
+    format: str
+    image_root: str | None = None  # relative image paths resolve here (default: the input file's folder)
+    class_map: dict[str, str] = field(default_factory=dict)  # imagenet: synset (or class index) → name
+    exclude_subsets: tuple[str, ...] = ()
+    max_image_bytes: int = 32 * 1024 * 1024
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "image_root": os.path.abspath(self.image_root) if self.image_root else None,
+            "class_map_entries": len(self.class_map),
+            "class_map_digest": _digest(json.dumps(sorted(self.class_map.items())).encode()),
+            "exclude_subsets": list(self.exclude_subsets),
+            "max_image_bytes": self.max_image_bytes,
+        }
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+class Record(NamedTuple):
+    """One raw input record, as read by the main process (picklable)."""
+
+    input_index: int
+    number: int  # position in its input (0-based)
+    name: str  # e.g. "data/part-0.jsonl:17"
+    kind: str  # "line", "object", "tar", "file"
+    payload: Any
+    base_dir: str
+
+
+# --------------------------------------------------------------------------- reading (main process)
+
+
+def load_class_map(path: str) -> dict[str, str]:
+    """Read a class map: JSON {synset: name} / list of names, or text lines `SYNSET name words`.
+
+    Class indices (for `.cls` members) are the line/list order, stored as keys "0", "1", ...
+    """
+    with open(path, "rb") as handle:
+        raw = handle.read().decode("utf-8")
+    mapping: dict[str, str] = {}
+    stripped = raw.lstrip()
+    if stripped.startswith("{") or stripped.startswith("["):
+        data = json.loads(raw)
+        if isinstance(data, dict):
+            for index, (key, value) in enumerate(data.items()):
+                mapping[str(key)] = str(value)
+                mapping.setdefault(str(index), str(value))
+        else:
+            for index, value in enumerate(data):
+                mapping[str(index)] = str(value)
+        return mapping
+    index = 0
+    for line in raw.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split(None, 1)
+        name = parts[1] if len(parts) > 1 else parts[0]
+        mapping[parts[0]] = name
+        mapping[str(index)] = name
+        index += 1
+    return mapping
+
+
+def open_maybe_compressed(path: str) -> io.BufferedIOBase:
+    """Open a file for binary reading, decompressing .gz, .zst/.zstd and .lz4 by suffix."""
+    lower = path.lower()
+    if lower.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if lower.endswith((".zst", ".zstd")):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    if lower.endswith(".lz4"):
+        import lz4.frame
+
+        return lz4.frame.open(path, "rb")
+    return open(path, "rb")
+
+
+def _strip_compression(path: str) -> str:
+    lower = path.lower()
+    for suffix in (".gz", ".zst", ".zstd", ".lz4"):
+        if lower.endswith(suffix):
+            return lower[: -len(suffix)]
+    return lower
+
+
+def expand_inputs(paths: list[str], fmt: str) -> list[str]:
+    """Inputs as given, except that a folder of shards becomes its sorted files (imagenet folders stay)."""
+    expanded: list[str] = []
+    for path in paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"input {path!r} does not exist")
+        if os.path.isdir(path) and not (fmt == "imagenet" and not _has_tar_shards(path)):
+            files = sorted(
+                os.path.join(path, name)
+                for name in os.listdir(path)
+                if _strip_compression(name).endswith((".jsonl", ".json", ".parquet", ".tar"))
+            )
+            if not files:
+                raise FileNotFoundError(f"input folder {path!r} holds no .jsonl/.json/.parquet/.tar files")
+            expanded.extend(files)
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def _has_tar_shards(path: str) -> bool:
+    return any(name.endswith(".tar") for name in os.listdir(path))
+
+
+def iter_records(paths: list[str], options: SourceOptions) -> Iterator[Record]:
+    """Yield the raw records of all inputs in a deterministic order (inputs in the order given)."""
+    for input_index, path in enumerate(paths):
+        base_dir = options.image_root or os.path.dirname(os.path.abspath(path))
+        label = os.path.basename(path.rstrip("/"))
+        if os.path.isdir(path):
+            yield from _iter_class_folders(input_index, path, label)
+            continue
+        plain = _strip_compression(path)
+        if plain.endswith(".tar"):
+            yield from _iter_tar(input_index, path, label, base_dir)
+        elif plain.endswith(".parquet"):
+            yield from _iter_parquet(input_index, path, label, base_dir)
+        elif plain.endswith(".json"):
+            yield from _iter_json_list(input_index, path, label, base_dir)
+        else:  # .jsonl and anything line-based
+            yield from _iter_lines(input_index, path, label, base_dir)
+
+
+def _iter_lines(input_index: int, path: str, label: str, base_dir: str) -> Iterator[Record]:
+    number = 0
+    with open_maybe_compressed(path) as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue  # blank lines (a trailing newline) are not records
+            yield Record(input_index, number, f"{label}:{line_number}", "line", bytes(line), base_dir)
+            number += 1
+
+
+def _iter_json_list(input_index: int, path: str, label: str, base_dir: str) -> Iterator[Record]:
+    with open_maybe_compressed(path) as handle:
+        raw = handle.read()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        # The whole file is one unreadable record: it is reported, the run goes on.
+        yield Record(input_index, 0, label, "line", raw[:0] + b"\x00bad-json-file:" + str(error).encode(), base_dir)
+        return
+    if isinstance(data, dict):
+        data = [data]
+    for number, entry in enumerate(data):
+        ident = entry.get("id") if isinstance(entry, dict) else None
+        name = f"{label}:{number}" + (f" (id {ident})" if ident is not None else "")
+        yield Record(input_index, number, name, "object", entry, base_dir)
+
+
+def _iter_parquet(input_index: int, path: str, label: str, base_dir: str) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    number = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+        for row in batch.to_pylist():
+            yield Record(input_index, number, f"{label}:row {number}", "object", row, base_dir)
+            number += 1
+
+
+def _tar_key(member_name: str) -> tuple[str, str]:
+    """Webdataset convention: key = path up to the first dot of the basename; extension = the rest."""
+    folder, base = os.path.split(member_name)
+    if "." not in base:
+        return member_name, ""
+    stem, ext = base.split(".", 1)
+    return os.path.join(folder, stem), ext.lower()
+
+
+def _iter_tar(input_index: int, path: str, label: str, base_dir: str) -> Iterator[Record]:
+    number = 0
+    current_key: str | None = None
+    sample: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r|*") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                key, ext = _tar_key(member.name)
+                if key != current_key and current_key is not None:
+                    yield Record(input_index, number, f"{label}:{current_key}", "tar", sample, base_dir)
+                    number += 1
+                    sample = {}
+                current_key = key
+                handle = archive.extractfile(member)
+                sample[ext] = handle.read() if handle is not None else b""
+    except (tarfile.TarError, EOFError, OSError) as error:
+        # The sample being read when the shard broke is reported; earlier samples stand.
+        sample["__error__"] = f"tar shard is truncated or corrupt ({type(error).__name__}: {error})".encode()
+        current_key = current_key if current_key is not None else "<start of shard>"
+    if current_key is not None:
+        yield Record(input_index, number, f"{label}:{current_key}", "tar", sample, base_dir)
+
+
+def _iter_class_folders(input_index: int, root: str, label: str) -> Iterator[Record]:
+    number = 0
+    for class_name in sorted(os.listdir(root)):
+        class_dir = os.path.join(root, class_name)
+        if not os.path.isdir(class_dir):
+            continue
+        for file_name in sorted(os.listdir(class_dir)):
+            file_path = os.path.join(class_dir, file_name)
+            if os.path.isfile(file_path):
+                yield Record(input_index, number, f"{label}/{class_name}/{file_name}", "file",
+                             (class_name, file_path), root)
+                number += 1
+
+
+# --------------------------------------------------------------------------- converting (workers)
+
+
+def record_to_document(record: Record, options: SourceOptions) -> Document:
+    """Turn one raw record into a `Document`; raise `RejectedInput` or `FilteredOut`."""
+    converter = _CONVERTERS.get(options.format)
+    if converter is None:
+        raise ValueError(f"unknown format {options.format!r}; choose one of {', '.join(FORMATS)}")
+    document = converter(record, options)
+    if not any((segment.is_image or (segment.text or "").strip()) for segment in document.segments):
+        raise RejectedInput("empty document (no text and no image)")
+    return document
+
+
+def _parse_json_record(record: Record) -> Any:
+    if record.kind == "object":
+        return record.payload
+    if record.kind != "line":
+        raise RejectedInput(f"expected a JSON record, got a {record.kind} record; check --format")
+    raw: bytes = record.payload
+    if raw.startswith(b"\x00bad-json-file:"):
+        raise RejectedInput("file is not valid JSON: " + raw[len(b"\x00bad-json-file:"):].decode("utf-8", "replace"))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RejectedInput(f"not valid UTF-8 text (byte {error.start}: {raw[error.start:error.start + 1]!r})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RejectedInput(f"bad JSON line ({error.msg} at column {error.colno})") from None
+
+
+def _decode_text(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RejectedInput(f"{what} is not valid UTF-8 text (byte {error.start})") from None
+
+
+def _read_image_file(reference: str, record: Record, options: SourceOptions) -> tuple[bytes, str]:
+    if reference.startswith(("http://", "https://")):
+        raise RejectedInput(f"image {reference!r} is a remote URL; download the images first (no network at pack time)")
+    if reference.startswith("file://"):
+        reference = reference[len("file://"):]
+    path = reference if os.path.isabs(reference) else os.path.join(record.base_dir, reference)
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise RejectedInput(f"missing image file {reference!r} (looked in {record.base_dir})") from None
+    if size > options.max_image_bytes:
+        raise RejectedInput(f"image file {reference!r} is {size} bytes, above --max-image-bytes {options.max_image_bytes}")
+    with open(path, "rb") as handle:
+        return handle.read(), reference
+
+
+def _image_from_value(value: Any, record: Record, options: SourceOptions) -> tuple[bytes, str]:
+    """An image given as a path, a data URL, raw bytes or a HF-datasets {"bytes", "path"} dict."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value), "<inline bytes>"
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return bytes(value["bytes"]), str(value.get("path") or "<inline bytes>")
+        if value.get("path"):
+            return _read_image_file(str(value["path"]), record, options)
+        if value.get("url"):
+            return _image_from_value(value["url"], record, options)
+        raise RejectedInput("image entry has neither bytes nor a path")
+    if isinstance(value, str):
+        if value.startswith("data:"):
+            header, _, encoded = value.partition(",")
+            if ";base64" not in header:
+                raise RejectedInput("image data URL is not base64-encoded")
+            try:
+                data = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                raise RejectedInput("image data URL holds invalid base64") from None
+            if len(data) > options.max_image_bytes:
+                raise RejectedInput(f"inline image is {len(data)} bytes, above --max-image-bytes")
+            return data, "<data URL>"
+        return _read_image_file(value, record, options)
+    raise RejectedInput(f"cannot read an image from a {type(value).__name__}")
+
+
+def _first_field(entry: dict, names: tuple[str, ...]) -> Any:
+    for name in names:
+        if name in entry and entry[name] is not None:
+            return entry[name]
+    return None
+
+
+def _convert_imagenet(record: Record, options: SourceOptions) -> Document:
+    if not options.class_map:
+        raise ValueError("the imagenet format needs --class-map (synset → class name)")
+    if record.kind == "file":
+        synset, path = record.payload
+        with open(path, "rb") as handle:
+            data = handle.read()
+        image_name = record.name
+        class_key = synset
+    elif record.kind == "tar":
+        sample: dict[str, bytes] = record.payload
+        _raise_tar_error(sample)
+        image_ext = next((ext for ext in sample if ext in IMAGE_EXTENSIONS), None)
+        if image_ext is None:
+            raise RejectedInput(f"sample has no image member (members: {', '.join(sorted(sample)) or 'none'})")
+        data, image_name = sample[image_ext], record.name
+        key = record.name.rsplit(":", 1)[-1]
+        match = SYNSET_PATTERN.match(os.path.basename(key))
+        if match:
+            class_key = match.group(0)
+        elif "cls" in sample:
+            class_key = _decode_text(sample["cls"], "class index").strip()
+        else:
+            raise RejectedInput("cannot tell the class: key has no synset prefix and no .cls member")
+    else:
+        raise RejectedInput("imagenet records come from class folders or tar shards")
+    if class_key not in options.class_map:
+        raise RejectedInput(f"class {class_key!r} is not in the class map")
+    label = re.sub(r"[_-]", " ", options.class_map[class_key]).strip()
+    document = Document()
+    document.add_image("assistant", data, image_name)
+    document.add_text("assistant", label)
+    return document
+
+
+def _raise_tar_error(sample: dict[str, bytes]) -> None:
+    if "__error__" in sample:
+        raise RejectedInput(sample["__error__"].decode())
+
+
+def _convert_caption(record: Record, options: SourceOptions) -> Document:
+    if record.kind == "tar":
+        sample: dict[str, bytes] = record.payload
+        _raise_tar_error(sample)
+        image_ext = next((ext for ext in sample if ext in IMAGE_EXTENSIONS), None)
+        if image_ext is None:
+            raise RejectedInput(f"sample has no image member (members: {', '.join(sorted(sample)) or 'none'})")
+        if "txt" in sample:
+            caption = _decode_text(sample["txt"], "caption")
+        elif "json" in sample:
+            meta = json.loads(_decode_text(sample["json"], "json member"))
+            caption = _first_field(meta, ("caption", "text", "txt"))
+        else:
+            raise RejectedInput("sample has no caption (.txt or .json member)")
+        data, image_name = sample[image_ext], f"{record.name}.{image_ext}"
+    else:
+        entry = _parse_json_record(record)
+        if not isinstance(entry, dict):
+            raise RejectedInput("caption record must be a JSON object with an image and a caption")
+        image_value = _first_field(entry, ("image", "image_path", "path", "file_name", "jpg", "url"))
+        if image_value is None:
+            raise RejectedInput("caption record has no image field (image, image_path, path, file_name)")
+        caption = _first_field(entry, ("caption", "text", "txt"))
+        data, image_name = _image_from_value(image_value, record, options)
+    if not isinstance(caption, str) or not caption.strip():
+        raise RejectedInput("empty or missing caption")
+    document = Document()
+    document.add_image("assistant", data, image_name)
+    document.add_text("assistant", caption.strip())
+    return document
+
+
+def _convert_interleaved(record: Record, options: SourceOptions) -> Document:
+    entry = _parse_json_record(record)
+    if not isinstance(entry, dict):
+        raise RejectedInput("interleaved record must be a JSON object")
+    document = Document()
+    if "text_list" in entry:  # MMC4
+        texts = entry["text_list"] or []
+        before: dict[int, list[Any]] = {}
+        for info in entry.get("image_info") or []:
+            index = info.get("matched_text_index")
+            if not isinstance(index, int) or not 0 <= index < max(len(texts), 1):
+                raise RejectedInput(f"image_info matched_text_index {index!r} is outside text_list")
+            before.setdefault(index, []).append(info)
+        pending: list[str] = []
+        for index, sentence in enumerate(texts):
+            if index in before:
+                if pending:
+                    document.add_text("assistant", " ".join(pending))
+                    pending = []
+                for info in before[index]:
+                    value = _first_field(info, ("image_bytes", "image_path", "image_name", "path"))
+                    if value is None:
+                        raise RejectedInput("image_info entry has no image_path/image_name")
+                    data, name = _image_from_value(value, record, options)
+                    document.add_image("assistant", data, name)
+            if not isinstance(sentence, str):
+                raise RejectedInput("text_list holds a non-string entry")
+            pending.append(sentence.strip())
+        if pending:
+            document.add_text("assistant", " ".join(pending))
+    elif "texts" in entry and "images" in entry:  # OBELICS
+        texts, images = entry["texts"] or [], entry["images"] or []
+        if len(texts) != len(images):
+            raise RejectedInput(f"texts ({len(texts)}) and images ({len(images)}) lists differ in length")
+        for text, image in zip(texts, images):
+            if image is not None:
+                data, name = _image_from_value(image, record, options)
+                document.add_image("assistant", data, name)
+            elif isinstance(text, str):
+                document.add_text("assistant", text if not document.segments else "\n\n" + text)
+    else:
+        raise RejectedInput("interleaved record needs text_list/image_info (MMC4) or texts/images (OBELICS)")
+    return document
+
+
+def _subset_of(entry: dict) -> str | None:
+    meta = entry.get("meta")
+    if isinstance(meta, dict):
+        for key in ("redpajama_set_name", "subset", "source"):
+            if isinstance(meta.get(key), str):
+                return meta[key]
+    for key in ("subset", "source"):
+        if isinstance(entry.get(key), str):
+            return entry[key]
+    return None
+
+
+def _convert_text(record: Record, options: SourceOptions) -> Document:
+    entry = _parse_json_record(record)
+    if not isinstance(entry, dict):
+        raise RejectedInput("text record must be a JSON object with a 'text' field")
+    subset = _subset_of(entry)
+    if subset is not None and subset in options.exclude_subsets:
+        raise FilteredOut(subset)
+    text = entry.get("text")
+    if not isinstance(text, str):
+        raise RejectedInput("text record has no string 'text' field")
+    document = Document()
+    document.add_text("assistant", text)
+    return document
+
+
+def _convert_llava(record: Record, options: SourceOptions) -> Document:
+    entry = _parse_json_record(record)
+    if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
+        raise RejectedInput("LLaVA record needs a 'conversations' list")
+    image_refs = entry.get("image")
+    if image_refs is None:
+        image_refs = []
+    elif not isinstance(image_refs, list):
+        image_refs = [image_refs]
+    turns = []
+    for turn in entry["conversations"]:
+        if not isinstance(turn, dict) or "from" not in turn or not isinstance(turn.get("value"), str):
+            raise RejectedInput("conversation turn needs 'from' and a string 'value'")
+        role = LLAVA_ROLES.get(turn["from"])
+        if role is None:
+            raise RejectedInput(f"unknown role {turn['from']!r}; expected human, gpt or system")
+        turns.append((role, turn["value"]))
+    placeholders = sum(value.count(IMAGE_PLACEHOLDER) for _, value in turns)
+    if placeholders == 0 and image_refs:
+        # LLaVA convention: an image without a placeholder goes before the first user turn.
+        first_user = next((i for i, (role, _) in enumerate(turns) if role == "user"), 0)
+        role, value = turns[first_user]
+        turns[first_user] = (role, IMAGE_PLACEHOLDER * len(image_refs) + "\n" + value)
+        placeholders = len(image_refs)
+    if placeholders != len(image_refs):
+        raise RejectedInput(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(image_refs)} images")
+    images = iter(image_refs)
+    document = Document()
+    for role, value in turns:
+        parts = value.split(IMAGE_PLACEHOLDER)
+        for index, part in enumerate(parts):
+            if index > 0:
+                data, name = _image_from_value(next(images), record, options)
+                document.add_image(role, data, name)
+                part = part[1:] if part.startswith("\n") else part
+            document.add_text(role, part)
+    return document
+
+
+def _chat_messages(entry: Any) -> list[Any]:
+    if isinstance(entry, list):
+        return entry
+    if isinstance(entry, dict):
+        for key in ("messages", "conversations"):
+            if isinstance(entry.get(key), list):
+                return entry[key]
+        if "role" in entry:
+            return [entry]
+    raise RejectedInput("chat record must be a list of messages, {'messages': [...]}, or one message")
+
+
+def _convert_chat(record: Record, options: SourceOptions) -> Document:
+    messages = _chat_messages(_parse_json_record(record))
+    document = Document()
+    for message in messages:
+        if not isinstance(message, dict) or "role" not in message:
+            raise RejectedInput("chat message must be an object with a 'role'")
+        role = message["role"]
+        check_role(role)
+        content = message.get("content")
+        if isinstance(content, str):
+            document.add_text(role, content)
+            continue
+        if not isinstance(content, list):
+            raise RejectedInput(f"message content must be a string or a list, got {type(content).__name__}")
+        for item in content:
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind == "text":
+                if not isinstance(item.get("text"), str):
+                    raise RejectedInput("text item without a string 'text'")
+                document.add_text(role, item["text"])
+            elif kind == "image_url":
+                url = item.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                data, name = _image_from_value(url, record, options)
+                document.add_image(role, data, name)
+            elif kind == "image":
+                data, name = _image_from_value(item.get("image") or item.get("path"), record, options)
+                document.add_image(role, data, name)
+            else:
+                raise RejectedInput(f"unknown content item type {kind!r}; expected text, image_url or image")
+    return document
+
+
+_CONVERTERS = {
+    "imagenet": _convert_imagenet,
+    "caption": _convert_caption,
+    "interleaved": _convert_interleaved,
+    "text": _convert_text,
+    "llava": _convert_llava,
+    "chat": _convert_chat,
+}
