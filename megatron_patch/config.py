@@ -223,6 +223,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"training.on_nonfinite must be stop or skip; got {t.on_nonfinite!r}")
     if o.decay_style not in ("cosine", "linear", "constant"):
         raise ConfigError(f"optimizer.decay_style must be cosine, linear or constant; got {o.decay_style!r}")
+    if o.lr_decay_iters is not None and o.lr_decay_iters <= o.warmup_iters:
+        raise ConfigError("optimizer.lr_decay_iters must exceed optimizer.warmup_iters")
     if o.min_lr > o.lr:
         raise ConfigError("optimizer.min_lr must not exceed optimizer.lr")
     if d.global_batch_size % d.micro_batch_size:

@@ -364,7 +364,7 @@ def build_train_dataset(
         synthetic_num_classes=synthetic_num_classes,
     )
     train, _, _ = BlendedMegatronDatasetBuilder(
-        PackedDataset, [num_samples, None, None], is_built_on_rank, config
+        PackedDataset, [num_samples, 0, 0], is_built_on_rank, config
     ).build()
     return train
 

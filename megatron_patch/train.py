@@ -162,7 +162,8 @@ def build_optimizer(cfg: Config, model):
         use_distributed_optimizer=use_distributed_optimizer(cfg),
     )
     optimizer = get_megatron_optimizer(opt_config, [model])
-    decay_iters = o.lr_decay_iters or cfg.training.train_iters
+    # Short (debug/test) runs may end inside the warm-up; megatron-core needs decay > warm-up.
+    decay_iters = max(o.lr_decay_iters or cfg.training.train_iters, o.warmup_iters + 1)
     gbs = cfg.data.global_batch_size
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -170,11 +171,11 @@ def build_optimizer(cfg: Config, model):
         max_lr=o.lr,
         min_lr=o.min_lr,
         lr_warmup_steps=o.warmup_iters * gbs,
-        lr_decay_steps=max(decay_iters, 1) * gbs,
+        lr_decay_steps=decay_iters * gbs,
         lr_decay_style=o.decay_style,
         start_wd=o.weight_decay,
         end_wd=o.weight_decay,
-        wd_incr_steps=max(decay_iters, 1) * gbs,
+        wd_incr_steps=decay_iters * gbs,
         wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=True,

@@ -1,0 +1,286 @@
+"""SoloGPTModel, packed attention, packed samples and the loss, in one process (gloo, world size 1).
+
+The properties SOLO got wrong are checked directly: documents of a pack never see each other and
+restart their positions; micro-batch > 1 keeps every sample's patches; a micro-batch without loss
+tokens adds nothing (and no NaN) to a step.
+"""
+
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_patch import compat
+
+compat.apply()
+
+from megatron.core import parallel_state, tensor_parallel  # noqa: E402
+from megatron.core.packed_seq_params import PackedSeqParams  # noqa: E402
+
+from megatron_patch.config import Config, ModelConfig  # noqa: E402
+from megatron_patch.data import (  # noqa: E402
+    SyntheticImageTask,
+    build_train_dataset,
+    collate_packed,
+    make_training_sample,
+    packed_seq_params,
+    read_mixture,
+)
+from megatron_patch.model import PackedDotProductAttention, SoloGPTModel, build_transformer_config, solo_layer_spec  # noqa: E402
+
+VOCAB = 128
+PAD = 0
+VPATCH = SyntheticImageTask.VPATCH
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def megatron_world():
+    import torch.distributed as dist
+
+    created = False
+    if not dist.is_initialized():
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        created = True
+    parallel_state.initialize_model_parallel(1, 1)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    with compat.device_scope():
+        yield
+    parallel_state.destroy_model_parallel()
+    if created:
+        dist.destroy_process_group()
+
+
+def tiny_config(sliding_window=None) -> Config:
+    cfg = Config(
+        model=ModelConfig(
+            num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
+            vocab_size=VOCAB, sliding_window=sliding_window, backend="local",
+        )
+    )
+    cfg.training.bf16 = False
+    cfg.training.recompute = "none"
+    return cfg
+
+
+def tiny_model(sliding_window=None) -> SoloGPTModel:
+    cfg = tiny_config(sliding_window)
+    tc = build_transformer_config(cfg.model, cfg.parallel, cfg.training)
+    torch.manual_seed(0)
+    return SoloGPTModel(tc, solo_layer_spec("local"), VOCAB, 256, 10000.0).eval()
+
+
+def image_document(rng, rows, cols, first_patch):
+    """tokens, loss_mask, vision_patch_indices, patches of one image+caption document."""
+    tokens, vpi, patches = [1, 3], [-1, -1], []
+    for r in range(rows):
+        for _ in range(cols):
+            tokens.append(VPATCH)
+            vpi.append(first_patch + len(patches))
+            patches.append(rng.integers(0, 256, 3072, dtype=np.uint8))
+        if r < rows - 1:
+            tokens.append(5)
+            vpi.append(-1)
+    caption = list(rng.integers(32, VOCAB, 5))
+    tokens += [6] + caption + [2]
+    vpi += [-1] * (len(caption) + 2)
+    loss = [0] * (len(tokens) - len(caption) - 1) + [1] * (len(caption) + 1)
+    return tokens, loss, vpi, patches
+
+
+def text_document(rng, n):
+    tokens = [1] + list(rng.integers(32, VOCAB, n)) + [2]
+    return tokens, [0] + [1] * (n + 1), [-1] * (n + 2), []
+
+
+def make_pack(docs):
+    """Fake PackedReader item from documents (patch indices re-based onto the pack)."""
+    tokens, loss, vpi, patches, cu = [], [], [], [], [0]
+    for t, m, v, p in docs:
+        base = len(patches)
+        tokens += t
+        loss += m
+        vpi += [x + base if x >= 0 else -1 for x in v]
+        patches += p
+        cu.append(len(tokens))
+    return dict(
+        tokens=np.asarray(tokens, np.int32), loss_mask=np.asarray(loss, np.uint8),
+        cu_seqlens=np.asarray(cu, np.int32), patches=np.asarray(patches, np.uint8).reshape(-1, 3072),
+        vision_patch_indices=np.asarray(vpi, np.int64),
+    )
+
+
+def per_token_losses(model, batch):
+    return model(
+        input_ids=batch["tokens"], labels=batch["labels"], packed_seq_params=packed_seq_params(batch),
+        patches=batch["patches"], vision_patch_indices=batch["vision_patch_indices"],
+    )[0]
+
+
+def documents(seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        image_document(rng, 2, 3, 0), text_document(rng, 9), image_document(rng, 1, 2, 0),
+        text_document(rng, 4), image_document(rng, 3, 2, 0),
+    ]
+
+
+def test_packed_equals_separate_documents_with_images(megatron_world):
+    model = tiny_model()
+    docs = documents()
+    seq = 128
+    packed = collate_packed([dict(make_training_sample(make_pack(docs), seq, PAD), sample_id="p")])
+    with torch.no_grad():
+        losses = per_token_losses(model, packed)
+    mask = packed["loss_mask"][0]
+    start = 0
+    for i, doc in enumerate(docs):
+        alone = collate_packed([dict(make_training_sample(make_pack([doc]), len(doc[0]), PAD), sample_id="a")])
+        with torch.no_grad():
+            ref = per_token_losses(model, alone)
+        n = len(doc[0])
+        m = alone["loss_mask"][0]
+        assert torch.equal(mask[start:start + n], m), f"loss mask of document {i} changed by packing"
+        assert m.sum() > 0
+        diff = ((losses[start:start + n] - ref) * m).abs().max().item()
+        assert diff <= 1e-5, f"document {i}: packed vs alone differ by {diff}"
+        start += n
+    # Padding is its own document with no loss.
+    assert mask[start:].sum() == 0 and packed["cu_seqlens"][-1] == seq
+
+
+def test_patches_change_the_loss_only_of_their_document(megatron_world):
+    """The patch projection is really applied, and only where the document's patches are."""
+    model = tiny_model()
+    docs = documents()
+    pack = make_pack(docs)
+    batch = collate_packed([dict(make_training_sample(pack, 128, PAD), sample_id="p")])
+    altered = dict(pack, patches=pack["patches"].copy())
+    altered["patches"][6:8] = 255 - altered["patches"][6:8]  # the third document's image
+    batch2 = collate_packed([dict(make_training_sample(altered, 128, PAD), sample_id="p")])
+    with torch.no_grad():
+        a, b = per_token_losses(model, batch), per_token_losses(model, batch2)
+    cu = batch["cu_seqlens"].tolist()
+    changed = [(a[s:e] - b[s:e]).abs().max().item() > 1e-6 for s, e in zip(cu[:-1], cu[1:])]
+    assert changed == [False, False, True, False, False, False]
+
+
+def test_microbatch_of_two_equals_two_microbatches_of_one(megatron_world):
+    """Patch indices of the second sample must be offset by the first sample's patches."""
+    model = tiny_model()
+    rng = np.random.default_rng(5)
+    s0 = dict(make_training_sample(make_pack([image_document(rng, 2, 2, 0), text_document(rng, 6)]), 64, PAD), sample_id="0")
+    s1 = dict(make_training_sample(make_pack([text_document(rng, 3), image_document(rng, 1, 3, 0)]), 64, PAD), sample_id="1")
+    both = collate_packed([s0, s1])
+    assert both["patches"].shape[0] == 7
+    assert both["vision_patch_indices"][0, 64:].max() == 6  # offset by the 4 patches of s0
+    with torch.no_grad():
+        joint = per_token_losses(model, both)
+        one = per_token_losses(model, collate_packed([s0]))
+        two = per_token_losses(model, collate_packed([s1]))
+    assert (joint - torch.cat([one, two])).abs().max().item() <= 1e-5
+
+
+def test_sliding_window_attention_matches_dense_reference(megatron_world):
+    cfg = tiny_config(sliding_window=5)  # each query sees itself and 4 earlier keys
+    tc = build_transformer_config(cfg.model, cfg.parallel, cfg.training)
+    attn = PackedDotProductAttention(tc, 1, __import__("megatron.core.transformer.enums", fromlist=["AttnMaskType"]).AttnMaskType.causal, "self")
+    torch.manual_seed(0)
+    lengths = [3, 11, 7]
+    t = sum(lengths)
+    q, k, v = torch.randn(t, 4, 16), torch.randn(t, 2, 16), torch.randn(t, 2, 16)
+    cu = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=11, max_seqlen_kv=11)
+    out = attn(q, k, v, None, packed_seq_params=psp)
+    # Dense reference: one t x t mask allowing same-document, causal, within-window pairs.
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    allowed = (doc[:, None] == doc[None, :]) & (j <= i) & (i - j <= 4)
+    kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, kk) / math.sqrt(16)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    ref = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv).reshape(t, -1)
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_training_sample_shift_and_document_boundaries():
+    pack = make_pack([text_document(np.random.default_rng(0), 3), text_document(np.random.default_rng(1), 2)])
+    s = make_training_sample(pack, 12, PAD)
+    toks = pack["tokens"]
+    assert s["labels"][:8].tolist() == toks[1:].tolist()
+    # doc 1 = positions 0..4, doc 2 = 5..8; position 4 would predict doc 2's <bos>: never a target.
+    assert s["loss_mask"].tolist() == [1, 1, 1, 1, 0, 1, 1, 1, 0, 0, 0, 0]
+    assert s["cu_seqlens"].tolist() == [0, 5, 9, 12]  # padding is a document of its own
+    assert s["tokens"][9:].tolist() == [PAD] * 3
+    with pytest.raises(ValueError, match="exceeds data.seq_length"):
+        make_training_sample(pack, 8, PAD)
+    bad = dict(pack, vision_patch_indices=pack["vision_patch_indices"].copy())
+    bad["vision_patch_indices"][2] = 0  # no patches in this pack
+    with pytest.raises(ValueError, match="reference patch"):
+        make_training_sample(bad, 12, PAD)
+
+
+def test_zero_loss_microbatch_contributes_nothing(megatron_world, tmp_path):
+    """Through megatron-core's schedule and per-token loss: a step with a micro-batch that has no
+    loss tokens is finite and has exactly the gradients of the other micro-batch alone."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_patch import train as train_mod
+
+    cfg = tiny_config()
+    cfg.data.pad_token_id = PAD
+    cfg.data.seq_length = 64
+    model, tconfig = train_mod.build_model(cfg)
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.no_sync_func = model.no_sync
+    rng = np.random.default_rng(3)
+    live = dict(make_training_sample(make_pack([image_document(rng, 2, 2, 0)]), 64, PAD), sample_id="live")
+    dead = dict(make_training_sample(make_pack([text_document(rng, 5)]), 64, PAD), sample_id="dead")
+    dead["loss_mask"][:] = 0
+
+    def grads(batches):
+        model.zero_grad_buffer()
+        state = {"batches": [], "nan": False}
+        reports = get_forward_backward_func()(
+            forward_step_func=lambda it, m: train_mod.forward_step(state, it, m),
+            data_iterator=iter([collate_packed([b]) for b in batches]), model=[model],
+            num_microbatches=len(batches), seq_length=64, micro_batch_size=1, forward_only=False,
+        )
+        flat = torch.cat([b.grad_data.clone() for b in model.buffers])
+        return flat, sum(r["report"] for r in reports)
+
+    g_both, rep_both = grads([dead, live])
+    g_live, rep_live = grads([live])
+    assert torch.isfinite(g_both).all() and torch.isfinite(rep_both).all()
+    assert rep_both[1] == rep_live[1] > 0
+    assert torch.allclose(g_both, g_live, atol=1e-7, rtol=1e-5)
+    g_dead, rep_dead = grads([dead])
+    assert rep_dead[1] == 0 and torch.isfinite(g_dead).all() and (g_dead == 0).all()
+
+
+def test_dataset_is_deterministic_and_blends_by_weight(tmp_path):
+    ds1 = build_train_dataset("synthetic", 40, 64, PAD, 7, str(tmp_path / "c1"), synthetic_num_packs=30)
+    ds2 = build_train_dataset("synthetic", 40, 64, PAD, 7, str(tmp_path / "c2"), synthetic_num_packs=30)
+    assert len(ds1) == 40
+    ids = [ds1[i]["sample_id"] for i in range(40)]
+    assert ids == [ds2[i]["sample_id"] for i in range(40)]
+    assert len(set(ids[:30])) == 30, "the first epoch visits every pack once"
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("datasets:\n  - {path: synthetic, weight: 0.75}\n  - {path: synthetic, weight: 0.25}\n")
+    paths, weights = read_mixture(str(mix))
+    assert paths == ["synthetic", "synthetic"] and weights == [0.75, 0.25]
+    blended = build_train_dataset(str(mix), 200, 64, PAD, 7, str(tmp_path / "c3"), synthetic_num_packs=30)
+    share = np.mean([blended[i]["dataset_id"] == 0 for i in range(200)])
+    assert abs(share - 0.75) < 0.02
