@@ -11,11 +11,9 @@ import site
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
@@ -371,9 +369,7 @@ REMOTE_LOAD_SCRIPT = textwrap.dedent(
     inputs = load_file(inputs_path)
     with torch.no_grad():
         logits = model(**inputs).logits
-        generated = model.generate(
-            **inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0
-        )
+        generated = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     save_file({"logits": logits.contiguous(), "generated": generated.contiguous()}, outputs_path)
     """
 )
@@ -400,6 +396,7 @@ def test_export_loads_with_trust_remote_code_where_solo_is_not_installed(model, 
     expected_generated = generate(model, batch, steps=4)
 
     # In this process the Auto classes resolve "solo" to our classes without remote code.
+    assert type(AutoConfig.from_pretrained(export_dir)) is SoloConfig
     assert type(AutoModelForCausalLM.from_pretrained(export_dir)) is SoloForCausalLM
 
     env = {
@@ -465,18 +462,16 @@ def test_released_solo_style_checkpoint_directory_loads(model, tmp_path):
 @pytest.mark.parametrize("backbone", ["mistral", "llama"])
 def test_text_llm_checkpoint_starts_a_solo_model_with_identical_text_logits(backbone, tmp_path):
     torch.manual_seed(0)
-    sizes = {k: v for k, v in TINY.items()}
     if backbone == "mistral":
-        text_model = MistralForCausalLM(MistralConfig(**sizes))
+        text_model = MistralForCausalLM(MistralConfig(**TINY))
     else:
-        text_model = LlamaForCausalLM(LlamaConfig(**sizes))
+        text_model = LlamaForCausalLM(LlamaConfig(**TINY))
     text_model.eval().save_pretrained(tmp_path / backbone)
 
     solo_model, info = SoloForCausalLM.from_pretrained(tmp_path / backbone, output_loading_info=True)
     assert sorted(info["missing_keys"]) == ["model.embed_vision_patch.weight"] and not info["unexpected_keys"]
     # Llama attends to the whole causal context: no Mistral sliding window may sneak in.
     assert solo_model.config.sliding_window == (None if backbone == "llama" else 4096)
-    assert type(AutoConfig.for_model("solo")) is SoloConfig
 
     text_ids = torch.randint(FIRST_TEXT_ID, VISION, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -122,14 +122,11 @@ class SoloPreTrainedModel(MistralPreTrainedModel):
     base_model_prefix = "model"
 
 
-class SoloModel(MistralModel):
+class SoloModel(SoloPreTrainedModel, MistralModel):
     """The SOLO decoder: `MistralModel` plus `embed_vision_patch`, a bias-free patch_dim → hidden linear.
 
     Returns hidden states (no LM head). See the module docstring for the patch inputs.
     """
-
-    config: SoloConfig
-    config_class = SoloConfig
 
     def __init__(self, config: SoloConfig):
         super().__init__(config)
