@@ -76,9 +76,7 @@ def create_solo_checkpoint(
     """
     from transformers import AutoTokenizer
 
-    from solo.hf import SoloConfig, SoloForCausalLM
-    from solo.hf.image_processing_solo import SoloImageProcessor
-    from solo.hf.processing_solo import SoloProcessor
+    from solo.hf import SoloConfig, SoloForCausalLM, SoloImageProcessor, SoloProcessor
     from solo.tokenizer import extend_tokenizer
 
     base, out = Path(base_dir), Path(out_dir)

@@ -137,3 +137,17 @@ def test_bad_bases_give_clear_errors(base_dir, tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
     assert (busy / "keep.txt").read_text() == "user data"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".busy.tmp")]
+
+
+def test_readme_generation_example_runs(solo_dir, tmp_path):
+    """The README's usage snippet, on the created checkpoint: chat template → processor → generate."""
+    image_path = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(image_path)
+    processor = AutoProcessor.from_pretrained(solo_dir, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(solo_dir, trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    inputs = processor(processor.apply_chat_template(messages), images=[str(image_path)])
+    output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert output.shape == (1, inputs["input_ids"].shape[1] + 5)
+    assert torch.equal(output[0, : inputs["input_ids"].shape[1]], inputs["input_ids"][0])
+    assert isinstance(processor.decode(output[0]), str)
