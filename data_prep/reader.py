@@ -80,19 +80,19 @@ class PackedReader:
     @property
     def pack_lengths(self) -> np.ndarray:
         """Tokens per pack."""
-        return np.asarray(self.datasets["tokens"].sequence_lengths, dtype=np.int64)
+        return np.array(self.datasets["tokens"].sequence_lengths, dtype=np.int64)
 
     @property
     def documents_per_pack(self) -> np.ndarray:
-        return np.asarray(self.datasets["cu_seqlens"].sequence_lengths, dtype=np.int64) - 1
+        return np.array(self.datasets["cu_seqlens"].sequence_lengths, dtype=np.int64) - 1
 
     @property
     def images_per_pack(self) -> np.ndarray:
-        return np.diff(np.asarray(self.datasets[IMAGES_PREFIX].document_indices, dtype=np.int64))
+        return np.diff(np.array(self.datasets[IMAGES_PREFIX].document_indices, dtype=np.int64))
 
     @property
     def image_bytes_per_image(self) -> np.ndarray:
-        return np.asarray(self.datasets[IMAGES_PREFIX].sequence_lengths, dtype=np.int64)
+        return np.array(self.datasets[IMAGES_PREFIX].sequence_lengths, dtype=np.int64)
 
     # ---- one pack ---------------------------------------------------------------------------
 
@@ -103,25 +103,26 @@ class PackedReader:
 
     def image_layout(self, index: int) -> np.ndarray:
         """(offset of `<vision>`, rows, cols) per image of pack `index`, int32 [n_images, 3]."""
-        return np.asarray(self.datasets["image_layout"][self._check(index)]).reshape(-1, 3)
+        return np.array(self.datasets["image_layout"][self._check(index)], dtype=np.int32).reshape(-1, 3)
 
     def image_bytes(self, index: int) -> list[bytes]:
         """The stored (original, encoded) bytes of the images of pack `index`, in token order."""
         index = self._check(index)
         images = self.datasets[IMAGES_PREFIX]
-        first, last = images.document_indices[index], images.document_indices[index + 1]
+        first, last = int(images.document_indices[index]), int(images.document_indices[index + 1])
         return [images[int(item)].tobytes() for item in range(first, last)]
 
     def doc_origin(self, index: int) -> np.ndarray:
         """(input index, record number, piece number) per document piece of pack `index`."""
-        return np.asarray(self.datasets["doc_origin"][self._check(index)]).reshape(-1, 3)
+        return np.array(self.datasets["doc_origin"][self._check(index)], dtype=np.int64).reshape(-1, 3)
 
     def get(self, index: int, decode_images: bool = True) -> dict[str, np.ndarray]:
         index = self._check(index)
         data = self.datasets
-        tokens = np.asarray(data["tokens"][index], dtype=np.int32)
-        loss_mask = np.asarray(data["loss_mask"][index], dtype=np.uint8)
-        cu_seqlens = np.asarray(data["cu_seqlens"][index], dtype=np.int32)
+        # Copies, never views: megatron's readers unmap their files when they are released.
+        tokens = np.array(data["tokens"][index], dtype=np.int32)
+        loss_mask = np.array(data["loss_mask"][index], dtype=np.uint8)
+        cu_seqlens = np.array(data["cu_seqlens"][index], dtype=np.int32)
         layout = self.image_layout(index)
         indices = np.full(len(tokens), -1, dtype=np.int64)
         patch_blocks = []
