@@ -7,6 +7,8 @@ wrong types and inconsistent sizes are rejected at start-up with a message namin
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -166,9 +168,18 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+            return expand_env(str(value), key)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
+
+
+def expand_env(value: str, key: str) -> str:
+    """Expand ${VAR} / $VAR; an unset variable is an error naming it (recipes use SOLO_DATA etc.)."""
+    expanded = os.path.expandvars(value)
+    if "$" in expanded:
+        missing = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
+        raise ConfigError(f"{key}: set the environment variable(s) {', '.join(missing)} (value {value!r})")
+    return expanded
 
 
 def _build(cls, data: dict, prefix: str):
@@ -229,8 +240,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optimizer.min_lr must not exceed optimizer.lr")
     if d.global_batch_size % d.micro_batch_size:
         raise ConfigError("data.global_batch_size must be a multiple of data.micro_batch_size")
-    if m.tokenizer is None and d.pad_token_id is None:
-        raise ConfigError("set data.pad_token_id, or model.tokenizer to derive it")
+    if d.path == "synthetic" and d.pad_token_id is None:
+        raise ConfigError("data.path=synthetic needs data.pad_token_id")
+    # For packed data the tokenizer (vocab size, pad id) defaults to the one the packs were made with.
     if m.sliding_window is not None and m.sliding_window < 1:
         raise ConfigError("model.sliding_window must be >= 1 or null")
     if cfg.checkpoint.keep_last < 1:

@@ -257,12 +257,8 @@ def open_reader(path: str, config: PackedDatasetConfig):
             vocab_size=config.synthetic_vocab_size,
             seed=config.random_seed,
         )
-    try:
-        from data_prep.reader import PackedReader
-    except ImportError as exc:  # pragma: no cover - depends on the data issue's module
-        raise RuntimeError(
-            f"cannot read packed directory {path}: data_prep.reader.PackedReader is unavailable ({exc})"
-        ) from exc
+    from data_prep.reader import PackedReader
+
     return PackedReader(path)
 
 
@@ -328,10 +324,21 @@ def read_mixture(path: str) -> tuple[list[str], list[float]]:
         weight = float(entry["weight"])
         if weight <= 0:
             raise ValueError(f"{path}: datasets[{i}] weight must be > 0")
-        p = str(entry["path"])
+        p = os.path.expandvars(str(entry["path"]))
+        if "$" in p:
+            raise ValueError(f"{path}: datasets[{i}] path {entry['path']!r} uses an unset environment variable")
         paths.append(p if p == SYNTHETIC or os.path.isabs(p) else str(base / p))
         weights.append(weight)
     return paths, weights
+
+
+def packed_directories(data_path: str) -> list[str]:
+    """The packed directories behind data.path (none for the synthetic task)."""
+    if data_path.endswith((".yaml", ".yml")):
+        paths = read_mixture(data_path)[0]
+    else:
+        paths = [data_path]
+    return [p for p in paths if p != SYNTHETIC]
 
 
 def build_train_dataset(

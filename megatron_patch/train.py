@@ -85,18 +85,33 @@ def init_distributed(cfg: Config) -> None:
 
 
 def resolve_tokenizer_fields(cfg: Config) -> None:
-    """vocab_size and pad id come from the tokenizer when one is named (never hard-coded)."""
-    if cfg.model.tokenizer is None:
+    """vocab_size and pad id come from the tokenizer (never hard-coded): model.tokenizer if set,
+    else the tokenizer the packed data was made with (all blended directories must agree)."""
+    from megatron_patch.data import open_reader, packed_directories
+
+    readers = [open_reader(p, None) for p in packed_directories(cfg.data.path)]
+    for reader in readers:
+        if reader.seq_length > cfg.data.seq_length:
+            raise ConfigError(
+                f"{reader.directory} was packed to {reader.seq_length} tokens, more than "
+                f"data.seq_length={cfg.data.seq_length}; repack or raise data.seq_length"
+            )
+    digests = {r.tokenizer_info.get("digest") for r in readers}
+    if len(digests) > 1:
+        raise ConfigError(f"the blended packed directories were made with different tokenizers: "
+                          f"{[r.tokenizer_dir for r in readers]}")
+    tokenizer_dir = cfg.model.tokenizer or (readers[0].tokenizer_dir if readers else None)
+    if tokenizer_dir is None:
         return
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg.model.vocab_size = len(tok)
     if cfg.data.pad_token_id is None:
         if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
             raise ConfigError(
-                f"tokenizer {cfg.model.tokenizer} has no pad token distinct from EOS (SOLO's pad=EOS "
-                "meant EOS was never learned); add one or set data.pad_token_id"
+                f"tokenizer {tokenizer_dir} has no pad token distinct from EOS (SOLO's pad=EOS "
+                "meant EOS was never learned); extend it or set data.pad_token_id"
             )
         cfg.data.pad_token_id = tok.pad_token_id
 

@@ -222,3 +222,61 @@ def test_loss_falls_on_synthetic_image_task(workdir):
     assert mean("loss") < 0.6 * first["loss"], (first["loss"], mean("loss"))
     # The class token is only predictable from the pixels: below chance (ln 4) means it reads images.
     assert mean("image_loss") < 0.5 < 1.386
+
+
+def _packed_dir(tmp, name, tokenizer_dir, with_images):
+    """A small real packed directory made by `solo-data pack` (the data issue's CLI)."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data_prep.cli import main as solo_data
+
+    rng = np.random.default_rng(len(name))
+    records = []
+    for number in range(24):
+        content = []
+        if with_images:
+            buf = io.BytesIO()
+            size = (int(rng.integers(32, 96)), int(rng.integers(32, 96)))
+            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+            content.append({"type": "image_url", "image_url": {"url": url}})
+        content.append({"type": "text", "text": f"the quick brown fox {number} " * int(rng.integers(1, 6))})
+        records.append(json.dumps([{"role": "assistant", "content": content}]))
+    src = tmp / f"{name}.jsonl"
+    src.write_text("\n".join(records) + "\n")
+    out = tmp / name
+    argv = ["pack", str(src), "--format", "chat", "--tokenizer", tokenizer_dir, "--seq-length", "256",
+            "--output", str(out), "--no-progress"]
+    assert solo_data(argv) == 0
+    return out
+
+
+def test_trains_on_real_packed_mixture(workdir):
+    """data.path = a mixture YAML over `solo-data pack` outputs; vocab and pad id from their tokenizer."""
+    from solo.tiny import make_base_tokenizer
+    from solo.tokenizer import extend_tokenizer
+
+    tokenizer_dir = workdir / "tokenizer"
+    tok = extend_tokenizer(make_base_tokenizer())
+    tok.save_pretrained(tokenizer_dir)
+    _packed_dir(workdir, "captions", str(tokenizer_dir), with_images=True)
+    _packed_dir(workdir, "text", str(tokenizer_dir), with_images=False)
+    mix = workdir / "mixture.yaml"
+    mix.write_text("datasets:\n  - {path: captions, weight: 0.7}\n  - {path: text, weight: 0.3}\n")
+    save = workdir / "real"
+    run(save, f"data.path={mix}", "data.seq_length=256", "data.pad_token_id=", "model.vocab_size=1",
+        "training.train_iters=3", "checkpoint.save_interval=1000", "data.global_batch_size=4")
+    m = metrics(save)
+    assert [r["step"] for r in m] == [1, 2, 3]
+    assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in m)
+    ids = [s for r in m for s in r["sample_ids"]]
+    assert any("captions" in s for s in ids) and any("text" in s for s in ids)
+    assert any(r["image_loss"] is not None for r in m) and any(r["text_loss"] is not None for r in m)
+    # The model was sized from the packs' tokenizer, not from the recipe's vocab_size=1.
+    saved = json.loads(json.dumps(__import__("torch").load(save / "iter_0000003" / "common.pt", weights_only=False)["config"]))
+    assert saved["model"]["vocab_size"] == len(tok)
+    assert saved["data"]["pad_token_id"] == tok.pad_token_id
