@@ -1,0 +1,127 @@
+"""Mixtures of packed directories and `solo-data plan`: samples per source and iterations, computed.
+
+Mixture YAML (the same file the training data builder, `megatron_patch.data.read_mixture`, reads;
+relative paths are relative to the YAML file)::
+
+    datasets:
+      - {path: packed/imagenet21k, weight: 0.7}
+      - {path: packed/slimpajama, weight: 0.3}
+
+One sample is one pack. With `--epochs E` the run draws E × (total packs of all sources) samples;
+with `--tokens T` it draws enough samples for about T non-pad tokens (each source's mean tokens per
+pack, weighted). Iterations = ceil(samples / global batch); the samples of the last iteration are
+counted too, and split over sources by weight with largest-remainder rounding, so the counts add
+up exactly. megatron-core's blended dataset draws in these proportions (it sizes each source's
+index with a small surplus).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import yaml
+
+from .packed_format import write_json_atomic
+from .reader import PackedReader
+
+
+def read_mixture(path: str) -> list[tuple[str, float]]:
+    with open(path, encoding="utf-8") as handle:
+        tree = yaml.safe_load(handle) or {}
+    entries = tree.get("datasets") if isinstance(tree, dict) else None
+    if not entries:
+        raise ValueError(f"{path}: a mixture YAML needs a non-empty 'datasets' list of {{path, weight}}")
+    base = os.path.dirname(os.path.abspath(path))
+    sources = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "path" not in entry or "weight" not in entry:
+            raise ValueError(f"{path}: datasets[{index}] needs 'path' and 'weight'")
+        weight = float(entry["weight"])
+        if not weight > 0:
+            raise ValueError(f"{path}: datasets[{index}] weight must be > 0, got {entry['weight']!r}")
+        source = str(entry["path"])
+        sources.append((source if os.path.isabs(source) else os.path.join(base, source), weight))
+    return sources
+
+
+def largest_remainder(total: int, weights: list[float]) -> list[int]:
+    """Split `total` into integers proportional to `weights` that add up to `total` exactly."""
+    exact = [total * weight / sum(weights) for weight in weights]
+    counts = [math.floor(value) for value in exact]
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def plan_mixture(mixture: str, global_batch: int, *, epochs: float | None = None, tokens: float | None = None,
+                 output: str | None = None) -> dict[str, Any]:
+    if global_batch < 1:
+        raise ValueError("--global-batch must be at least 1")
+    if (epochs is None) == (tokens is None):
+        raise ValueError("give exactly one of --epochs or --tokens")
+    sources = read_mixture(mixture)
+    infos = []
+    for path, weight in sources:
+        reader = PackedReader(path)
+        lengths = reader.pack_lengths
+        if len(reader) == 0:
+            raise ValueError(f"{path} holds no packs")
+        infos.append({"path": path, "weight": weight, "packs": len(reader), "tokens": int(lengths.sum()),
+                      "seq_length": reader.seq_length, "vocab_size": reader.tokenizer_info["vocab_size"]})
+    for key in ("seq_length", "vocab_size"):
+        values = {info[key] for info in infos}
+        if len(values) > 1:
+            raise ValueError(f"the mixture's sources differ in {key} ({sorted(values)}); pack them alike")
+    total_weight = sum(info["weight"] for info in infos)
+    total_packs = sum(info["packs"] for info in infos)
+    for info in infos:
+        info["weight"] = info["weight"] / total_weight
+        info["natural_weight"] = info["packs"] / total_packs
+        info["tokens_per_pack"] = info["tokens"] / info["packs"]
+    if epochs is not None:
+        if not epochs > 0:
+            raise ValueError("--epochs must be > 0")
+        wanted = math.ceil(epochs * total_packs)
+    else:
+        if not tokens > 0:
+            raise ValueError("--tokens must be > 0")
+        wanted = math.ceil(tokens / sum(info["weight"] * info["tokens_per_pack"] for info in infos))
+    iterations = math.ceil(wanted / global_batch)
+    samples = iterations * global_batch
+    counts = largest_remainder(samples, [info["weight"] for info in infos])
+    for info, count in zip(infos, counts):
+        info["samples"] = count
+        info["epochs"] = count / info["packs"]
+        info["expected_tokens"] = round(count * info["tokens_per_pack"])
+    seq_length = infos[0]["seq_length"]
+    plan = {
+        "mixture": os.path.abspath(mixture),
+        "global_batch": global_batch,
+        "requested": {"epochs": epochs, "tokens": tokens},
+        "iterations": iterations,
+        "samples": samples,
+        "seq_length": seq_length,
+        "token_slots": samples * seq_length,
+        "expected_tokens": sum(info["expected_tokens"] for info in infos),
+        "sources": infos,
+    }
+    if output is None:
+        stem = mixture[: -len(".yaml")] if mixture.endswith(".yaml") else mixture.rsplit(".yml", 1)[0]
+        output = stem + ".plan.json"
+    write_json_atomic(output, plan)
+    plan["written_to"] = output
+    return plan
+
+
+def print_plan(plan: dict[str, Any]) -> None:
+    print(f"{'source':<40} {'weight':>7} {'natural':>7} {'packs':>10} {'samples':>10} {'epochs':>7} {'tokens':>14}")
+    for info in plan["sources"]:
+        name = info["path"] if len(info["path"]) <= 40 else "…" + info["path"][-39:]
+        print(f"{name:<40} {info['weight']:>7.4f} {info['natural_weight']:>7.4f} {info['packs']:>10,} "
+              f"{info['samples']:>10,} {info['epochs']:>7.3f} {info['expected_tokens']:>14,}")
+    print(f"global batch {plan['global_batch']} × {plan['iterations']:,} iterations = {plan['samples']:,} samples "
+          f"of {plan['seq_length']:,} tokens ({plan['token_slots']:,} slots, ~{plan['expected_tokens']:,} tokens)")
+    print(f"wrote {plan['written_to']}")
