@@ -27,8 +27,10 @@ class ModelConfig:
     ffn_hidden_size: int = 14336
     num_attention_heads: int = 32
     num_query_groups: int = 8
-    vocab_size: int = 33029  # from the tokenizer; recipes for real runs set tokenizer instead
-    tokenizer: Optional[str] = None  # HF tokenizer dir: vocab_size and pad id are derived from it
+    # Derived from the tokenizer (model.tokenizer, else the one the packed data was made with);
+    # set explicitly only for the synthetic task.
+    vocab_size: Optional[int] = None
+    tokenizer: Optional[str] = None
     make_vocab_size_divisible_by: int = 128
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
@@ -240,8 +242,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optimizer.min_lr must not exceed optimizer.lr")
     if d.global_batch_size % d.micro_batch_size:
         raise ConfigError("data.global_batch_size must be a multiple of data.micro_batch_size")
-    if d.path == "synthetic" and d.pad_token_id is None:
-        raise ConfigError("data.path=synthetic needs data.pad_token_id")
+    if d.path == "synthetic" and (d.pad_token_id is None or m.vocab_size is None):
+        raise ConfigError("data.path=synthetic needs data.pad_token_id and model.vocab_size")
     # For packed data the tokenizer (vocab size, pad id) defaults to the one the packs were made with.
     if m.sliding_window is not None and m.sliding_window < 1:
         raise ConfigError("model.sliding_window must be >= 1 or null")
@@ -259,5 +261,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), raw)
     cfg = _build(Config, tree, "")
+    # A relative data.path that names a file next to the recipe (e.g. mixtures/stage1.yaml) is
+    # resolved there; otherwise relative paths are relative to the working directory.
+    beside = Path(path).resolve().parent / cfg.data.path
+    if not os.path.isabs(cfg.data.path) and not os.path.exists(cfg.data.path) and beside.exists():
+        cfg.data.path = str(beside)
     validate(cfg)
     return cfg

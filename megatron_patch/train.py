@@ -102,6 +102,8 @@ def resolve_tokenizer_fields(cfg: Config) -> None:
                           f"{[r.tokenizer_dir for r in readers]}")
     tokenizer_dir = cfg.model.tokenizer or (readers[0].tokenizer_dir if readers else None)
     if tokenizer_dir is None:
+        if cfg.model.vocab_size is None:
+            raise ConfigError("no tokenizer to size the vocabulary: set model.tokenizer (or model.vocab_size)")
         return
     from transformers import AutoTokenizer
 
