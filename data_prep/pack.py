@@ -142,8 +142,17 @@ def encode_chunk(index: int, records: list[Record]) -> int:
             entries[position] = ("filtered", filtered.subset)
         except Exception as error:  # any other parse failure of one record must not stop the run
             entries[position] = ("rejected", record.name, f"unreadable record ({type(error).__name__}: {error})")
+    try:
+        results = encoder.encode(documents, names)
+    except Exception:  # isolate the document that broke the batch; the others are encoded alone
+        results = []
+        for document, name in zip(documents, names):
+            try:
+                results.extend(encoder.encode([document], [name]))
+            except Exception as error:
+                results.append(RejectedInput(f"cannot encode ({type(error).__name__}: {error})"))
     image_blob = bytearray()
-    for position, result in zip(slots, encoder.encode(documents, names)):
+    for position, result in zip(slots, results):
         record = records[position]
         if isinstance(result, RejectedInput):
             entries[position] = ("rejected", record.name, result.reason)
@@ -250,10 +259,30 @@ class _Accounting:
         }
 
 
+def _work_state(config: PackConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    # The chunk size shapes the work files but not the output, so it is not in the output fingerprint.
+    return {"fingerprint": fingerprint, "chunk_size": config.chunk_size}
+
+
+def _lock_output(work_dir: str):
+    """Hold an exclusive lock on the run (released by the OS even on kill -9)."""
+    import fcntl
+
+    handle = open(os.path.join(work_dir, "lock"), "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise FileExistsError(f"another solo-data pack is running on {os.path.dirname(work_dir)}; "
+                              "wait for it (two runs must never write the same files)") from None
+    return handle
+
+
 def _prepare_output(config: PackConfig, fingerprint: dict[str, Any]) -> str | None:
     """Check the output folder; returns 'complete' if this exact run already finished there."""
     output, work_dir = config.output, os.path.join(config.output, WORK_DIR)
     state_path = os.path.join(work_dir, "state.json")
+    state = _work_state(config, fingerprint)
     metadata_path = os.path.join(output, METADATA_FILE)
     if os.path.exists(metadata_path) and not config.overwrite:
         with open(metadata_path, encoding="utf-8") as handle:
@@ -265,16 +294,22 @@ def _prepare_output(config: PackConfig, fingerprint: dict[str, Any]) -> str | No
     if os.path.isdir(output) and os.listdir(output):
         if os.path.exists(state_path) and not config.overwrite:
             with open(state_path, encoding="utf-8") as handle:
-                if json.load(handle) != fingerprint:
-                    raise FileExistsError(f"{output} holds an unfinished run with different inputs or settings; "
-                                          "rerun that command, or pass --overwrite to start over")
+                previous = json.load(handle)
+            if previous.get("fingerprint") != fingerprint:
+                raise FileExistsError(f"{output} holds an unfinished run with different inputs or settings; "
+                                      "rerun that command, or pass --overwrite to start over")
+            if previous != state:  # another --chunk-size: the finished chunks do not line up; redo them
+                for name in os.listdir(work_dir):
+                    if name.startswith("chunk-"):
+                        os.remove(os.path.join(work_dir, name))
+                write_json_atomic(state_path, state)
             return None  # resume
         if not config.overwrite:
             raise FileExistsError(f"{output} is not empty and is not a solo-data pack output; "
                                   "choose an empty folder or pass --overwrite")
         shutil.rmtree(output)
     os.makedirs(work_dir, exist_ok=True)
-    write_json_atomic(state_path, fingerprint)
+    write_json_atomic(state_path, state)
     return None
 
 
@@ -292,6 +327,14 @@ def run_pack(config: PackConfig) -> dict[str, Any]:
         print(f"{config.output} is already complete ({report['packs']} packs); nothing to do", file=sys.stderr)
         return report
     work_dir = os.path.join(config.output, WORK_DIR)
+    lock = _lock_output(work_dir)
+    try:
+        return _run_locked(config, tokenizer, fingerprint, work_dir)
+    finally:
+        lock.close()
+
+
+def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work_dir: str) -> dict[str, Any]:
     for name in os.listdir(work_dir):  # pieces of writes a crash interrupted
         if ".tmp" in name:
             os.remove(os.path.join(work_dir, name))

@@ -63,12 +63,20 @@ def _as_tensor(array: np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def import_indexed_dataset():
+    """megatron-core's IndexedDataset module, without its import-time notes about missing GPU extras."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
 class PackWriter:
     """Appends packs to the IndexedDatasets of a packed directory (from scratch, deterministic)."""
 
     def __init__(self, directory: str, vocab_size: int):
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path
-
+        indexed_dataset = import_indexed_dataset()
+        IndexedDatasetBuilder, get_bin_path = indexed_dataset.IndexedDatasetBuilder, indexed_dataset.get_bin_path
         self.directory = directory
         dtypes = {"tokens": token_dtype(vocab_size), "loss_mask": np.uint8, "cu_seqlens": np.int32,
                   "image_layout": np.int32, "doc_origin": np.int64, IMAGES_PREFIX: np.uint8}
@@ -89,7 +97,6 @@ class PackWriter:
         self.packs += 1
 
     def finalize(self) -> None:
-        from megatron.core.datasets.indexed_dataset import get_idx_path
-
+        get_idx_path = import_indexed_dataset().get_idx_path
         for name, builder in self.builders.items():
             builder.finalize(get_idx_path(os.path.join(self.directory, name)))

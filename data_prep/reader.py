@@ -21,17 +21,23 @@ import numpy as np
 
 from solo.hf.image_processing_solo import PATCH_DIM, image_to_patches, load_image
 
-from .packed_format import FORMAT_NAME, FORMAT_VERSION, IMAGES_PREFIX, METADATA_FILE, PER_PACK_PREFIXES
+from .packed_format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    IMAGES_PREFIX,
+    METADATA_FILE,
+    PER_PACK_PREFIXES,
+    import_indexed_dataset,
+)
 
 
 def _open_indexed(prefix: str):
     import logging
 
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    logging.getLogger("megatron.core.datasets.indexed_dataset").setLevel(logging.WARNING)
+    indexed_dataset = import_indexed_dataset()
+    logging.getLogger(indexed_dataset.__name__).setLevel(logging.WARNING)
     # numpy cannot memory-map an empty file (a text-only source has no image bytes at all).
-    return IndexedDataset(prefix, mmap=os.path.getsize(prefix + ".bin") > 0)
+    return indexed_dataset.IndexedDataset(prefix, mmap=os.path.getsize(prefix + ".bin") > 0)
 
 
 class PackedReader:

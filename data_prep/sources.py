@@ -295,6 +295,10 @@ def record_to_document(record: Record, options: SourceOptions) -> Document:
     if converter is None:
         raise ValueError(f"unknown format {options.format!r}; choose one of {', '.join(FORMATS)}")
     document = converter(record, options)
+    for segment in document.segments:
+        if segment.is_image and len(segment.image) > options.max_image_bytes:
+            raise RejectedInput(f"image {segment.image_name} is {len(segment.image)} bytes, "
+                                f"above --max-image-bytes {options.max_image_bytes}")
     if not any((segment.is_image or (segment.text or "").strip()) for segment in document.segments):
         raise RejectedInput("empty document (no text and no image)")
     return document

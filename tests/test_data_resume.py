@@ -108,3 +108,13 @@ def test_kill_9_then_rerun_is_byte_identical(source, reference, tmp_path):
     report = json.load(open(output / "report.json"))
     assert report["documents_in"] == report["documents_packed"] + report["documents_rejected"] == 480
     assert len(PackedReader(output)) == report["packs"]
+
+
+def test_two_runs_never_write_the_same_output(tmp_path):
+    from data_prep.pack import _lock_output
+
+    first = _lock_output(str(tmp_path))
+    with pytest.raises(FileExistsError, match="another solo-data pack is running"):
+        _lock_output(str(tmp_path))
+    first.close()  # released (the OS also releases it when the holder is killed)
+    _lock_output(str(tmp_path)).close()
