@@ -100,3 +100,7 @@ class PackWriter:
         get_idx_path = import_indexed_dataset().get_idx_path
         for name, builder in self.builders.items():
             builder.finalize(get_idx_path(os.path.join(self.directory, name)))
+        for name in self.builders:  # on disk before metadata.json declares the directory complete
+            for path in (get_idx_path(os.path.join(self.directory, name)), os.path.join(self.directory, name + ".bin")):
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())

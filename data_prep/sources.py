@@ -229,7 +229,10 @@ def _iter_json_list(input_index: int, path: str, label: str, base_dir: str) -> I
 
 
 def _iter_parquet(input_index: int, path: str, label: str, base_dir: str) -> Iterator[Record]:
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from None
 
     number = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=256):

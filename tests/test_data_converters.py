@@ -9,8 +9,6 @@ import tarfile
 
 import lz4.frame
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import zstandard
 from PIL import Image
@@ -102,6 +100,14 @@ def test_caption_webdataset_jsonl_and_parquet(tmp_path):
     documents, _, _ = convert_all([tmp_path / "caps.jsonl"], SourceOptions(format="caption"))
     assert layout(documents[0][1]) == [("image", None), ("assistant", "x marks the spot")]
 
+
+
+def test_caption_parquet_with_inline_bytes_and_paths(tmp_path):
+    pa = pytest.importorskip("pyarrow")  # parquet support needs pyarrow (see README)
+    import pyarrow.parquet as pq
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "x.png").write_bytes(jpeg(seed=3))
     table = pa.table({"image": [{"bytes": jpeg(seed=4), "path": "p.jpg"}, {"bytes": None, "path": "images/x.png"}],
                       "caption": ["inline bytes", "by path"]})
     pq.write_table(table, tmp_path / "caps.parquet")
