@@ -411,7 +411,10 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            context = multiprocessing.get_context("spawn")
+            # forkserver: one clean server process imports this module (torch, transformers) once and
+            # forks the workers from it: no per-worker import cost, none of fork's thread hazards.
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["data_prep.pack"])
             with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
                                      initargs=init_args) as pool:
                 for index, chunk in _chunks(records, config.chunk_size):
