@@ -192,12 +192,16 @@ def test_microbatch_of_two_equals_two_microbatches_of_one(megatron_world):
     assert (joint - torch.cat([one, two])).abs().max().item() <= 1e-5
 
 
-def test_sliding_window_attention_matches_dense_reference(megatron_world):
+@pytest.mark.parametrize("segment_tokens", [0, 16, 512], ids=["per-document", "mixed", "one-segment"])
+def test_sliding_window_attention_matches_dense_reference(megatron_world, segment_tokens):
     cfg = tiny_config(sliding_window=5)  # each query sees itself and 4 earlier keys
     tc = build_transformer_config(cfg.model, cfg.parallel, cfg.training)
-    attn = PackedDotProductAttention(tc, 1, __import__("megatron.core.transformer.enums", fromlist=["AttnMaskType"]).AttnMaskType.causal, "self")
+    from megatron.core.transformer.enums import AttnMaskType
+
+    attn = PackedDotProductAttention(tc, 1, AttnMaskType.causal, "self")
+    attn.segment_tokens = segment_tokens
     torch.manual_seed(0)
-    lengths = [3, 11, 7]
+    lengths = [3, 11, 7, 2, 2, 9]
     t = sum(lengths)
     q, k, v = torch.randn(t, 4, 16), torch.randn(t, 2, 16), torch.randn(t, 2, 16)
     cu = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32)
