@@ -29,6 +29,7 @@ setup(
         "tqdm>=4.60",
         "zstandard>=0.22",
         "lz4>=4.0",
+        "pyarrow>=14",  # parquet caption/interleaved sources in solo-data
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
