@@ -444,7 +444,11 @@ class MetricsWriter:
                 with open(self.path, "w", encoding="utf-8") as fh:
                     fh.writelines(keep)
         if cfg.logging.tensorboard and cfg.checkpoint.save:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ConfigError("logging.tensorboard=true needs the tensorboard package: "
+                                  "pip install tensorboard (or set logging.tensorboard=false)") from exc
 
             self.tb = SummaryWriter(os.path.join(cfg.checkpoint.save, "tensorboard"))
         if cfg.logging.wandb_project:
@@ -495,6 +499,9 @@ def train(cfg: Config) -> int:
 
     from megatron_patch.data import GlobalBatchSampler, build_train_dataset, collate_packed
 
+    if cfg.training.bf16 and not torch.cuda.is_available():
+        raise ConfigError("training.bf16=true needs CUDA (megatron-core's bf16 optimizer only wraps CUDA "
+                          "tensors); set training.bf16=false on CPU")
     resolve_tokenizer_fields(cfg)
     init_distributed(cfg)
     rank = dist.get_rank()
@@ -696,8 +703,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     compat.apply()
-    with compat.device_scope():
-        code = train(cfg)
+    try:
+        with compat.device_scope():
+            code = train(cfg)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     dist.destroy_process_group()
     return code
 
