@@ -260,7 +260,10 @@ def _sharded_state(model, optimizer, *, is_loading: bool, with_optimizer: bool, 
     model_sd = unwrap(model).sharded_state_dict()
     state: Dict[str, Any] = {"model": model_sd}
     if with_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        # fully_reshardable: the distributed optimizer's state loads at any TP/PP/DP (GPU path).
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+        )
     if with_rng:
         state["rng_state"] = _rng_object(is_loading)
     return state
