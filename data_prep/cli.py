@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="packing window in document pieces (memory bound; default 16384)")
     pack.add_argument("--chunk-size", type=int, default=256, metavar="RECORDS",
                       help="records per unit of parallel work and of resume (default 256)")
+    pack.add_argument("--checkpoint-seconds", type=float, default=30.0, metavar="S",
+                      help="how often the packing pass records its position, so that a rerun after a crash "
+                           "continues from there (default 30)")
     pack.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     pack.add_argument("--keep-work", action="store_true", help="keep OUTPUT/.work (chunk files) after success")
     pack.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -157,7 +160,8 @@ def _pack(args) -> int:
         raise ValueError("--seq-length must be at least 8")
     config = PackConfig(inputs=args.inputs, output=args.output, tokenizer=args.tokenizer, source=source,
                         encode=encode, workers=args.workers, chunk_size=args.chunk_size, window_items=args.window,
-                        overwrite=args.overwrite, keep_work=args.keep_work, progress=not args.no_progress)
+                        overwrite=args.overwrite, keep_work=args.keep_work, progress=not args.no_progress,
+                        checkpoint_seconds=args.checkpoint_seconds)
     run_pack(config)
     return 0
 

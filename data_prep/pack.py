@@ -9,10 +9,13 @@ Pipeline:
 3. The main process consumes the chunks strictly in order, feeds the document pieces to the
    windowed best-fit-decreasing packer, and writes finished packs with `PackWriter`.
 
-Resume: `.work/state.json` holds the run's fingerprint (inputs, settings, tokenizer). Run again
-after a crash (even `kill -9`) and finished chunks are reused; the packing pass (cheap: no image
-decoding) is redone from the start, so the output is byte-identical to an uninterrupted run.
-`metadata.json` is written last; then `.work` is removed.
+Resume: `.work/state.json` holds the run's fingerprint (inputs, settings, tokenizer). Run the same
+command again after a crash (even `kill -9`): finished chunks are reused, and the packing pass
+continues from its last checkpoint (`.work/progress.pkl`, taken at a window boundary at most every
+`--checkpoint-seconds`: stream position, open packs, accounting, output file sizes); output
+written after that checkpoint is cut off and rewritten. The result is byte-identical to an
+uninterrupted run, whatever the number of workers. `metadata.json` is written last; then `.work`
+is removed. `.work` holds a second copy of the image bytes while the run lasts.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from .schema import RejectedInput
 from .sources import FilteredOut, Record, SourceOptions, expand_inputs, iter_records, record_to_document
 
 WORK_DIR = ".work"
+PROGRESS_FILE = "progress.pkl"
 SOLO_FP16_BYTES_PER_PATCH = 3072 * 2
 
 
@@ -62,6 +66,7 @@ class PackConfig:
     overwrite: bool = False
     keep_work: bool = False
     progress: bool = True
+    checkpoint_seconds: float = 30.0  # how often the packing pass records its position for resume
     expanded_inputs: list[str] = field(default_factory=list)
 
 
@@ -300,7 +305,7 @@ def _prepare_output(config: PackConfig, fingerprint: dict[str, Any]) -> str | No
                                       "rerun that command, or pass --overwrite to start over")
             if previous != state:  # another --chunk-size: the finished chunks do not line up; redo them
                 for name in os.listdir(work_dir):
-                    if name.startswith("chunk-"):
+                    if name.startswith("chunk-") or name == PROGRESS_FILE:
                         os.remove(os.path.join(work_dir, name))
                 write_json_atomic(state_path, state)
             return None  # resume
@@ -342,11 +347,31 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
     from tqdm import tqdm
 
     seq_length = config.encode.seq_length
-    packer = BestFitPacker(seq_length, config.window_items, config.window_tokens, config.carry_packs)
-    writer = PackWriter(config.output, len(tokenizer))
+    progress_path = os.path.join(work_dir, PROGRESS_FILE)
+    resume = None
+    if os.path.exists(progress_path):  # the packing pass of an earlier run got this far
+        with open(progress_path, "rb") as handle:
+            resume = pickle.load(handle)
+        packer, accounting = resume["packer"], resume["accounting"]
+        resume_at = resume["position"]  # (chunk, entry, next piece): everything before it is written
+    else:
+        packer = BestFitPacker(seq_length, config.window_items, config.window_tokens, config.carry_packs)
+        accounting = _Accounting(seq_length)
+        resume_at = (0, 0, 0)
+    writer = PackWriter(config.output, len(tokenizer), work_dir, resume=resume["writer"] if resume else None)
     images = _ImageSource(work_dir)
-    accounting = _Accounting(seq_length)
     progress = tqdm(desc="pack", unit="doc", disable=not config.progress, file=sys.stderr, smoothing=0.1)
+    last_checkpoint = time.monotonic()
+
+    def checkpoint(position: tuple[int, int, int]) -> None:
+        """Record where the packing pass stands; only at window boundaries (nothing half-packed)."""
+        nonlocal last_checkpoint
+        state = {"position": position, "writer": writer.checkpoint(), "packer": packer, "accounting": accounting}
+        temporary = progress_path + ".tmp"
+        with open(temporary, "wb") as handle:
+            pickle.dump(state, handle, protocol=5)
+        os.replace(temporary, progress_path)
+        last_checkpoint = time.monotonic()
     started = time.time()
     init_args = (config.tokenizer, config.source, config.encode, work_dir)
 
@@ -378,25 +403,36 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
             progress.set_postfix(packs=accounting.packs, fill=f"{accounting.tokens / (accounting.packs * seq_length):.4f}")
 
     def consume(index: int) -> None:
+        if index < resume_at[0]:
+            progress.update(config.chunk_size)
+            return  # packed before the restart
         pkl_path, _ = chunk_paths(work_dir, index)
         with open(pkl_path, "rb") as handle:
             entries = pickle.load(handle)
-        for entry in entries:
+        skip_entries, first_piece = resume_at[1:] if index == resume_at[0] else (0, 0)
+        for entry_index in range(skip_entries, len(entries)):
+            entry = entries[entry_index]
+            resumed = entry_index == skip_entries and first_piece > 0  # its document was counted already
             if entry[0] == "filtered":
                 accounting.filtered[entry[1]] = accounting.filtered.get(entry[1], 0) + 1
                 continue
-            accounting.documents_in += 1
+            if not resumed:
+                accounting.documents_in += 1
             if entry[0] == "rejected":
                 accounting.rejected.append({"input": entry[1], "reason": entry[2]})
                 continue
             _, input_index, number, pieces, image_refs = entry
-            accounting.documents_packed += 1
-            accounting.documents_split += len(pieces) > 1
-            for piece_number, piece in enumerate(pieces):
+            if not resumed:
+                accounting.documents_packed += 1
+                accounting.documents_split += len(pieces) > 1
+            for piece_number in range(first_piece if resumed else 0, len(pieces)):
+                piece = pieces[piece_number]
                 accounting.pieces += 1
                 accounting.pieces_without_loss += not piece[1].any()
                 write_packs(packer.add(len(piece[0]), (piece, index, image_refs, (input_index, number, piece_number))))
-        progress.update(len(entries))
+                if packer.window_empty and time.monotonic() - last_checkpoint >= config.checkpoint_seconds:
+                    checkpoint((index, entry_index, piece_number + 1))
+        progress.update(len(entries) - skip_entries)
 
     records = iter_records(config.expanded_inputs, config.source)
     pending: deque[tuple[int, Any]] = deque()

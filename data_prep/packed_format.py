@@ -72,31 +72,90 @@ def import_indexed_dataset():
 
 
 class PackWriter:
-    """Appends packs to the IndexedDatasets of a packed directory (from scratch, deterministic)."""
+    """Appends packs to the IndexedDatasets of a packed directory; deterministic and resumable.
 
-    def __init__(self, directory: str, vocab_size: int):
+    Next to the data it appends, in `side_dir`, one fixed-size record per pack and one per image
+    (the item lengths the builders keep in memory), so that a killed run can be resumed from a
+    checkpoint: `checkpoint()` flushes everything and returns the sizes to record; a new writer
+    given that state truncates the files back to it and rebuilds the builders' lists.
+    """
+
+    SIDE_PACKS = "packs.side"  # int64 per pack: lengths of tokens, loss_mask, cu_seqlens, layout, origin; images
+    SIDE_IMAGES = "images.side"  # int64 per image: byte length
+    PACK_FIELDS = 6
+
+    def __init__(self, directory: str, vocab_size: int, side_dir: str, resume: dict | None = None):
         indexed_dataset = import_indexed_dataset()
-        IndexedDatasetBuilder, get_bin_path = indexed_dataset.IndexedDatasetBuilder, indexed_dataset.get_bin_path
         self.directory = directory
         dtypes = {"tokens": token_dtype(vocab_size), "loss_mask": np.uint8, "cu_seqlens": np.int32,
                   "image_layout": np.int32, "doc_origin": np.int64, IMAGES_PREFIX: np.uint8}
-        self.builders = {name: IndexedDatasetBuilder(get_bin_path(os.path.join(directory, name)), dtype=dtype)
-                         for name, dtype in dtypes.items()}
-        self.packs = 0
+        self.builders = {}
+        side_packs, side_images = (os.path.join(side_dir, name) for name in (self.SIDE_PACKS, self.SIDE_IMAGES))
+        if resume is None:
+            for name, dtype in dtypes.items():
+                self.builders[name] = indexed_dataset.IndexedDatasetBuilder(self._bin(name), dtype=dtype)
+            self.packs = self.images = 0
+            self.side_packs, self.side_images = open(side_packs, "wb"), open(side_images, "wb")
+            return
+        self.packs, self.images = resume["packs"], resume["images"]
+        self.side_packs = self._reopen(side_packs, self.packs * self.PACK_FIELDS * 8)
+        self.side_images = self._reopen(side_images, self.images * 8)
+        records = np.fromfile(side_packs, dtype=np.int64, count=self.packs * self.PACK_FIELDS).reshape(-1, self.PACK_FIELDS)
+        image_lengths = np.fromfile(side_images, dtype=np.int64, count=self.images)
+        per_pack_indices = list(range(self.packs + 1))
+        for column, (name, dtype) in enumerate(dtypes.items()):
+            # The builder opens (and empties) its file; write into a scratch file, then swap in the
+            # real one, cut back to the checkpoint.
+            builder = indexed_dataset.IndexedDatasetBuilder(os.path.join(side_dir, f"scratch-{name}.bin"), dtype=dtype)
+            builder.data_file.close()
+            builder.data_file = self._reopen(self._bin(name), resume["bin_sizes"][name])
+            if name == IMAGES_PREFIX:
+                builder.sequence_lengths = image_lengths.tolist()
+                builder.document_indices = [0] + np.cumsum(records[:, column]).tolist()
+            else:
+                builder.sequence_lengths = records[:, column].tolist()
+                builder.document_indices = list(per_pack_indices)
+            self.builders[name] = builder
+
+    def _bin(self, name: str) -> str:
+        return os.path.join(self.directory, name + ".bin")
+
+    @staticmethod
+    def _reopen(path: str, size: int):
+        handle = open(path, "r+b")
+        if os.path.getsize(path) < size:
+            raise RuntimeError(f"{path} is shorter than its checkpoint; rerun with --overwrite")
+        handle.truncate(size)
+        handle.seek(size)
+        return handle
 
     def add_pack(self, tokens: np.ndarray, loss_mask: np.ndarray, cu_seqlens: np.ndarray,
                  image_layout: np.ndarray, doc_origin: np.ndarray, images: list[bytes]) -> None:
-        for name, array in (("tokens", tokens), ("loss_mask", loss_mask), ("cu_seqlens", cu_seqlens),
-                            ("image_layout", image_layout.reshape(-1)), ("doc_origin", doc_origin.reshape(-1))):
+        arrays = (("tokens", tokens), ("loss_mask", loss_mask), ("cu_seqlens", cu_seqlens),
+                  ("image_layout", image_layout.reshape(-1)), ("doc_origin", doc_origin.reshape(-1)))
+        for name, array in arrays:
             self.builders[name].add_item(_as_tensor(array))
             self.builders[name].end_document()
         image_builder = self.builders[IMAGES_PREFIX]
         for data in images:
             image_builder.add_item(_as_tensor(np.frombuffer(data, dtype=np.uint8)))
         image_builder.end_document()
+        record = [array.size for _, array in arrays] + [len(images)]
+        self.side_packs.write(np.asarray(record, dtype=np.int64).tobytes())
+        self.side_images.write(np.asarray([len(data) for data in images], dtype=np.int64).tobytes())
         self.packs += 1
+        self.images += len(images)
+
+    def checkpoint(self) -> dict:
+        """Flush every file and return the state a resumed writer needs."""
+        for handle in [builder.data_file for builder in self.builders.values()] + [self.side_packs, self.side_images]:
+            handle.flush()
+        return {"packs": self.packs, "images": self.images,
+                "bin_sizes": {name: builder.data_file.tell() for name, builder in self.builders.items()}}
 
     def finalize(self) -> None:
+        self.side_packs.close()
+        self.side_images.close()
         get_idx_path = import_indexed_dataset().get_idx_path
         for name, builder in self.builders.items():
             builder.finalize(get_idx_path(os.path.join(self.directory, name)))

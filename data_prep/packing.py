@@ -54,6 +54,11 @@ class BestFitPacker:
             return self._pack_window(final=False)
         return []
 
+    @property
+    def window_empty(self) -> bool:
+        """True right after a window was packed: the packer's state is only its open packs."""
+        return not self._window
+
     def flush(self) -> list[Pack]:
         return self._pack_window(final=True)
 

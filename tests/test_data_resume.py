@@ -52,7 +52,7 @@ def files_of(directory):
 def command(root, output):
     return [sys.executable, "-m", "data_prep.cli", "pack", str(root / "captions.jsonl"), "--format", "caption",
             "--tokenizer", str(root / "tokenizer"), "--seq-length", str(SEQ_LENGTH), "--output", str(output),
-            "--workers", "2", "--chunk-size", "8", "--window", "64", "--no-progress"]
+            "--workers", "2", "--chunk-size", "8", "--window", "64", "--checkpoint-seconds", "0", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +76,14 @@ def test_same_inputs_give_byte_identical_output(source, reference, tmp_path):
         run_pack(changed)
 
 
-def _wait_for_chunks(work_dir, count, process, timeout=120):
+def _wait_for_chunks(work_dir, count, process, packed_some, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
             pytest.fail(f"pack finished (rc {process.returncode}) before it could be killed")
-        if os.path.isdir(work_dir) and sum(name.endswith(".pkl") for name in os.listdir(work_dir)) >= count:
+        names = os.listdir(work_dir) if os.path.isdir(work_dir) else []
+        if sum(name.startswith("chunk-") and name.endswith(".pkl") for name in names) >= count and (
+                not packed_some or "progress.pkl" in names):
             return
         time.sleep(0.01)
     pytest.fail("pack made no progress")
@@ -91,15 +93,18 @@ def test_kill_9_then_rerun_is_byte_identical(source, reference, tmp_path):
     output = tmp_path / "killed"
     work_dir = output / ".work"
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for kill_after_chunks in (3, 20):  # early, then again later in a resumed run
+    # First kill: early, while chunks are being encoded. Second kill: in the resumed run, after the
+    # packing pass has recorded a position and written packs (so the rerun continues from there).
+    for kill_after_chunks, packed_some in ((3, False), (20, True)):
         process = subprocess.Popen(command(source, output), cwd=REPO, env=env, start_new_session=True,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for_chunks(work_dir, kill_after_chunks, process)
+        _wait_for_chunks(work_dir, kill_after_chunks, process, packed_some)
         os.killpg(process.pid, signal.SIGKILL)  # the whole process group: main process and workers
         process.wait()
         assert process.returncode == -signal.SIGKILL
         assert not (output / "metadata.json").exists()
-    done_before = sum(name.endswith(".pkl") for name in os.listdir(work_dir))
+    done_before = sum(name.startswith("chunk-") and name.endswith(".pkl") for name in os.listdir(work_dir))
+    assert os.path.getsize(output / "tokens.bin") > 0  # packs were written before the kill
     assert 20 <= done_before < 60  # 60 chunks in all: the run was really interrupted
     finished = subprocess.run(command(source, output), cwd=REPO, env=env, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr[-2000:]
@@ -118,3 +123,40 @@ def test_two_runs_never_write_the_same_output(tmp_path):
         _lock_output(str(tmp_path))
     first.close()  # released (the OS also releases it when the holder is killed)
     _lock_output(str(tmp_path)).close()
+
+
+def test_writer_resumes_from_a_checkpoint_with_later_writes_discarded(tmp_path):
+    """Packs written after the last checkpoint (then a crash) are cut off and rewritten exactly once."""
+    import numpy as np
+
+    from data_prep.packed_format import PackWriter
+
+    rng = np.random.default_rng(0)
+    packs = []
+    for index in range(9):
+        length = int(rng.integers(5, 50))
+        n_images = index % 3
+        packs.append((rng.integers(0, 33000, length), rng.integers(0, 2, length).astype(np.uint8),
+                      np.array([0, length // 2, length], np.int32), rng.integers(0, 9, (n_images, 3)).astype(np.int32),
+                      rng.integers(0, 9, (2, 3)), [rng.bytes(int(rng.integers(1, 300))) for _ in range(n_images)]))
+
+    def write(directory, resume_after=None):
+        directory.mkdir()
+        side = tmp_path / f"side-{directory.name}"
+        side.mkdir()
+        writer = PackWriter(str(directory), 33029, str(side))
+        state = None
+        for number, pack in enumerate(packs):
+            writer.add_pack(*pack)
+            if number == resume_after:
+                state = writer.checkpoint()
+            if resume_after is not None and number == resume_after + 3:  # written, then "killed"
+                writer.checkpoint()
+                writer = PackWriter(str(directory), 33029, str(side), resume=state)
+                for again in packs[resume_after + 1:number + 1]:
+                    writer.add_pack(*again)
+        writer.finalize()
+        return files_of(directory)
+
+    straight = write(tmp_path / "straight")
+    assert write(tmp_path / "resumed", resume_after=3) == straight
