@@ -296,3 +296,18 @@ def test_mistral_template_matches_chat_template_and_masks_user(tmp_path, tokeniz
             assert trained == f"what is it? noise{eos}sure? yes{eos}"
         else:
             assert trained == f" noise{eos} yes{eos}"
+
+
+def test_subset_filter_is_accounted_apart_from_rejections(tmp_path, tokenizer_dir):
+    lines = [{"text": f"book {i}", "meta": {"redpajama_set_name": "RedPajamaBook"}} for i in range(3)]
+    lines += [{"text": f"crawl {i}", "meta": {"redpajama_set_name": "RedPajamaCommonCrawl"}} for i in range(4)]
+    lines += [{"text": f"c4 {i}", "meta": {"redpajama_set_name": "RedPajamaC4"}} for i in range(2)]
+    lines += [{"meta": {"redpajama_set_name": "RedPajamaBook"}}]  # no text: rejected
+    (tmp_path / "slim.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report = pack(tokenizer_dir, [tmp_path / "slim.jsonl"], tmp_path / "out", 64, fmt="text",
+                  extra=["--exclude-subset", "RedPajamaCommonCrawl", "--exclude-subset", "RedPajamaC4"])
+    assert report["filtered_by_subset"] == {"RedPajamaC4": 2, "RedPajamaCommonCrawl": 4}
+    assert report["documents_filtered"] == 6
+    assert (report["documents_in"], report["documents_packed"], report["documents_rejected"]) == (4, 3, 1)
+    reader = PackedReader(tmp_path / "out")
+    assert reader.images_per_pack.sum() == 0 and reader[0]["patches"].shape == (0, 3072)
