@@ -48,6 +48,7 @@ from .sources import FilteredOut, Record, SourceOptions, expand_inputs, iter_rec
 
 WORK_DIR = ".work"
 PROGRESS_FILE = "progress.pkl"
+REJECTED_FILE = "rejected.jsonl"
 SOLO_FP16_BYTES_PER_PATCH = 3072 * 2
 
 
@@ -305,7 +306,7 @@ def _prepare_output(config: PackConfig, fingerprint: dict[str, Any]) -> str | No
                                       "rerun that command, or pass --overwrite to start over")
             if previous != state:  # another --chunk-size: the finished chunks do not line up; redo them
                 for name in os.listdir(work_dir):
-                    if name.startswith("chunk-") or name == PROGRESS_FILE:
+                    if name.startswith("chunk-") or name in (PROGRESS_FILE, REJECTED_FILE):
                         os.remove(os.path.join(work_dir, name))
                 write_json_atomic(state_path, state)
             return None  # resume
@@ -349,15 +350,22 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
     seq_length = config.encode.seq_length
     progress_path = os.path.join(work_dir, PROGRESS_FILE)
     resume = None
+    rejected_path = os.path.join(work_dir, REJECTED_FILE)  # the rejections so far, one JSON line each
     if os.path.exists(progress_path):  # the packing pass of an earlier run got this far
         with open(progress_path, "rb") as handle:
             resume = pickle.load(handle)
         packer, accounting = resume["packer"], resume["accounting"]
         resume_at = resume["position"]  # (chunk, entry, next piece): everything before it is written
+        rejected_log = open(rejected_path, "r+b")
+        rejected_log.truncate(resume["rejected_bytes"])
+        rejected_log.seek(0)
+        accounting.rejected = [json.loads(line) for line in rejected_log.read().splitlines()]
+        rejected_log.seek(resume["rejected_bytes"])
     else:
         packer = BestFitPacker(seq_length, config.window_items, config.window_tokens, config.carry_packs)
         accounting = _Accounting(seq_length)
         resume_at = (0, 0, 0)
+        rejected_log = open(rejected_path, "wb")
     writer = PackWriter(config.output, len(tokenizer), work_dir, resume=resume["writer"] if resume else None)
     images = _ImageSource(work_dir)
     progress = tqdm(desc="pack", unit="doc", disable=not config.progress, file=sys.stderr, smoothing=0.1)
@@ -366,11 +374,17 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
     def checkpoint(position: tuple[int, int, int]) -> None:
         """Record where the packing pass stands; only at window boundaries (nothing half-packed)."""
         nonlocal last_checkpoint
-        state = {"position": position, "writer": writer.checkpoint(), "packer": packer, "accounting": accounting}
-        temporary = progress_path + ".tmp"
-        with open(temporary, "wb") as handle:
-            pickle.dump(state, handle, protocol=5)
-        os.replace(temporary, progress_path)
+        rejected_log.flush()
+        rejected, accounting.rejected = accounting.rejected, []  # kept in the log, not in every checkpoint
+        try:
+            state = {"position": position, "writer": writer.checkpoint(), "packer": packer, "accounting": accounting,
+                     "rejected_bytes": rejected_log.tell()}
+            temporary = progress_path + ".tmp"
+            with open(temporary, "wb") as handle:
+                pickle.dump(state, handle, protocol=5)
+            os.replace(temporary, progress_path)
+        finally:
+            accounting.rejected = rejected
         last_checkpoint = time.monotonic()
     started = time.time()
     init_args = (config.tokenizer, config.source, config.encode, work_dir)
@@ -419,7 +433,9 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
             if not resumed:
                 accounting.documents_in += 1
             if entry[0] == "rejected":
-                accounting.rejected.append({"input": entry[1], "reason": entry[2]})
+                rejection = {"input": entry[1], "reason": entry[2]}
+                accounting.rejected.append(rejection)
+                rejected_log.write(json.dumps(rejection, sort_keys=True).encode() + b"\n")
                 continue
             _, input_index, number, pieces, image_refs = entry
             if not resumed:
@@ -470,6 +486,7 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
     finally:
         progress.close()
         images.close()
+        rejected_log.close()
     writer.finalize()
 
     report = accounting.report()
