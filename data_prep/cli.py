@@ -86,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         "plan", help="per-source sample counts and iterations of a mixture",
         description="Read a mixture YAML (packed directories with weights) and print, and write as JSON, the "
                     "number of packs drawn from each source and the number of iterations.",
-        epilog="mixture YAML:\n  sources:\n    - path: packed/imagenet21k\n      weight: 0.7\n"
-               "    - path: packed/slimpajama\n      weight: 0.3\n"
-               "Weights are normalised; leave them all out for natural weights (each source's share of packs).",
+        epilog="mixture YAML (the file training reads too; paths relative to it):\n"
+               "  datasets:\n    - {path: packed/imagenet21k, weight: 0.7}\n"
+               "    - {path: packed/slimpajama, weight: 0.3}\n"
+               "Weights are normalised. The plan also prints each source's natural weight (its share of packs).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     plan.add_argument("mixture", metavar="MIXTURE", help="mixture YAML file")
     plan.add_argument("--global-batch", required=True, type=int, metavar="B", help="packs per iteration")
