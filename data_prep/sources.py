@@ -94,7 +94,7 @@ class Record(NamedTuple):
     input_index: int
     number: int  # position in its input (0-based)
     name: str  # e.g. "data/part-0.jsonl:17"
-    kind: str  # "line", "object", "tar", "file"
+    kind: str  # "line", "object", "tar", "file", "error" (an unreadable input; payload: the reason)
     payload: Any
     base_dir: str
 
@@ -218,7 +218,7 @@ def _iter_json_list(input_index: int, path: str, label: str, base_dir: str) -> I
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         # The whole file is one unreadable record: it is reported, the run goes on.
-        yield Record(input_index, 0, label, "line", raw[:0] + b"\x00bad-json-file:" + str(error).encode(), base_dir)
+        yield Record(input_index, 0, label, "error", f"file is not valid JSON ({error})", base_dir)
         return
     if isinstance(data, dict):
         data = [data]
@@ -310,11 +310,11 @@ def record_to_document(record: Record, options: SourceOptions) -> Document:
 def _parse_json_record(record: Record) -> Any:
     if record.kind == "object":
         return record.payload
+    if record.kind == "error":
+        raise RejectedInput(record.payload)
     if record.kind != "line":
         raise RejectedInput(f"expected a JSON record, got a {record.kind} record; check --format")
     raw: bytes = record.payload
-    if raw.startswith(b"\x00bad-json-file:"):
-        raise RejectedInput("file is not valid JSON: " + raw[len(b"\x00bad-json-file:"):].decode("utf-8", "replace"))
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -191,3 +191,9 @@ def test_openai_chat_jsonl_solo_interchange_format(tmp_path):
     assert layout(documents[1][1]) == [("user", "question"), ("assistant", "answer")]
     assert documents[2][1].segments[0].image == jpeg(seed=8)
     assert layout(documents[3][1]) == [("system", "be brief"), ("user", "q"), ("assistant", "a")]
+
+
+def test_unreadable_json_file_is_one_rejected_record(tmp_path):
+    (tmp_path / "broken.json").write_text('[{"id": 1, "conversations": [')
+    documents, rejected, _ = convert_all([tmp_path / "broken.json"], SourceOptions(format="llava"))
+    assert not documents and len(rejected) == 1 and rejected[0][1].startswith("file is not valid JSON")
