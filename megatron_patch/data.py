@@ -20,7 +20,6 @@ Reader contract (``data_prep.reader.PackedReader``): ``len(r)``; ``r[i]`` is a d
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +31,10 @@ import yaml
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
 from megatron.core.datasets.megatron_dataset import MegatronDataset
-from megatron.core.datasets.utils import Split
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from solo.hf.image_processing_solo import PATCH_DIM
 
-logger = logging.getLogger(__name__)
 
 SYNTHETIC = "synthetic"
 

@@ -14,7 +14,6 @@ lr, grad_norm, tokens_per_s, consumed_samples, sample_ids, mfu on GPU).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -24,7 +23,6 @@ import signal
 import sys
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch

@@ -6,13 +6,11 @@ tokens adds nothing (and no NaN) to a step.
 """
 
 import math
-import os
 import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_patch import compat
 
@@ -49,9 +47,8 @@ def megatron_world():
 
     created = False
     if not dist.is_initialized():
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        store = dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
         created = True
     parallel_state.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)

@@ -40,7 +40,8 @@ def train_cmd(save, *overrides, nproc=1):
 def env():
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
-    e.setdefault("MASTER_PORT", str(_free_port()))
+    e["MASTER_ADDR"] = "127.0.0.1"
+    e["MASTER_PORT"] = str(_free_port())  # never inherit a port another test's process group holds
     return e
 
 
