@@ -311,3 +311,23 @@ def test_subset_filter_is_accounted_apart_from_rejections(tmp_path, tokenizer_di
     assert (report["documents_in"], report["documents_packed"], report["documents_rejected"]) == (4, 3, 1)
     reader = PackedReader(tmp_path / "out")
     assert reader.images_per_pack.sum() == 0 and reader[0]["patches"].shape == (0, 3072)
+
+
+def test_best_fit_packer_reaches_fill_targets_with_bounded_memory():
+    from data_prep.packing import BestFitPacker
+    from data_prep.synthetic import solo_like_lengths
+
+    for seq_length, target in ((32768, 0.995), (4096, 0.99)):
+        lengths = solo_like_lengths(40_000, seq_length, seed=3)
+        packer = BestFitPacker(seq_length, window_items=4096, carry_packs=64)
+        packs, held = [], 0
+        for index, length in enumerate(lengths.tolist()):
+            packs += packer.add(length, index)
+            held = max(held, len(packer._window) + sum(len(p.items) for p in packer._open.values()))
+        packs += packer.flush()
+        assert sorted(i for p in packs for _, _, i in p.items) == list(range(len(lengths)))  # each once
+        assert max(p.length for p in packs) <= seq_length
+        fill = lengths.sum() / (len(packs) * seq_length)
+        assert fill >= target, (seq_length, fill)
+        # held at any time: one window plus the carried packs' documents, not the dataset
+        assert held <= 4096 + 64 * max(len(p.items) for p in packs) < len(lengths)
