@@ -131,8 +131,12 @@ def chunk_paths(work_dir: str, index: int) -> tuple[str, str]:
     return stem + ".pkl", stem + ".img"
 
 
-def encode_chunk(index: int, records: list[Record]) -> int:
-    """Convert + encode one chunk and write it atomically. Returns the chunk index."""
+def encode_records(records: list[Record]) -> tuple[list[tuple], bytes]:
+    """Convert + encode records (in a worker). Returns (one entry per record, image bytes blob).
+
+    Entries: ("doc", input index, record number, pieces, image (offset, length) in the blob),
+    ("rejected", record name, reason) or ("filtered", subset).
+    """
     encoder: DocumentEncoder = _WORKER["encoder"]
     source: SourceOptions = _WORKER["source"]
     entries: list[tuple] = [None] * len(records)  # type: ignore[list-item]
@@ -169,18 +173,117 @@ def encode_chunk(index: int, records: list[Record]) -> int:
             image_blob += data
         pieces = [(piece.tokens, piece.loss_mask, piece.images) for piece in result.pieces]
         entries[position] = ("doc", record.input_index, record.number, pieces, image_refs)
-    pkl_path, img_path = chunk_paths(_WORKER["work_dir"], index)
-    for path, payload in ((img_path, bytes(image_blob)), (pkl_path, pickle.dumps(entries, protocol=5))):
+    return entries, bytes(image_blob)
+
+
+def write_chunk(work_dir: str, index: int, entries: list[tuple], image_blob: bytes) -> None:
+    """Write one chunk's work files atomically (.img first, .pkl last: a .pkl means complete)."""
+    pkl_path, img_path = chunk_paths(work_dir, index)
+    for path, payload in ((img_path, image_blob), (pkl_path, pickle.dumps(entries, protocol=5))):
         temporary = f"{path}.tmp{os.getpid()}"
         with open(temporary, "wb") as handle:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)  # .img first, .pkl last: a .pkl means the chunk is complete
+        os.replace(temporary, path)
+
+
+def encode_chunk(index: int, records: list[Record]) -> int:
+    """Convert + encode one chunk and write its work files (in a worker). Returns the chunk index."""
+    write_chunk(_WORKER["work_dir"], index, *encode_records(records))
     return index
 
 
 # --------------------------------------------------------------------------- main process
+
+
+class _WorkerPool:
+    """K worker processes encoding chunks; survives workers that die (decoder crash, OOM kill).
+
+    When a worker dies the pool is rebuilt and the unfinished chunks are submitted again. A chunk
+    that was in flight at two deaths is then encoded one record at a time in a single-worker pool,
+    and a record whose worker dies is rejected ("crashed its worker"), so one poisonous file never
+    stops the run — nor a rerun of it.
+    """
+
+    def __init__(self, workers: int, init_args: tuple, work_dir: str):
+        import multiprocessing
+
+        # forkserver: one clean server process imports this module (torch, transformers) once and
+        # forks the workers from it: no per-worker import cost, none of fork's thread hazards.
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(["data_prep.pack"])
+        self.workers, self.init_args, self.work_dir = workers, init_args, work_dir
+        self.deaths: dict[int, int] = {}
+        self.pool = self._new_pool(workers)
+
+    def _new_pool(self, workers: int):
+        from concurrent.futures import ProcessPoolExecutor
+
+        return ProcessPoolExecutor(workers, mp_context=self.context, initializer=_init_worker, initargs=self.init_args)
+
+    def submit(self, index: int, chunk: list[Record]):
+        return self.pool.submit(encode_chunk, index, chunk)
+
+    def wait(self, pending: deque) -> int:
+        """Wait until the oldest pending chunk is written; pop it and return its index."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        while True:
+            index, chunk, future = pending[0]
+            if future is None:
+                break
+            try:
+                future.result()
+                break
+            except BrokenProcessPool:
+                self._recover(pending)
+        pending.popleft()
+        return index
+
+    def _recover(self, pending: deque) -> None:
+        print("solo-data pack: a worker process died; restarting the workers", file=sys.stderr)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool = self._new_pool(self.workers)
+        for item in pending:
+            index, chunk, future = item
+            if future is None or (future.done() and not future.cancelled() and future.exception() is None):
+                continue  # already written
+            if not future.cancelled():  # it was running when the pool broke: a suspect
+                self.deaths[index] = self.deaths.get(index, 0) + 1
+            if self.deaths.get(index, 0) >= 2:
+                self._encode_isolated(index, chunk)
+                item[2] = None
+            else:
+                item[2] = self.submit(index, chunk)
+
+    def _encode_isolated(self, index: int, chunk: list[Record]) -> None:
+        from concurrent.futures.process import BrokenProcessPool
+
+        print(f"solo-data pack: chunk {index} was in flight at two worker deaths; encoding it one record "
+              "at a time", file=sys.stderr)
+        entries: list[tuple] = []
+        blob = bytearray()
+        single = self._new_pool(1)
+        try:
+            for record in chunk:
+                try:
+                    (entry,), data = single.submit(encode_records, [record]).result()
+                except BrokenProcessPool:
+                    single.shutdown(wait=True, cancel_futures=True)
+                    single = self._new_pool(1)
+                    entry, data = ("rejected", record.name, "crashed its worker process (decoder crash or "
+                                   "out of memory)"), b""
+                if entry[0] == "doc":
+                    entry = entry[:4] + ([(offset + len(blob), length) for offset, length in entry[4]],)
+                entries.append(entry)
+                blob += data
+        finally:
+            single.shutdown(wait=True)
+        write_chunk(self.work_dir, index, entries, bytes(blob))
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _chunks(records: Iterator[Record], size: int) -> Iterator[tuple[int, list[Record]]]:
@@ -451,7 +554,7 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
         progress.update(len(entries) - skip_entries)
 
     records = iter_records(config.expanded_inputs, config.source)
-    pending: deque[tuple[int, Any]] = deque()
+    pending: deque[list] = deque()  # [chunk index, records, future or None if written]
     try:
         if config.workers == 1:
             _init_worker(*init_args)
@@ -460,28 +563,17 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
                     encode_chunk(index, chunk)
                 consume(index)
         else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            # forkserver: one clean server process imports this module (torch, transformers) once and
-            # forks the workers from it: no per-worker import cost, none of fork's thread hazards.
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["data_prep.pack"])
-            with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
-                                     initargs=init_args) as pool:
+            workers = _WorkerPool(config.workers, init_args, work_dir)
+            try:
                 for index, chunk in _chunks(records, config.chunk_size):
                     done = os.path.exists(chunk_paths(work_dir, index)[0])
-                    pending.append((index, None if done else pool.submit(encode_chunk, index, chunk)))
-                    while len(pending) > 2 * config.workers or (pending and pending[0][1] is None):
-                        head, future = pending.popleft()
-                        if future is not None:
-                            future.result()
-                        consume(head)
+                    pending.append([index, None, None] if done else [index, chunk, workers.submit(index, chunk)])
+                    while len(pending) > 2 * config.workers or (pending and pending[0][2] is None):
+                        consume(workers.wait(pending))
                 while pending:
-                    head, future = pending.popleft()
-                    if future is not None:
-                        future.result()
-                    consume(head)
+                    consume(workers.wait(pending))
+            finally:
+                workers.shutdown()
         write_packs(packer.flush())
     finally:
         progress.close()

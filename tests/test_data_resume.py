@@ -160,3 +160,67 @@ def test_writer_resumes_from_a_checkpoint_with_later_writes_discarded(tmp_path):
 
     straight = write(tmp_path / "straight")
     assert write(tmp_path / "resumed", resume_after=3) == straight
+
+
+def _children(pid):
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                found += [int(child) for child in handle.read().split()]
+        except FileNotFoundError:
+            pass
+    return found
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds worker processes through /proc")
+def test_a_worker_killed_mid_run_does_not_stop_it(source, reference, tmp_path):
+    """A worker dying (OOM killer, decoder crash) is replaced; the run completes, same bytes."""
+    output = tmp_path / "worker-killed"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    process = subprocess.Popen(command(source, output), cwd=REPO, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_chunks(output / ".work", 3, process, packed_some=False)
+    servers = [pid for pid in _children(process.pid) if b"forkserver" in open(f"/proc/{pid}/cmdline", "rb").read()]
+    workers = [pid for server in servers for pid in _children(server)]
+    assert workers, "no worker processes found"
+    os.kill(workers[0], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-2000:]
+    assert "a worker process died" in stderr
+    assert files_of(output) == files_of(reference)
+
+
+def test_record_by_record_encoding_writes_the_same_chunk(source, tmp_path):
+    """The isolation path (after repeated worker deaths) yields exactly the normal chunk files."""
+    import pickle
+
+    from data_prep import pack as pack_module
+    from data_prep.sources import expand_inputs, iter_records
+
+    options = SourceOptions(format="caption")
+    records = list(iter_records(expand_inputs([str(source / "captions.jsonl")], "caption"), options))[:12]
+    encode = EncodeOptions(seq_length=SEQ_LENGTH)
+    normal, isolated = tmp_path / "normal", tmp_path / "isolated"
+    normal.mkdir(), isolated.mkdir()
+    pack_module._init_worker(str(source / "tokenizer"), options, encode, str(normal))
+    pack_module.encode_chunk(0, records)
+    workers = pack_module._WorkerPool(1, (str(source / "tokenizer"), options, encode, str(isolated)), str(isolated))
+    try:
+        workers._encode_isolated(0, records)
+    finally:
+        workers.shutdown()
+    for suffix in (".img", ".pkl"):
+        normal_bytes = (normal / f"chunk-00000000{suffix}").read_bytes()
+        isolated_bytes = (isolated / f"chunk-00000000{suffix}").read_bytes()
+        if suffix == ".img":
+            assert normal_bytes == isolated_bytes and len(normal_bytes) > 0
+        else:
+            expected, got = pickle.loads(normal_bytes), pickle.loads(isolated_bytes)
+            assert len(expected) == len(got) == 12
+            for a, b in zip(expected, got):
+                assert a[0] == b[0] and a[1:3] == b[1:3]
+                if a[0] == "doc":
+                    assert a[4] == b[4]  # image offsets into the chunk's blob
+                    for (ta, la, ia), (tb, lb, ib) in zip(a[3], b[3]):
+                        assert (ta == tb).all() and (la == lb).all() and ia == ib
