@@ -8,7 +8,7 @@ synthetic packs (documents of ~--doc-tokens text tokens, half with an image of u
 * megatron: SoloGPTModel (local spec, per-document SDPA attention via PackedSeqParams), megatron-core
   DDP + schedules + megatron optimizer, exactly as megatron_patch.train runs it;
 * HF: SoloForCausalLM with SDPA; documents are kept apart the HF way, by position ids that restart
-  per document (transformers builds a block-causal mask from them), torch AdamW + clip_grad_norm_.
+  per document (transformers builds a dense block-causal mask from them, given use_cache=False), torch AdamW + clip_grad_norm_.
 
 Prints tokens/s for each and the ratio megatron/HF (goal >= 1.0).
 """
@@ -172,7 +172,9 @@ def hf_inputs(batch):
     labels = torch.full_like(tokens, -100)
     target = batch["loss_mask"][0] > 0  # position t predicts t+1
     labels[0, 1:][target[:-1]] = tokens[0, 1:][target[:-1]]
-    return dict(input_ids=tokens, position_ids=position_ids, labels=labels,
+    # use_cache=False: transformers derives its packed block-causal mask from the restarting
+    # position ids only when there is no cache.
+    return dict(input_ids=tokens, position_ids=position_ids, labels=labels, use_cache=False,
                 vision_patches=batch["patches"], vision_patch_indices=batch["vision_patch_indices"])
 
 

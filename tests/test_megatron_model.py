@@ -310,3 +310,67 @@ def test_activation_recompute_gives_identical_gradients(megatron_world, recomput
     assert ref.keys() == got.keys()
     for name in ref:
         assert torch.equal(ref[name], got[name]), name
+
+
+def test_matches_hf_solo_model_on_a_packed_row(megatron_world):
+    """Same weights, same packed row: the megatron-core model and the HF SoloForCausalLM agree.
+
+    The HF model keeps documents apart through position ids that restart per document; this pins
+    RMSNorm, SwiGLU, GQA, RoPE, the sliding window and the patch embedding to the HF definition
+    (the one SOLO-7B's released weights use). Weight mapping at TP=1: fused QKV per KV group, fc1 =
+    [gate; up].
+    """
+    from solo.hf.configuration_solo import SoloConfig
+    from solo.hf.modeling_solo import SoloForCausalLM
+
+    window = 6
+    model = tiny_model(sliding_window=window)
+    cfg = tiny_config(window).model
+    hf = SoloForCausalLM(SoloConfig(
+        vocab_size=VOCAB, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_query_groups, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+        sliding_window=window, tie_word_embeddings=False, max_position_embeddings=256,
+        attn_implementation="sdpa",
+    )).eval()
+    lm = model.language_model
+    heads, groups = cfg.num_attention_heads, cfg.num_query_groups
+    dim = cfg.hidden_size // heads
+    sd = {
+        "model.embed_tokens.weight": lm.embedding.word_embeddings.weight,
+        "model.embed_vision_patch.weight": model.vision_patch_projection.weight,
+        "model.norm.weight": lm.decoder.final_layernorm.weight,
+        "lm_head.weight": lm.output_layer.weight,
+    }
+    for i, layer in enumerate(lm.decoder.layers):
+        qkv = layer.self_attention.linear_qkv.weight.view(groups, heads // groups + 2, dim, -1)
+        q, k, v = qkv[:, :-2], qkv[:, -2], qkv[:, -1]
+        gate, up = layer.mlp.linear_fc1.weight.chunk(2)
+        p = f"model.layers.{i}."
+        sd.update({
+            p + "self_attn.q_proj.weight": q.reshape(heads * dim, -1),
+            p + "self_attn.k_proj.weight": k.reshape(groups * dim, -1),
+            p + "self_attn.v_proj.weight": v.reshape(groups * dim, -1),
+            p + "self_attn.o_proj.weight": layer.self_attention.linear_proj.weight,
+            p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+            p + "mlp.down_proj.weight": layer.mlp.linear_fc2.weight,
+            p + "input_layernorm.weight": layer.input_layernorm.weight,
+            p + "post_attention_layernorm.weight": layer.pre_mlp_layernorm.weight,
+        })
+    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    assert not unexpected and not [m for m in missing if "rotary" not in m], (missing, unexpected)
+
+    batch = collate_packed([dict(make_training_sample(make_pack(documents()), 128, PAD), sample_id="p")])
+    with torch.no_grad():
+        ours = per_token_losses(model, batch)
+        cu = batch["cu_seqlens"].long()
+        position_ids = torch.cat([torch.arange(int(n)) for n in cu[1:] - cu[:-1]])[None]
+        # transformers builds its block-causal "packed" mask from restarting position ids only
+        # without a cache, hence use_cache=False.
+        logits = hf(input_ids=batch["tokens"], position_ids=position_ids, vision_patches=batch["patches"],
+                    vision_patch_indices=batch["vision_patch_indices"], use_cache=False).logits[0]
+        theirs = torch.nn.functional.cross_entropy(logits.float(), batch["labels"][0], reduction="none")
+    mask = batch["loss_mask"][0] > 0
+    assert mask.sum() > 20
+    diff = (ours - theirs)[mask].abs().max().item()
+    assert diff <= 1e-4, f"megatron vs HF per-token loss differ by {diff}"
