@@ -374,3 +374,17 @@ def test_matches_hf_solo_model_on_a_packed_row(megatron_world):
     assert mask.sum() > 20
     diff = (ours - theirs)[mask].abs().max().item()
     assert diff <= 1e-4, f"megatron vs HF per-token loss differ by {diff}"
+
+
+def test_memory_plan_parameter_count_is_exact(megatron_world):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "memory_plan.py"
+    spec = importlib.util.spec_from_file_location("memory_plan", path)
+    memory_plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory_plan)
+    model = tiny_model()
+    counts = memory_plan.parameter_count(tiny_config().model, VOCAB)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["patch_projection"] == model.vision_patch_projection.weight.numel()
