@@ -281,3 +281,17 @@ def test_trains_on_real_packed_mixture(workdir):
     saved = json.loads(json.dumps(__import__("torch").load(save / "iter_0000003" / "common.pt", weights_only=False)["config"]))
     assert saved["model"]["vocab_size"] == len(tok)
     assert saved["data"]["pad_token_id"] == tok.pad_token_id
+
+
+def test_next_stage_starts_from_previous_with_schedule_reset(workdir, reference):
+    """Stage chaining: init_from a previous SAVE_DIR restarts iteration, LR schedule and data,
+    keeping the trained weights (and here the optimizer state, init_load_optimizer=true)."""
+    save = workdir / "next_stage"
+    run(save, "training.train_iters=2", "checkpoint.save_interval=1000",
+        f"checkpoint.init_from={workdir / 'ref'}", "checkpoint.init_load_optimizer=true")
+    m = metrics(save)
+    assert [r["step"] for r in m] == [1, 2]
+    assert [r["consumed_samples"] for r in m] == [4, 8]
+    assert m[0]["lr"] == reference[0]["lr"]  # warm-up restarted
+    assert m[0]["sample_ids"] == reference[0]["sample_ids"]  # the data order restarts too
+    assert m[0]["loss"] < reference[0]["loss"]  # but the weights are the trained ones
