@@ -486,6 +486,12 @@ class _Terminate:
         self.requested = True
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """DataLoader workers share the job's process group: a scheduler's SIGTERM must reach only the
+    trainer (which finishes the step and saves), not kill the workers under it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _grads_finite(model) -> bool:
     for buffer in list(model.buffers) + list(model.expert_parallel_buffers):
         if not torch.isfinite(buffer.grad_data).all():
@@ -550,7 +556,7 @@ def train(cfg: Config) -> int:
     sampler = GlobalBatchSampler(len(dataset), consumed, d.micro_batch_size, dp_rank, dp_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate_packed, num_workers=d.num_workers,
-        persistent_workers=d.num_workers > 0,
+        persistent_workers=d.num_workers > 0, worker_init_fn=_ignore_sigterm,
     )
     data_iter = iter(loader)
 

@@ -179,7 +179,9 @@ def test_tp2_checkpoint_resumes_at_tp1(workdir, tp2_run, reference):
 
 def test_sigterm_saves_a_resumable_checkpoint(workdir):
     save = workdir / "sigterm"
-    args = ["training.train_iters=500", "checkpoint.save_interval=1000", "training.step_sleep_s=0.2"]
+    # One DataLoader worker per rank: it gets the SIGTERM too and must not take the step down.
+    args = ["training.train_iters=500", "checkpoint.save_interval=1000", "training.step_sleep_s=0.2",
+            "data.num_workers=1"]
     proc = subprocess.Popen(train_cmd(save, *args, nproc=2), cwd=REPO, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
