@@ -193,11 +193,10 @@ class DocumentEncoder:
             except RejectedInput as error:
                 plans.append(error)
                 continue
-            for item in items:
-                if item[0] == "text":
-                    texts.append(item[1])
+            items = self._merge_text_runs(items)
+            texts.extend(item[1] for item in items if item[0] == "text")
             plans.append((items, grids, [segment.image for segment in images]))
-        encoded_texts = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        encoded_texts = iter(self._tokenize_runs(texts))
 
         results: list[EncodedDocument | RejectedInput] = []
         for plan in plans:
@@ -215,11 +214,15 @@ class DocumentEncoder:
                     loss_parts.append(np.zeros(len(block), np.uint8))
                     spans.append((position, position + len(block), rows, cols, item[1]))
                     position += len(block)
-                else:
-                    ids = next(encoded_texts) if item[0] == "text" else item[1]
+                elif item[0] == "text":
+                    ids, offsets = next(encoded_texts)
                     token_parts.append(np.asarray(ids, dtype=np.int64))
-                    loss_parts.append(np.full(len(ids), item[2], np.uint8))
+                    loss_parts.append(self._token_loss(item[2], offsets))
                     position += len(ids)
+                else:
+                    token_parts.append(np.asarray(item[1], dtype=np.int64))
+                    loss_parts.append(np.full(len(item[1]), item[2], np.uint8))
+                    position += len(item[1])
             body = np.concatenate(token_parts) if token_parts else np.zeros(0, np.int64)
             body_loss = np.concatenate(loss_parts) if loss_parts else np.zeros(0, np.uint8)
             tail = [self.eos] if self.options.template == "plain" else []
@@ -228,6 +231,41 @@ class DocumentEncoder:
                 continue
             results.append(EncodedDocument(self._cut(body, body_loss, spans, tail), image_bytes))
         return results
+
+    def _merge_text_runs(self, items: list[tuple]) -> list[tuple]:
+        """Join adjacent text items into runs tokenised as one string; a run's loss is per character.
+
+        `mistral`: a run spans everything between images and special ids, as the inference
+        processor tokenises the rendered chat (it splits only at images), so training and inference
+        see the same tokens. `plain`: runs also break where the loss value changes, so every
+        message is tokenised on its own as SOLO did, and no token straddles two roles.
+        """
+        merged: list[tuple] = []
+        for item in items:
+            if item[0] != "text":
+                merged.append(item)
+                continue
+            flags = np.full(len(item[1]), item[2], np.uint8)
+            if merged and merged[-1][0] == "text" and (
+                    self.options.template == "mistral" or merged[-1][2][-1:].tolist() == [item[2]]):
+                merged[-1] = ("text", merged[-1][1] + item[1], np.concatenate([merged[-1][2], flags]))
+            else:
+                merged.append(("text", item[1], flags))
+        return [item for item in merged if item[0] != "text" or item[1]]
+
+    def _tokenize_runs(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        if not texts:
+            return []
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
+
+    @staticmethod
+    def _token_loss(char_loss: np.ndarray, offsets: list[tuple[int, int]]) -> np.ndarray:
+        """Loss per token = the loss of its last character (a token ending in an answer is trained)."""
+        if len(offsets) == 0:
+            return np.zeros(0, np.uint8)
+        ends = np.asarray([max(end - 1, start) for start, end in offsets], dtype=np.int64)
+        return char_loss[np.clip(ends, 0, len(char_loss) - 1)].astype(np.uint8)
 
     def _cut(self, body, body_loss, spans, tail) -> list[EncodedPiece]:
         pieces = []

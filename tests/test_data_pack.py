@@ -280,7 +280,7 @@ def test_mistral_template_matches_chat_template_and_masks_user(tmp_path, tokeniz
                 {"role": "assistant", "content": "yes"}]
     ending_with_user = messages[:2]
     (tmp_path / "sft.jsonl").write_text(json.dumps(messages) + "\n" + json.dumps(ending_with_user) + "\n")
-    for loss_on_user in (False, True):
+    for loss_on_user in (False, True):  # user turns carry no loss unless configured
         output = tmp_path / f"out{loss_on_user}"
         report = pack(tokenizer_dir, [tmp_path / "sft.jsonl"], output, 256,
                       extra=["--template", "mistral"] + (["--loss-on-user"] if loss_on_user else []))
@@ -292,8 +292,15 @@ def test_mistral_template_matches_chat_template_and_masks_user(tmp_path, tokeniz
         assert tokenizer.decode(pack_["tokens"]) == rendered.replace("<image>", block)
         trained = tokenizer.decode(pack_["tokens"][pack_["loss_mask"] == 1])
         eos = tokenizer.eos_token
-        if loss_on_user:
-            assert trained == f"what is it? noise{eos}sure? yes{eos}"
+        # exactly the tokens the inference processor makes of the rendered conversation
+        from solo.hf.image_processing_solo import SoloImageProcessor
+        from solo.hf.processing_solo import SoloProcessor
+
+        processor = SoloProcessor(SoloImageProcessor(), tokenizer)
+        expected = processor(text=rendered, images=[image_bytes(64, 32, 5)])["input_ids"][0].numpy()
+        assert np.array_equal(pack_["tokens"], expected)
+        if loss_on_user:  # a user token that starts with the marker's space is trained as a user token
+            assert trained == f"what is it? noise{eos} sure? yes{eos}"
         else:
             assert trained == f" noise{eos} yes{eos}"
 
