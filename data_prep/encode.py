@@ -9,8 +9,13 @@ Token layout of one document (our rule, fixing SOLO's):
   per turn ``[INST] {system}\\n\\n{user} [/INST]`` and `` {assistant}`` + EOS. The conversation must
   end with an assistant turn.
 
+Tokenisation: adjacent text is tokenised as one string — with ``mistral`` everything between two
+images or special ids (exactly what the inference processor does with the rendered chat), with
+``plain`` each stretch of one loss value (each message on its own, as SOLO did).
+
 Loss (``loss_mask[t] = 1``: token t is a target): text of trainable roles (assistant; user too
 with ``loss_on_user``; never system) and every EOS; never BOS, chat markers or any vision token.
+A token that spans two roles takes the loss of its last character.
 
 Split rule: a document longer than ``seq_length`` is cut into pieces that each start with their own
 BOS; only the last piece ends with the document's EOS (the document does not end elsewhere). Cuts
