@@ -11,7 +11,7 @@ Token layout of one document (our rule, fixing SOLO's):
 
 Tokenisation: adjacent text is tokenised as one string — with ``mistral`` everything between two
 images or special ids (exactly what the inference processor does with the rendered chat), with
-``plain`` each stretch of one loss value (each message on its own, as SOLO did).
+``plain`` each stretch of one loss value (user and assistant text apart, as SOLO did).
 
 Loss (``loss_mask[t] = 1``: token t is a target): text of trainable roles (assistant; user too
 with ``loss_on_user``; never system) and every EOS; never BOS, chat markers or any vision token.
