@@ -123,6 +123,11 @@ def build_model(cfg: Config):
     from megatron_patch.model import SoloGPTModel, build_transformer_config, solo_layer_spec
     from megatron_patch.model.model import padded_vocab_size
 
+    from megatron_patch.model.layer_specs import resolve_backend
+
+    if cfg.parallel.sequence_parallel and resolve_backend(cfg.model.backend) != "te":
+        raise ConfigError("parallel.sequence_parallel=true needs the Transformer Engine backend "
+                          "(megatron-core's torch norms refuse it); set it to false on CPU")
     tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.training)
     vocab = padded_vocab_size(
         cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size

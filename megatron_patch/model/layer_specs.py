@@ -186,10 +186,16 @@ def solo_layer_spec_te() -> ModuleSpec:
     return get_gpt_layer_with_transformer_engine_spec()
 
 
+def resolve_backend(backend: str = "auto") -> str:
+    """``auto`` means TE on a GPU with TE installed, else local."""
+    if backend == "auto":
+        return "te" if (HAVE_TE and torch.cuda.is_available()) else "local"
+    return backend
+
+
 def solo_layer_spec(backend: str = "auto") -> ModuleSpec:
     """Pick the layer spec: ``te``, ``local``, or ``auto`` (TE when on GPU with TE installed)."""
-    if backend == "auto":
-        backend = "te" if (HAVE_TE and torch.cuda.is_available()) else "local"
+    backend = resolve_backend(backend)
     if backend == "te":
         return solo_layer_spec_te()
     if backend == "local":

@@ -149,6 +149,8 @@ class SoloGPTModel(MegatronModule):
             share_embeddings_and_output_weights=False,
             position_embedding_type="rope",
             rotary_base=int(rotary_base),
+            # Patches are added to the full-sequence embeddings first, then scattered (below).
+            scatter_embedding_sequence_parallel=False,
         )
         if pre_process:
             # Split along the output (hidden) dim under TP, gathered before the add: each rank
@@ -162,6 +164,8 @@ class SoloGPTModel(MegatronModule):
                 gather_output=True,
                 skip_bias_add=True,
             )
+            # Its input is the micro-batch's patches, not a sequence-sharded activation.
+            self.vision_patch_projection.sequence_parallel = False
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline stages > 0 receive their input through this hook (schedules call it)."""
@@ -173,10 +177,16 @@ class SoloGPTModel(MegatronModule):
         patches: Optional[torch.Tensor],
         vision_patch_indices: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        """[b, s] ids -> [s, b, h] embeddings; E[<vpatch>] + W . normalise(patch) at patch positions."""
+        """[b, s] ids -> [s, b, h] embeddings; E[<vpatch>] + W . normalise(patch) at patch positions
+        (sequence-parallel: scattered along s after the patches are in)."""
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)
-        if patches is None or patches.shape[0] == 0:
-            return embeddings
+        if patches is not None and patches.shape[0] > 0:
+            embeddings = self._add_patches(embeddings, input_ids, patches, vision_patch_indices)
+        if self.config.sequence_parallel:
+            embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
+        return embeddings
+
+    def _add_patches(self, embeddings, input_ids, patches, vision_patch_indices) -> torch.Tensor:
         if vision_patch_indices is None or vision_patch_indices.shape != input_ids.shape:
             raise ValueError("vision_patch_indices must be given with the shape of input_ids")
         pixels = normalize_patches(patches, dtype=self.vision_patch_projection.weight.dtype)
