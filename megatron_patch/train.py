@@ -458,7 +458,10 @@ class MetricsWriter:
 
             self.tb = SummaryWriter(os.path.join(cfg.checkpoint.save, "tensorboard"))
         if cfg.logging.wandb_project:
-            import wandb
+            try:
+                import wandb
+            except ImportError as exc:
+                raise ConfigError("logging.wandb_project needs the wandb package: pip install wandb") from exc
 
             self.wandb = wandb.init(project=cfg.logging.wandb_project, config=cfg.to_dict(), resume="allow")
 
