@@ -250,12 +250,23 @@ def _tar_key(member_name: str) -> tuple[str, str]:
     return os.path.join(folder, stem), ext.lower()
 
 
+class TarMemberRef(NamedTuple):
+    """Where a member's data lies in an uncompressed tar: the worker reads it (parallel I/O)."""
+
+    path: str
+    offset: int
+    size: int
+
+
 def _iter_tar(input_index: int, path: str, label: str, base_dir: str) -> Iterator[Record]:
+    """Group members by webdataset key. Uncompressed shards: only headers are read here and the
+    members travel as (offset, size) references; compressed shards are streamed."""
+    compressed = _strip_compression(path) != path.lower() or not path.lower().endswith(".tar")
     number = 0
     current_key: str | None = None
-    sample: dict[str, bytes] = {}
+    sample: dict[str, Any] = {}
     try:
-        with tarfile.open(path, "r|*") as archive:
+        with tarfile.open(path, "r|*" if compressed else "r:") as archive:
             for member in archive:
                 if not member.isfile():
                     continue
@@ -265,14 +276,29 @@ def _iter_tar(input_index: int, path: str, label: str, base_dir: str) -> Iterato
                     number += 1
                     sample = {}
                 current_key = key
-                handle = archive.extractfile(member)
-                sample[ext] = handle.read() if handle is not None else b""
+                if compressed:
+                    handle = archive.extractfile(member)
+                    sample[ext] = handle.read() if handle is not None else b""
+                else:
+                    sample[ext] = TarMemberRef(os.path.abspath(path), member.offset_data, member.size)
     except (tarfile.TarError, EOFError, OSError) as error:
         # The sample being read when the shard broke is reported; earlier samples stand.
         sample["__error__"] = f"tar shard is truncated or corrupt ({type(error).__name__}: {error})".encode()
         current_key = current_key if current_key is not None else "<start of shard>"
     if current_key is not None:
         yield Record(input_index, number, f"{label}:{current_key}", "tar", sample, base_dir)
+
+
+def _member(sample: dict[str, Any], ext: str) -> bytes:
+    """The bytes of one tar member (read here, in the worker, when it is a reference)."""
+    value = sample[ext]
+    if not isinstance(value, TarMemberRef):
+        return value
+    with open(value.path, "rb") as handle:
+        data = os.pread(handle.fileno(), value.size, value.offset)
+    if len(data) != value.size:
+        raise RejectedInput(f"tar shard is truncated: member .{ext} has {len(data)} of {value.size} bytes")
+    return data
 
 
 def _iter_class_folders(input_index: int, root: str, label: str) -> Iterator[Record]:
@@ -398,13 +424,13 @@ def _convert_imagenet(record: Record, options: SourceOptions) -> Document:
         image_ext = next((ext for ext in sample if ext in IMAGE_EXTENSIONS), None)
         if image_ext is None:
             raise RejectedInput(f"sample has no image member (members: {', '.join(sorted(sample)) or 'none'})")
-        data, image_name = sample[image_ext], record.name
+        data, image_name = _member(sample, image_ext), record.name
         key = record.name.rsplit(":", 1)[-1]
         match = SYNSET_PATTERN.match(os.path.basename(key))
         if match:
             class_key = match.group(0)
         elif "cls" in sample:
-            class_key = _decode_text(sample["cls"], "class index").strip()
+            class_key = _decode_text(_member(sample, "cls"), "class index").strip()
         else:
             raise RejectedInput("cannot tell the class: key has no synset prefix and no .cls member")
     else:
@@ -431,13 +457,13 @@ def _convert_caption(record: Record, options: SourceOptions) -> Document:
         if image_ext is None:
             raise RejectedInput(f"sample has no image member (members: {', '.join(sorted(sample)) or 'none'})")
         if "txt" in sample:
-            caption = _decode_text(sample["txt"], "caption")
+            caption = _decode_text(_member(sample, "txt"), "caption")
         elif "json" in sample:
-            meta = json.loads(_decode_text(sample["json"], "json member"))
+            meta = json.loads(_decode_text(_member(sample, "json"), "json member"))
             caption = _first_field(meta, ("caption", "text", "txt"))
         else:
             raise RejectedInput("sample has no caption (.txt or .json member)")
-        data, image_name = sample[image_ext], f"{record.name}.{image_ext}"
+        data, image_name = _member(sample, image_ext), f"{record.name}.{image_ext}"
     else:
         entry = _parse_json_record(record)
         if not isinstance(entry, dict):
