@@ -19,27 +19,25 @@ def compute_stats(directory: str) -> dict[str, Any]:
     lengths = reader.pack_lengths
     inputs = reader.metadata.get("inputs", [])
     per_source: dict[int, dict[str, int]] = {}
-    vision = reader.tokenizer_info
+    datasets = reader.datasets
     for index in range(len(reader)):
-        pack = reader.get(index, decode_images=False)
-        cu = pack["cu_seqlens"].astype(np.int64)
-        tokens, loss = pack["tokens"], pack["loss_mask"]
-        layout = reader.image_layout(index)
-        doc_of_image = np.searchsorted(cu, layout[:, 0], side="right") - 1 if len(layout) else np.zeros(0, int)
-        is_vision = np.isin(tokens, [vision["vision_start_id"], vision["vision_patch_id"],
-                                     vision["vision_row_sep_id"], vision["vision_end_id"]])
+        # Index-sized reads only: boundaries, image layout, origins and the 1-byte loss mask.
+        cu = np.asarray(datasets["cu_seqlens"][index], dtype=np.int64)
+        loss_per_doc = np.add.reduceat(np.asarray(datasets["loss_mask"][index], dtype=np.int64), cu[:-1])
+        layout = reader.image_layout(index).astype(np.int64)
+        doc_of_image = np.searchsorted(cu, layout[:, 0], side="right") - 1
+        image_tokens = layout[:, 1] * layout[:, 2] + layout[:, 1] + 1  # <vision>, patches, separators, </vision>
         for doc, (input_index, _, piece) in enumerate(reader.doc_origin(index)):
             entry = per_source.setdefault(int(input_index), dict(documents=0, pieces=0, tokens=0, loss_tokens=0,
                                                                  vision_tokens=0, images=0, patches=0))
-            span = slice(cu[doc], cu[doc + 1])
+            mine = doc_of_image == doc
             entry["documents"] += int(piece == 0)
             entry["pieces"] += 1
             entry["tokens"] += int(cu[doc + 1] - cu[doc])
-            entry["loss_tokens"] += int(loss[span].sum())
-            entry["vision_tokens"] += int(is_vision[span].sum())
-            mine = layout[doc_of_image == doc]
-            entry["images"] += len(mine)
-            entry["patches"] += int((mine[:, 1] * mine[:, 2]).sum()) if len(mine) else 0
+            entry["loss_tokens"] += int(loss_per_doc[doc])
+            entry["vision_tokens"] += int(image_tokens[mine].sum())
+            entry["images"] += int(mine.sum())
+            entry["patches"] += int((layout[mine, 1] * layout[mine, 2]).sum())
     length_edges = np.linspace(0, seq_length, 11).astype(int)
     length_counts, _ = np.histogram(lengths, bins=length_edges)
     fills = lengths / seq_length
