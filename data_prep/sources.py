@@ -215,7 +215,7 @@ def _iter_json_list(input_index: int, path: str, label: str, base_dir: str) -> I
     with open_maybe_compressed(path) as handle:
         raw = handle.read()
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         # The whole file is one unreadable record: it is reported, the run goes on.
         yield Record(input_index, 0, label, "error", f"file is not valid JSON ({error})", base_dir)
@@ -346,7 +346,7 @@ def _parse_json_record(record: Record) -> Any:
     except UnicodeDecodeError as error:
         raise RejectedInput(f"not valid UTF-8 text (byte {error.start}: {raw[error.start:error.start + 1]!r})") from None
     try:
-        return json.loads(text)
+        return json.loads(text.lstrip("\ufeff"))  # a byte-order mark may open the file
     except json.JSONDecodeError as error:
         raise RejectedInput(f"bad JSON line ({error.msg} at column {error.colno})") from None
 
