@@ -338,3 +338,33 @@ def test_best_fit_packer_reaches_fill_targets_with_bounded_memory():
         assert fill >= target, (seq_length, fill)
         # held at any time: one window plus the carried packs' documents, not the dataset
         assert held <= 4096 + 64 * max(len(p.items) for p in packs) < len(lengths)
+
+
+def test_interleaved_and_imagenet_sources_pack_end_to_end(tmp_path, tokenizer_dir, tokenizer):
+    images = {f"i{n}.png": image_bytes(40 + 10 * n, 64, seed=100 + n, fmt="PNG") for n in range(4)}
+    for name, data in images.items():
+        (tmp_path / name).write_bytes(data)
+    mmc4 = {"text_list": ["A first sentence.", "A second one.", "The end."],
+            "image_info": [{"image_name": "i0.png", "matched_text_index": 1},
+                           {"image_name": "i1.png", "matched_text_index": 1},
+                           {"image_name": "i2.png", "matched_text_index": 2}]}
+    (tmp_path / "mmc4.jsonl").write_text(json.dumps(mmc4) + "\n")
+    pack(tokenizer_dir, [tmp_path / "mmc4.jsonl"], tmp_path / "mmc4", 256, fmt="interleaved")
+    segments = [("assistant", "text", "A first sentence."), ("assistant", "image", images["i0.png"]),
+                ("assistant", "image", images["i1.png"]), ("assistant", "text", "A second one."),
+                ("assistant", "image", images["i2.png"]), ("assistant", "text", "The end.")]
+    check_packed(tmp_path / "mmc4", tokenizer, {(0, 0): expected_document(tokenizer, segments)}, 256)
+
+    (tmp_path / "map.txt").write_text("n01440764 tench\nn01443537 goldfish\n")
+    with tarfile.open(tmp_path / "in21k-0000.tar", "w") as archive:
+        for key, name in (("n01443537_5", "i3.png"), ("n01440764_9", "i0.png")):
+            info = tarfile.TarInfo(f"{key}.png")
+            info.size = len(images[name])
+            archive.addfile(info, io.BytesIO(images[name]))
+    pack(tokenizer_dir, [tmp_path / "in21k-0000.tar"], tmp_path / "in21k", 256, fmt="imagenet",
+         extra=["--class-map", str(tmp_path / "map.txt")])
+    expected = {(0, 0): expected_document(tokenizer, [("assistant", "image", images["i3.png"]),
+                                                      ("assistant", "text", "goldfish")]),
+                (0, 1): expected_document(tokenizer, [("assistant", "image", images["i0.png"]),
+                                                      ("assistant", "text", "tench")])}
+    check_packed(tmp_path / "in21k", tokenizer, expected, 256)
