@@ -411,7 +411,7 @@ def count_parameters(model, exclude: Optional[str] = None) -> int:
     from megatron.core import parallel_state as ps
 
     local = sum(p.numel() for n, p in unwrap(model).named_parameters() if not (exclude and exclude in n))
-    t = torch.tensor([local], dtype=torch.float64)
+    t = torch.tensor([local], dtype=torch.float64, device=_device())
     dist.all_reduce(t, group=ps.get_model_parallel_group())
     return int(t.item())
 
@@ -507,12 +507,114 @@ def _grads_finite(model) -> bool:
     return True
 
 
+def _device() -> torch.device:
+    """Where collective-communication tensors live (NCCL needs CUDA tensors, gloo CPU ones)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def restore(cfg: Config, model, optimizer, scheduler) -> tuple[int, int, Optional[int]]:
+    """Resume from checkpoint.save, else start from checkpoint.init_from (schedule reset), else
+    from the initialisation. Returns (iteration, consumed_samples, latest saved iteration)."""
+    rank = dist.get_rank()
+    latest = read_latest(cfg.checkpoint.save)
+    if latest is not None:
+        common = load_checkpoint(
+            cfg, _iter_dir(cfg.checkpoint.save, latest), model, optimizer, with_optimizer=True, restore_rng=True
+        )
+        scheduler.num_steps = common["scheduler"]["num_steps"]
+        scheduler.step(increment=0)
+        if rank == 0:
+            logger.info("resumed from %s at iteration %d (%d samples)", cfg.checkpoint.save,
+                        common["iteration"], common["consumed_samples"])
+        return common["iteration"], common["consumed_samples"], latest
+    if cfg.checkpoint.init_from:
+        src = resolve_checkpoint_dir(cfg.checkpoint.init_from)
+        load_checkpoint(cfg, src, model, optimizer, with_optimizer=cfg.checkpoint.init_load_optimizer,
+                        restore_rng=False)
+        if rank == 0:
+            logger.info("initialised from %s (schedule reset, optimizer %s)", src,
+                        "kept" if cfg.checkpoint.init_load_optimizer else "reset")
+    scheduler.step(increment=0)
+    return 0, 0, None
+
+
+def build_data_iterator(cfg: Config, consumed: int) -> Iterator:
+    """This DP rank's micro-batches from sample ``consumed`` on (every TP/PP rank reads its own)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_patch.data import GlobalBatchSampler, build_train_dataset, collate_packed
+
+    d = cfg.data
+    cache_dir = d.cache_dir or (os.path.join(cfg.checkpoint.save, "data_cache") if cfg.checkpoint.save else None)
+    dataset = build_train_dataset(
+        d.path, max(cfg.training.train_iters * d.global_batch_size, 1), d.seq_length, d.pad_token_id, d.seed,
+        cache_dir, synthetic_vocab_size=cfg.model.vocab_size, synthetic_num_packs=d.synthetic_samples,
+        synthetic_num_classes=d.synthetic_classes,
+    )
+    sampler = GlobalBatchSampler(len(dataset), consumed, d.micro_batch_size, ps.get_data_parallel_rank(),
+                                 ps.get_data_parallel_world_size())
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate_packed, num_workers=d.num_workers,
+        persistent_workers=d.num_workers > 0, worker_init_fn=_ignore_sigterm,
+    )
+    return iter(loader)
+
+
+def global_loss_report(reports: list) -> torch.Tensor:
+    """[loss sum, tokens, image-doc loss sum, tokens, text-doc loss sum, tokens] over the global
+    batch, on every rank (last-stage, TP-rank-0 ranks contribute)."""
+    from megatron.core import parallel_state as ps
+
+    report = torch.zeros(6, dtype=torch.float64, device=_device())
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        for r in reports:
+            report += r["report"].to(report)
+    dist.all_reduce(report)
+    return report.cpu()
+
+
+def all_true(flag: bool) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
+def any_true(flag: bool) -> bool:
+    return not all_true(not flag)
+
+
+def gather_step_samples(batches: list) -> tuple[list, float]:
+    """Sample ids of the whole global batch (DP-rank order) and Σ L_i² of its documents."""
+    from megatron.core import parallel_state as ps
+
+    ids = [s for b in batches for s in b["sample_ids"]]
+    doc_sq = sum(float(((b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).double() ** 2).sum()) for b in batches)
+    gathered: List[Any] = [None] * dist.get_world_size()
+    first_of_dp_replica = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+    dist.all_gather_object(gathered, (first_of_dp_replica, ps.get_data_parallel_rank(), ids, doc_sq))
+    all_ids, total_sq = [], 0.0
+    for first, _, rank_ids, sq in sorted(gathered, key=lambda g: g[1]):
+        if first:
+            all_ids.extend(rank_ids)
+            total_sq += sq
+    return all_ids, total_sq
+
+
+def log_step(record: dict, train_iters: int) -> None:
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    logger.info(
+        "step %d/%d | loss %.4f | text %s | image %s | lr %.3e | grad_norm %s | %.0f tok/s%s%s",
+        record["step"], train_iters, record["loss"], fmt(record["text_loss"], ".4f"),
+        fmt(record["image_loss"], ".4f"), record["lr"], fmt(record["grad_norm"], ".3f"), record["tokens_per_s"],
+        f" | mfu {record['mfu']:.1%}" if "mfu" in record else "", " | SKIPPED" if record["skipped"] else "",
+    )
+
+
 def train(cfg: Config) -> int:
+    """Run (or resume) training as configured. Returns the process exit code."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megatron_patch.data import GlobalBatchSampler, build_train_dataset, collate_packed
 
     if cfg.training.bf16 and not torch.cuda.is_available():
         raise ConfigError("training.bf16=true needs CUDA (megatron-core's bf16 optimizer only wraps CUDA "
@@ -524,67 +626,23 @@ def train(cfg: Config) -> int:
     optimizer, scheduler = build_optimizer(cfg, model)
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.no_sync_func = model.no_sync
-    tconfig.grad_sync_func = None
 
-    # ---- resume / init ----
-    iteration, consumed = 0, 0
-    latest = read_latest(cfg.checkpoint.save)
-    if latest is not None:
-        common = load_checkpoint(
-            cfg, _iter_dir(cfg.checkpoint.save, latest), model, optimizer, with_optimizer=True, restore_rng=True
-        )
-        iteration, consumed = common["iteration"], common["consumed_samples"]
-        scheduler.num_steps = common["scheduler"]["num_steps"]
-        scheduler.step(increment=0)
-        if rank == 0:
-            logger.info("resumed from %s at iteration %d (%d samples)", cfg.checkpoint.save, iteration, consumed)
-    elif cfg.checkpoint.init_from:
-        src = resolve_checkpoint_dir(cfg.checkpoint.init_from)
-        load_checkpoint(
-            cfg, src, model, optimizer, with_optimizer=cfg.checkpoint.init_load_optimizer, restore_rng=False
-        )
-        scheduler.step(increment=0)
-        if rank == 0:
-            logger.info("initialised from %s (schedule reset, optimizer %s)", src,
-                        "kept" if cfg.checkpoint.init_load_optimizer else "reset")
-    else:
-        scheduler.step(increment=0)
-
-    # ---- data ----
+    iteration, consumed, last_saved = restore(cfg, model, optimizer, scheduler)
+    data_iter = build_data_iterator(cfg, consumed)
     d, t = cfg.data, cfg.training
-    total_samples = t.train_iters * d.global_batch_size
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    num_microbatches = d.global_batch_size // (d.micro_batch_size * dp_size)
-    cache_dir = d.cache_dir or (os.path.join(cfg.checkpoint.save, "data_cache") if cfg.checkpoint.save else None)
-    dataset = build_train_dataset(
-        d.path, max(total_samples, 1), d.seq_length, d.pad_token_id, d.seed, cache_dir,
-        synthetic_vocab_size=cfg.model.vocab_size, synthetic_num_packs=d.synthetic_samples,
-        synthetic_num_classes=d.synthetic_classes,
-    )
-    sampler = GlobalBatchSampler(len(dataset), consumed, d.micro_batch_size, dp_rank, dp_size)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate_packed, num_workers=d.num_workers,
-        persistent_workers=d.num_workers > 0, worker_init_fn=_ignore_sigterm,
-    )
-    data_iter = iter(loader)
-
+    num_microbatches = d.global_batch_size // (d.micro_batch_size * ps.get_data_parallel_world_size())
     metrics = MetricsWriter(cfg, iteration)
     n_params = count_parameters(model)
     n_matmul = count_parameters(model, exclude="word_embeddings")  # lookups are not matmuls
     peak = peak_flops_per_device(cfg)
     if rank == 0:
-        logger.info("model: %.2fM parameters; TP=%d PP=%d DP=%d; %d micro-batches/step",
-                    n_params / 1e6, ps.get_tensor_model_parallel_world_size(),
-                    ps.get_pipeline_model_parallel_world_size(), dp_size, num_microbatches)
+        logger.info("model: %.2fM parameters; %d micro-batches per step", n_params / 1e6, num_microbatches)
 
     terminate = _Terminate()
     if cfg.checkpoint.sigterm_save:
         signal.signal(signal.SIGTERM, terminate)
     forward_backward = get_forward_backward_func()
     run_start_iteration = iteration
-    last_saved = latest if latest is not None else None
-    exit_code = 0
-
     model.train()
     while iteration < t.train_iters:
         step_start = time.perf_counter()
@@ -596,54 +654,37 @@ def train(cfg: Config) -> int:
             data_iterator=data_iter,
             model=[model],
             num_microbatches=num_microbatches,
-            seq_length=d.seq_length * d.micro_batch_size,
+            seq_length=d.seq_length * d.micro_batch_size,  # one THD row per micro-batch
             micro_batch_size=1,
             forward_only=False,
         )
-        # Global loss sums: last-stage, TP-rank-0 ranks contribute; everyone learns the result.
-        report = torch.zeros(6, dtype=torch.float64)
-        if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
-            for r in reports:
-                report += r["report"].double().cpu()
-        dist.all_reduce(report)
-        finite = torch.tensor([float(math.isfinite(report[0].item()) and _grads_finite(model))])
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        skipped = False
-        grad_norm = None
-        if finite.item() < 1:
-            msg = (f"non-finite loss or gradient at step {iteration + 1} "
-                   f"(loss sum {report[0].item()}); samples {[b['sample_ids'] for b in state['batches']]}")
+        report = global_loss_report(reports)
+        # Detected in the step that produces it, before the optimizer can apply it.
+        skipped, grad_norm = False, None
+        if not all_true(math.isfinite(report[0].item()) and _grads_finite(model)):
+            msg = (f"non-finite loss or gradient at step {iteration + 1} (loss sum {report[0].item()}); "
+                   f"samples on rank {rank}: {[b['sample_ids'] for b in state['batches']]}")
             if t.on_nonfinite == "stop":
                 if rank == 0:
                     logger.error("%s: stopping without updating the weights (last checkpoint: %s). "
                                  "Set training.on_nonfinite=skip to skip such steps.", msg, last_saved)
-                exit_code = 3
-                break
+                dist.barrier()
+                return 3
             skipped = True
             if rank == 0:
                 logger.warning("%s: step skipped", msg)
         else:
             update_ok, grad_norm, _ = optimizer.step()
-            if not update_ok:
-                skipped = True
-            else:
+            skipped = not update_ok
+            if update_ok:
                 scheduler.step(increment=d.global_batch_size)
         iteration += 1
         consumed += d.global_batch_size
         if t.step_sleep_s:
             time.sleep(t.step_sleep_s)
 
-        # ---- log ----
         elapsed = time.perf_counter() - step_start
-        sample_ids: List[str] = [s for b in state["batches"] for s in b["sample_ids"]]
-        doc_sq = sum(float(((b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).double() ** 2).sum()) for b in state["batches"])
-        gathered: List[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), dp_rank, sample_ids, doc_sq))
-        all_ids, total_doc_sq = [], 0.0
-        for tp_r, pp_r, dp_r, ids, sq in sorted(gathered, key=lambda g: g[2]):
-            if tp_r == 0 and pp_r == 0:
-                all_ids.extend(ids)
-                total_doc_sq += sq
+        sample_ids, doc_len_sq = gather_step_samples(state["batches"])
         tokens = d.global_batch_size * d.seq_length
         n_loss = report[1].item()
         record = dict(
@@ -658,40 +699,29 @@ def train(cfg: Config) -> int:
             step_time_s=elapsed,
             consumed_samples=consumed,
             skipped=skipped,
-            sample_ids=all_ids,
+            sample_ids=sample_ids,
         )
         if peak:
-            record["mfu"] = step_flops(cfg, n_matmul, tokens, total_doc_sq) / elapsed / (peak * dist.get_world_size())
+            flops = step_flops(cfg, n_matmul, tokens, doc_len_sq)
+            record["mfu"] = flops / elapsed / (peak * dist.get_world_size())
         metrics.write(record)
         if rank == 0 and iteration % t.log_interval == 0:
-            logger.info(
-                "step %d/%d | loss %.4f | text %s | image %s | lr %.3e | grad_norm %s | %.0f tok/s%s%s",
-                iteration, t.train_iters, record["loss"],
-                "-" if record["text_loss"] is None else f"{record['text_loss']:.4f}",
-                "-" if record["image_loss"] is None else f"{record['image_loss']:.4f}",
-                record["lr"], "-" if grad_norm is None else f"{grad_norm:.3f}", record["tokens_per_s"],
-                f" | mfu {record['mfu']:.1%}" if "mfu" in record else "", " | SKIPPED" if skipped else "",
-            )
+            log_step(record, t.train_iters)
 
-        # ---- checkpoint / stop ----
-        flag = torch.tensor([1.0 if terminate.requested else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop_now = flag.item() > 0 or (
-            t.exit_after_iters is not None and iteration - run_start_iteration >= t.exit_after_iters
-        )
-        if cfg.checkpoint.save and (iteration % cfg.checkpoint.save_interval == 0 or stop_now or iteration == t.train_iters):
+        sigterm = any_true(terminate.requested)
+        stop = sigterm or (t.exit_after_iters is not None and iteration - run_start_iteration >= t.exit_after_iters)
+        if cfg.checkpoint.save and (iteration % cfg.checkpoint.save_interval == 0 or stop or iteration == t.train_iters):
             save_checkpoint(cfg, model, optimizer, scheduler, iteration, consumed)
             last_saved = iteration
-        if stop_now:
+        if stop:
             if rank == 0:
-                logger.info("stopping at iteration %d (%s)", iteration,
-                            "SIGTERM" if flag.item() > 0 else "exit_after_iters")
+                logger.info("stopping at iteration %d (%s)", iteration, "SIGTERM" if sigterm else "exit_after_iters")
             break
 
     if t.train_iters == 0 and cfg.checkpoint.save and last_saved is None:
         save_checkpoint(cfg, model, optimizer, scheduler, 0, 0)  # materialise the initial weights
     dist.barrier()
-    return exit_code
+    return 0
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
