@@ -659,6 +659,7 @@ def train(cfg: Config) -> int:
             forward_only=False,
         )
         report = global_loss_report(reports)
+        lr = optimizer.param_groups[0]["lr"]  # the LR this step's update uses (warm-up starts at 0)
         # Detected in the step that produces it, before the optimizer can apply it.
         skipped, grad_norm = False, None
         if not all_true(math.isfinite(report[0].item()) and _grads_finite(model)):
@@ -693,7 +694,7 @@ def train(cfg: Config) -> int:
             text_loss=report[4].item() / report[5].item() if report[5].item() else None,
             image_loss=report[2].item() / report[3].item() if report[3].item() else None,
             loss_tokens=int(n_loss),
-            lr=optimizer.param_groups[0]["lr"],
+            lr=lr,
             grad_norm=float(grad_norm) if grad_norm is not None else None,
             tokens_per_s=tokens / elapsed,
             step_time_s=elapsed,
