@@ -298,3 +298,13 @@ def test_next_stage_starts_from_previous_with_schedule_reset(workdir, reference)
     assert m[0]["lr"] == 0.0 < m[1]["lr"]
     assert m[0]["sample_ids"] == reference[0]["sample_ids"]  # the data order restarts too
     assert m[0]["loss"] < reference[0]["loss"]  # but the weights are the trained ones
+
+
+def test_exit_after_iters_saves_and_the_same_command_continues(workdir):
+    """For time-limited allocations: stop after N iterations of this run, with a checkpoint."""
+    save = workdir / "chunks"
+    args = ["training.train_iters=4", "training.exit_after_iters=2", "checkpoint.save_interval=1000"]
+    run(save, *args)
+    assert latest(save) == 2 and [r["step"] for r in metrics(save)] == [1, 2]
+    run(save, *args)
+    assert latest(save) == 4 and [r["step"] for r in metrics(save)] == [1, 2, 3, 4]
