@@ -119,11 +119,37 @@ def _input_size(path: str) -> int:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_dir: str, source: SourceOptions, encode: EncodeOptions, work_dir: str) -> None:
+def _init_worker(tokenizer_dir: str, source: SourceOptions, encode: EncodeOptions, work_dir: str,
+                 main_pid: int | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _WORKER["encoder"] = DocumentEncoder(load_tokenizer(tokenizer_dir), encode)
     _WORKER["source"] = source
     _WORKER["work_dir"] = work_dir
+    if main_pid is not None:
+        import threading
+
+        threading.Thread(target=_exit_with, args=(main_pid,), daemon=True, name="main-watch").start()
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] == b"Z"  # killed, not yet reaped
+    except OSError:
+        return False
+
+
+def _exit_with(main_pid: int, interval: float = 1.0) -> None:
+    """A worker whose main process was killed (kill -9) exits too, instead of idling forever."""
+    while not _process_gone(main_pid):
+        time.sleep(interval)
+    os._exit(1)
 
 
 def chunk_paths(work_dir: str, index: int) -> tuple[str, str]:
@@ -220,7 +246,8 @@ class _WorkerPool:
     def _new_pool(self, workers: int):
         from concurrent.futures import ProcessPoolExecutor
 
-        return ProcessPoolExecutor(workers, mp_context=self.context, initializer=_init_worker, initargs=self.init_args)
+        return ProcessPoolExecutor(workers, mp_context=self.context, initializer=_init_worker,
+                                   initargs=self.init_args + (os.getpid(),))
 
     def submit(self, index: int, chunk: list[Record]):
         return self.pool.submit(encode_chunk, index, chunk)

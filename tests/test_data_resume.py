@@ -224,3 +224,24 @@ def test_record_by_record_encoding_writes_the_same_chunk(source, tmp_path):
                     assert a[4] == b[4]  # image offsets into the chunk's blob
                     for (ta, la, ia), (tb, lb, ib) in zip(a[3], b[3]):
                         assert (ta == tb).all() and (la == lb).all() and ia == ib
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds worker processes through /proc")
+def test_workers_exit_when_only_the_main_process_is_killed(source, reference, tmp_path):
+    output = tmp_path / "main-killed"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    process = subprocess.Popen(command(source, output), cwd=REPO, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_chunks(output / ".work", 3, process, packed_some=False)
+    helpers = _children(process.pid)
+    workers = [pid for helper in helpers for pid in _children(helper)]
+    assert workers
+    process.kill()  # the main process only, as `kill -9 PID` does
+    process.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers), "orphaned workers kept running"
+    finished = subprocess.run(command(source, output), cwd=REPO, env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert files_of(output) == files_of(reference)
