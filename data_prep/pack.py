@@ -15,7 +15,8 @@ continues from its last checkpoint (`.work/progress.pkl`, taken at a window boun
 `--checkpoint-seconds`: stream position, open packs, accounting, output file sizes); output
 written after that checkpoint is cut off and rewritten. The result is byte-identical to an
 uninterrupted run, whatever the number of workers. `metadata.json` is written last; then `.work`
-is removed. `.work` holds a second copy of the image bytes while the run lasts.
+is removed. Images that stay on disk (files, members of uncompressed tars) are referenced from
+`.work` and copied from the source into the output; inline images are kept in the chunk's blob.
 """
 
 from __future__ import annotations
@@ -195,8 +196,12 @@ def encode_records(records: list[Record]) -> tuple[list[tuple], bytes]:
             continue
         image_refs = []
         for data in result.images:
-            image_refs.append((len(image_blob), len(data)))
-            image_blob += data
+            source = getattr(data, "source", None)
+            if source is not None:  # still on disk (an image file, a member of an uncompressed tar)
+                image_refs.append(("file",) + source)
+            else:  # inline (base64, parquet, compressed tar): kept in the chunk's blob
+                image_refs.append(("blob", len(image_blob), len(data)))
+                image_blob += data
         pieces = [(piece.tokens, piece.loss_mask, piece.images) for piece in result.pieces]
         entries[position] = ("doc", record.input_index, record.number, pieces, image_refs)
     return entries, bytes(image_blob)
@@ -302,7 +307,8 @@ class _WorkerPool:
                     entry, data = ("rejected", record.name, "crashed its worker process (decoder crash or "
                                    "out of memory)"), b""
                 if entry[0] == "doc":
-                    entry = entry[:4] + ([(offset + len(blob), length) for offset, length in entry[4]],)
+                    entry = entry[:4] + ([("blob", ref[1] + len(blob), ref[2]) if ref[0] == "blob" else ref
+                                          for ref in entry[4]],)
                 entries.append(entry)
                 blob += data
         finally:
@@ -326,20 +332,38 @@ def _chunks(records: Iterator[Record], size: int) -> Iterator[tuple[int, list[Re
 
 
 class _ImageSource:
-    """Reads image bytes back from chunk files (a few open handles, least recently used closed)."""
+    """Reads verified image bytes back: from a chunk's blob, or from the source file region the
+    worker read them from (checked unchanged). A few handles stay open, least recently used closed."""
 
     def __init__(self, work_dir: str, max_open: int = 64):
         self.work_dir, self.max_open = work_dir, max_open
-        self.handles: OrderedDict[int, Any] = OrderedDict()
+        self.handles: OrderedDict[Any, Any] = OrderedDict()
 
-    def read(self, chunk: int, offset: int, length: int) -> bytes:
-        handle = self.handles.pop(chunk, None)
+    def _handle(self, key, path: str, expected: tuple[int, int] | None = None):
+        handle = self.handles.pop(key, None)
         if handle is None:
-            handle = open(chunk_paths(self.work_dir, chunk)[1], "rb")
+            handle = open(path, "rb")
+            if expected is not None:
+                stat = os.fstat(handle.fileno())
+                if (stat.st_size, stat.st_mtime_ns) != expected:
+                    handle.close()
+                    raise RuntimeError(f"{path} changed while this pack run was under way; rerun with --overwrite")
             if len(self.handles) >= self.max_open:
                 self.handles.popitem(last=False)[1].close()
-        self.handles[chunk] = handle
-        return os.pread(handle.fileno(), length, offset)
+        self.handles[key] = handle
+        return handle
+
+    def read(self, chunk: int, ref: tuple) -> bytes:
+        if ref[0] == "blob":
+            _, offset, length = ref
+            handle = self._handle(chunk, chunk_paths(self.work_dir, chunk)[1])
+        else:
+            _, path, offset, length, size, mtime_ns = ref
+            handle = self._handle(path, path, (size, mtime_ns))
+        data = os.pread(handle.fileno(), length, offset)
+        if len(data) != length:
+            raise RuntimeError(f"short read of an image ({len(data)} of {length} bytes at {ref}); rerun with --overwrite")
+        return data
 
     def close(self) -> None:
         for handle in self.handles.values():
@@ -526,7 +550,7 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
                 piece_tokens, piece_loss, piece_layout = piece
                 for offset, rows, cols, image_index in piece_layout:
                     layout.append((cu[-1] + offset, rows, cols))
-                    pack_images.append(images.read(chunk, *image_refs[image_index]))
+                    pack_images.append(images.read(chunk, image_refs[image_index]))
                     accounting.patches += rows * cols
                 tokens.append(piece_tokens)
                 loss.append(piece_loss)

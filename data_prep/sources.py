@@ -289,6 +289,22 @@ def _iter_tar(input_index: int, path: str, label: str, base_dir: str) -> Iterato
         yield Record(input_index, number, f"{label}:{current_key}", "tar", sample, base_dir)
 
 
+class SourcedBytes(bytes):
+    """Bytes read from a file region that stays on disk for the whole run.
+
+    `source` = (path, offset, length, file size, file mtime_ns): the packer copies the image from
+    there into the output instead of keeping a second copy in the run's work files.
+    """
+
+    source: tuple[str, int, int, int, int]
+
+
+def _sourced(data: bytes, path: str, offset: int, stat: os.stat_result) -> SourcedBytes:
+    sourced = SourcedBytes(data)
+    sourced.source = (os.path.abspath(path), offset, len(data), stat.st_size, stat.st_mtime_ns)
+    return sourced
+
+
 def _member(sample: dict[str, Any], ext: str) -> bytes:
     """The bytes of one tar member (read here, in the worker, when it is a reference)."""
     value = sample[ext]
@@ -296,9 +312,10 @@ def _member(sample: dict[str, Any], ext: str) -> bytes:
         return value
     with open(value.path, "rb") as handle:
         data = os.pread(handle.fileno(), value.size, value.offset)
+        stat = os.fstat(handle.fileno())
     if len(data) != value.size:
         raise RejectedInput(f"tar shard is truncated: member .{ext} has {len(data)} of {value.size} bytes")
-    return data
+    return _sourced(data, value.path, value.offset, stat)
 
 
 def _iter_class_folders(input_index: int, root: str, label: str) -> Iterator[Record]:
@@ -371,7 +388,7 @@ def _read_image_file(reference: str, record: Record, options: SourceOptions) -> 
     if size > options.max_image_bytes:
         raise RejectedInput(f"image file {reference!r} is {size} bytes, above --max-image-bytes {options.max_image_bytes}")
     with open(path, "rb") as handle:
-        return handle.read(), reference
+        return _sourced(handle.read(), path, 0, os.fstat(handle.fileno())), reference
 
 
 def _image_from_value(value: Any, record: Record, options: SourceOptions) -> tuple[bytes, str]:
@@ -415,7 +432,7 @@ def _convert_imagenet(record: Record, options: SourceOptions) -> Document:
     if record.kind == "file":
         synset, path = record.payload
         with open(path, "rb") as handle:
-            data = handle.read()
+            data = _sourced(handle.read(), path, 0, os.fstat(handle.fileno()))
         image_name = record.name
         class_key = synset
     elif record.kind == "tar":

@@ -198,8 +198,18 @@ def test_record_by_record_encoding_writes_the_same_chunk(source, tmp_path):
     from data_prep import pack as pack_module
     from data_prep.sources import expand_inputs, iter_records
 
-    options = SourceOptions(format="caption")
-    records = list(iter_records(expand_inputs([str(source / "captions.jsonl")], "caption"), options))[:12]
+    import base64
+
+    lines = []  # images inline (kept in the chunk's blob) and by path (read back from the file)
+    for index in range(12):
+        path = source / "images" / f"{index if index % 5 != 4 else 0}.jpg"
+        url = "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode() if index % 2 else str(path)
+        lines.append(json.dumps([{"role": "assistant", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": f"picture {index}"}]}]))
+    lines[7] = '{"broken'
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    options = SourceOptions(format="chat")
+    records = list(iter_records(expand_inputs([str(tmp_path / "chat.jsonl")], "chat"), options))
     encode = EncodeOptions(seq_length=SEQ_LENGTH)
     normal, isolated = tmp_path / "normal", tmp_path / "isolated"
     normal.mkdir(), isolated.mkdir()
@@ -218,10 +228,12 @@ def test_record_by_record_encoding_writes_the_same_chunk(source, tmp_path):
         else:
             expected, got = pickle.loads(normal_bytes), pickle.loads(isolated_bytes)
             assert len(expected) == len(got) == 12
+            kinds = [ref[0] for entry in expected if entry[0] == "doc" for ref in entry[4]]
+            assert kinds.count("blob") >= 4 and kinds.count("file") >= 4
             for a, b in zip(expected, got):
                 assert a[0] == b[0] and a[1:3] == b[1:3]
                 if a[0] == "doc":
-                    assert a[4] == b[4]  # image offsets into the chunk's blob
+                    assert a[4] == b[4]  # image references: offsets into the chunk's blob, or file regions
                     for (ta, la, ia), (tb, lb, ib) in zip(a[3], b[3]):
                         assert (ta == tb).all() and (la == lb).all() and ia == ib
 
@@ -245,3 +257,18 @@ def test_workers_exit_when_only_the_main_process_is_killed(source, reference, tm
     finished = subprocess.run(command(source, output), cwd=REPO, env=env, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert files_of(output) == files_of(reference)
+
+
+def test_image_read_back_from_a_source_file_that_changed_is_refused(tmp_path):
+    from data_prep.pack import _ImageSource
+
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"0123456789")
+    stat = image.stat()
+    source = _ImageSource(str(tmp_path))
+    ref = ("file", str(image), 2, 5, stat.st_size, stat.st_mtime_ns)
+    assert source.read(0, ref) == b"23456"
+    source.close()
+    image.write_bytes(b"01234567890")  # the source changed between verification and writing
+    with pytest.raises(RuntimeError, match="changed while this pack run"):
+        _ImageSource(str(tmp_path)).read(0, ref)
