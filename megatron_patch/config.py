@@ -80,7 +80,10 @@ class OptimizerConfig:
 
 @dataclass
 class TrainingConfig:
-    train_iters: int = 1525
+    # Exactly one of: iterations, or a token budget (non-pad tokens) from which the iterations
+    # are computed at start-up from the packs' recorded lengths (as `solo-data plan --tokens`).
+    train_iters: Optional[int] = None
+    train_tokens: Optional[float] = None
     seed: int = 1234
     bf16: bool = True
     recompute: str = "full"  # none | selective | full
@@ -230,6 +233,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("parallel.pipeline_model_parallel_size must divide model.num_layers")
     if m.backend not in ("auto", "te", "local"):
         raise ConfigError(f"model.backend must be auto, te or local; got {m.backend!r}")
+    if (t.train_iters is None) == (t.train_tokens is None):
+        raise ConfigError("set exactly one of training.train_iters and training.train_tokens")
+    if t.train_tokens is not None and d.path == "synthetic":
+        raise ConfigError("training.train_tokens needs packed data (their recorded lengths); "
+                          "data.path=synthetic takes training.train_iters")
     if t.recompute not in ("none", "selective", "full"):
         raise ConfigError(f"training.recompute must be none, selective or full; got {t.recompute!r}")
     if t.on_nonfinite not in ("stop", "skip"):

@@ -338,6 +338,27 @@ def packed_directories(data_path: str) -> list[str]:
     return [p for p in paths if p != SYNTHETIC]
 
 
+def iterations_for_tokens(data_path: str, tokens: float, global_batch_size: int) -> int:
+    """Iterations that draw about ``tokens`` non-pad tokens from the packs (weighted by the mixture),
+    the rule of `solo-data plan --tokens`: ceil(ceil(tokens / E[tokens per pack]) / global batch)."""
+    import math
+
+    from data_prep.reader import PackedReader
+
+    if data_path.endswith((".yaml", ".yml")):
+        paths, weights = read_mixture(data_path)
+    else:
+        paths, weights = [data_path], [1.0]
+    total = sum(weights)
+    per_pack = 0.0
+    for path, weight in zip(paths, weights):
+        lengths = PackedReader(path).pack_lengths
+        if len(lengths) == 0:
+            raise ValueError(f"{path} holds no packs")
+        per_pack += weight / total * float(lengths.mean())
+    return math.ceil(math.ceil(tokens / per_pack) / global_batch_size)
+
+
 def build_train_dataset(
     data_path: str,
     num_samples: int,

@@ -620,8 +620,16 @@ def train(cfg: Config) -> int:
         raise ConfigError("training.bf16=true needs CUDA (megatron-core's bf16 optimizer only wraps CUDA "
                           "tensors); set training.bf16=false on CPU")
     resolve_tokenizer_fields(cfg)
+    if cfg.training.train_iters is None:
+        from megatron_patch.data import iterations_for_tokens
+
+        cfg.training.train_iters = iterations_for_tokens(
+            cfg.data.path, cfg.training.train_tokens, cfg.data.global_batch_size
+        )
     init_distributed(cfg)
     rank = dist.get_rank()
+    if rank == 0 and cfg.training.train_tokens is not None:
+        logger.info("training.train_tokens=%.4g -> %d iterations", cfg.training.train_tokens, cfg.training.train_iters)
     model, tconfig = build_model(cfg)
     optimizer, scheduler = build_optimizer(cfg, model)
     tconfig.finalize_model_grads_func = finalize_model_grads

@@ -63,6 +63,10 @@ def test_schema_rejects_bad_recipes(tmp_path, monkeypatch):
         load_config(RECIPES / "debug_cpu.yaml", ["training.train_iters=many"])
     with pytest.raises(ConfigError, match="must divide model.num_query_groups"):
         load_config(RECIPES / "debug_cpu.yaml", ["parallel.tensor_model_parallel_size=4"])
+    with pytest.raises(ConfigError, match="exactly one of training.train_iters and training.train_tokens"):
+        load_config(RECIPES / "debug_cpu.yaml", ["training.train_tokens=1e6"])
+    with pytest.raises(ConfigError, match="train_tokens needs packed data"):
+        load_config(RECIPES / "debug_cpu.yaml", ["training.train_tokens=1e6", "training.train_iters="])
     monkeypatch.delenv("SOLO_RUNS", raising=False)
     with pytest.raises(ConfigError, match="SOLO_RUNS"):
         load_config(RECIPES / "stage2.yaml")

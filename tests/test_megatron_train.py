@@ -258,6 +258,12 @@ def _packed_dir(tmp, name, tokenizer_dir, with_images):
     return out
 
 
+def _mean_pack(directory):
+    from data_prep.reader import PackedReader
+
+    return float(PackedReader(str(directory)).pack_lengths.mean())
+
+
 def test_trains_on_real_packed_mixture(workdir):
     """data.path = a mixture YAML over `solo-data pack` outputs; vocab and pad id from their tokenizer."""
     from solo.tiny import make_base_tokenizer
@@ -270,9 +276,18 @@ def test_trains_on_real_packed_mixture(workdir):
     _packed_dir(workdir, "text", str(tokenizer_dir), with_images=False)
     mix = workdir / "mixture.yaml"
     mix.write_text("datasets:\n  - {path: captions, weight: 0.7}\n  - {path: text, weight: 0.3}\n")
+    # A token budget of ~10 packs at global batch 4 -> 3 iterations, as `solo-data plan` computes.
+    from data_prep.mixture import plan_mixture
+
+    from megatron_patch.data import iterations_for_tokens
+
+    budget = 10 * (0.7 * _mean_pack(workdir / "captions") + 0.3 * _mean_pack(workdir / "text"))
+    plan = plan_mixture(str(mix), 4, tokens=budget, output=str(workdir / "plan.json"))
+    assert iterations_for_tokens(str(mix), budget, 4) == plan["iterations"] == 3
     save = workdir / "real"
     run(save, f"data.path={mix}", "data.seq_length=256", "data.pad_token_id=", "model.vocab_size=1",
-        "training.train_iters=3", "checkpoint.save_interval=1000", "data.global_batch_size=4")
+        "training.train_iters=", f"training.train_tokens={budget}", "checkpoint.save_interval=1000",
+        "data.global_batch_size=4")
     m = metrics(save)
     assert [r["step"] for r in m] == [1, 2, 3]
     assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in m)
