@@ -72,14 +72,15 @@ class PackConfig:
     expanded_inputs: list[str] = field(default_factory=list)
 
 
-def tokenizer_fingerprint(directory: str) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            digest.update(name.encode() + b"\0")
-            with open(path, "rb") as handle:
-                digest.update(hashlib.sha256(handle.read()).digest())
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Digest of what decides the tokens: the fast tokenizer's serialisation and its special ids.
+
+    (Hashing the directory would read a whole checkpoint when --tokenizer points at one.)
+    """
+    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    special = [len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+               getattr(tokenizer, "chat_template", None)]
+    digest.update(json.dumps(special).encode())
     return digest.hexdigest()[:32]
 
 
@@ -96,14 +97,14 @@ def load_tokenizer(directory: str):
     return tokenizer
 
 
-def run_fingerprint(config: PackConfig) -> dict[str, Any]:
+def run_fingerprint(config: PackConfig, tokenizer) -> dict[str, Any]:
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "inputs": [{"path": os.path.abspath(path), "bytes": _input_size(path)} for path in config.expanded_inputs],
         "source": config.source.fingerprint(),
         "encode": config.encode.fingerprint(),
-        "tokenizer": {"dir": os.path.abspath(config.tokenizer), "digest": tokenizer_fingerprint(config.tokenizer)},
+        "tokenizer": {"dir": os.path.abspath(config.tokenizer), "digest": tokenizer_fingerprint(tokenizer)},
         "packer": {"window_items": config.window_items, "window_tokens": config.window_tokens,
                    "carry_packs": config.carry_packs},
     }
@@ -480,7 +481,7 @@ def run_pack(config: PackConfig) -> dict[str, Any]:
     config.expanded_inputs = expand_inputs(config.inputs, config.source.format)
     tokenizer = load_tokenizer(config.tokenizer)
     DocumentEncoder(tokenizer, config.encode)  # validates vision tokens and options up front
-    fingerprint = run_fingerprint(config)
+    fingerprint = run_fingerprint(config, tokenizer)
     if _prepare_output(config, fingerprint) == "complete":
         with open(os.path.join(config.output, REPORT_FILE), encoding="utf-8") as handle:
             report = json.load(handle)
