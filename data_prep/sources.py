@@ -165,11 +165,11 @@ def expand_inputs(paths: list[str], fmt: str) -> list[str]:
         if not os.path.exists(path):
             raise FileNotFoundError(f"input {path!r} does not exist")
         if os.path.isdir(path) and not (fmt == "imagenet" and not _has_tar_shards(path)):
-            files = sorted(
-                os.path.join(path, name)
-                for name in os.listdir(path)
-                if _strip_compression(name).endswith((".jsonl", ".json", ".parquet", ".tar"))
-            )
+            # A folder with tar shards is a webdataset: img2dataset also leaves NNNNN.parquet and
+            # NNNNN_stats.json next to them (metadata, not samples), so only the shards are read.
+            suffixes = (".tar",) if _has_tar_shards(path) else (".jsonl", ".json", ".parquet")
+            files = sorted(os.path.join(path, name) for name in os.listdir(path)
+                           if _strip_compression(name).endswith(suffixes))
             if not files:
                 raise FileNotFoundError(f"input folder {path!r} holds no .jsonl/.json/.parquet/.tar files")
             expanded.extend(files)
@@ -179,7 +179,7 @@ def expand_inputs(paths: list[str], fmt: str) -> list[str]:
 
 
 def _has_tar_shards(path: str) -> bool:
-    return any(name.endswith(".tar") for name in os.listdir(path))
+    return any(_strip_compression(name).endswith(".tar") for name in os.listdir(path))
 
 
 def iter_records(paths: list[str], options: SourceOptions) -> Iterator[Record]:

@@ -196,3 +196,17 @@ def test_unreadable_json_file_is_one_rejected_record(tmp_path):
     (tmp_path / "broken.json").write_text('[{"id": 1, "conversations": [')
     documents, rejected, _ = convert_all([tmp_path / "broken.json"], SourceOptions(format="llava"))
     assert not documents and len(rejected) == 1 and rejected[0][1].startswith("file is not valid JSON")
+
+
+def test_folder_of_webdataset_shards_skips_img2dataset_side_files(tmp_path):
+    shards = tmp_path / "capsfusion"
+    shards.mkdir()
+    for index in (1, 0):
+        with tarfile.open(shards / f"0000{index}.tar", "w") as archive:
+            add_tar_member(archive, f"0000{index}0000.jpg", jpeg(seed=index))
+            add_tar_member(archive, f"0000{index}0000.txt", f"caption {index}".encode())
+        (shards / f"0000{index}_stats.json").write_text('{"count": 1}')
+        (shards / f"0000{index}.parquet").write_bytes(b"PAR1 metadata rows")
+    assert expand_inputs([str(shards)], "caption") == [str(shards / "00000.tar"), str(shards / "00001.tar")]
+    documents, rejected, _ = convert_all([shards], SourceOptions(format="caption"))
+    assert [d.segments[1].text for _, d in documents] == ["caption 0", "caption 1"] and not rejected
