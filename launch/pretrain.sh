@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run one pretraining recipe on this node with torchrun; the numbered launchers call this.
+#
+#   launch/pretrain.sh RECIPE [section.key=value ...]
+#
+#   NPROC_PER_NODE  GPUs on this node (8)     NNODES     nodes in the job (1)
+#   NODE_RANK       this node's rank (0)      MASTER_ADDR / MASTER_PORT  rendezvous (localhost / 29500)
+#   SOLO_INIT, SOLO_DATA, SOLO_RUNS           paths the stage recipes read (see each recipe's header)
+# Running the same command again resumes from the recipe's checkpoint.save directory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RECIPE="${1:?usage: launch/pretrain.sh RECIPE [section.key=value ...]}"
+shift
+
+exec "${PYTHON:-python}" -m torch.distributed.run \
+  --nproc_per_node "${NPROC_PER_NODE:-8}" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
+  --master_addr "${MASTER_ADDR:-localhost}" --master_port "${MASTER_PORT:-29500}" \
+  -m megatron_patch.train --config "$RECIPE" "$@"
