@@ -2,9 +2,10 @@
 
 Reading is split in two so that packing can run in parallel and resume:
 
-* `iter_records(paths, options)` runs in the main process and only reads bytes: JSONL lines
-  (plain, .gz, .zst, .lz4), entries of a JSON list, parquet rows, webdataset tar samples (members
-  grouped by key), or image files of class folders. Each record has a stable name
+* `iter_records(paths, options)` runs in the main process and reads as little as it can: JSONL
+  lines (plain, .gz, .zst, .lz4), entries of a JSON list, parquet rows, webdataset tar samples
+  (members grouped by key; for uncompressed tars only the headers — the members travel as
+  (offset, size) references), or the paths of class-folder images. Each record has a stable name
   (`file:line`, `file:key`, ...) used in report.json.
 * `record_to_document(record, options)` runs in the workers: it parses, resolves and reads the
   image files, and returns a `Document`, or raises `RejectedInput` (bad JSON, non-UTF-8 text,
