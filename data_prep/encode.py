@@ -139,7 +139,7 @@ class DocumentEncoder:
         rows, cols = height // PATCH_SIZE, width // PATCH_SIZE
         if image_tokens_count(rows, cols) + 2 > self.options.seq_length:
             raise RejectedInput(
-                f"image {name} needs {image_tokens_count(rows, cols)} tokens; with BOS and EOS that exceeds "
+                f"image {name}: needs {image_tokens_count(rows, cols)} tokens; with BOS and EOS that exceeds "
                 f"--seq-length {self.options.seq_length}"
             )
         return rows, cols

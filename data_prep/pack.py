@@ -25,10 +25,11 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -371,6 +372,14 @@ class _ImageSource:
             handle.close()
 
 
+def reason_kind(reason: str) -> str:
+    """A rejection reason without its specifics (names, numbers, details), for counting by kind."""
+    if reason.startswith("image ") and ": " in reason:
+        reason = reason.split(": ", 1)[1]  # "image NAME: not a readable image (...)"
+    reason = re.sub(r"\([^)]*\)|'[^']*'|\"[^\"]*\"|(?<![\w-])\d+(?!\w)", "", reason.split(";")[0])
+    return " ".join(reason.split()) or "other"
+
+
 class _Accounting:
     def __init__(self, seq_length: int):
         self.seq_length = seq_length
@@ -397,6 +406,7 @@ class _Accounting:
             "documents_packed": self.documents_packed,
             "documents_rejected": len(self.rejected),
             "rejected": self.rejected,
+            "rejected_by_kind": dict(sorted(Counter(reason_kind(item["reason"]) for item in self.rejected).items())),
             "documents_filtered": sum(self.filtered.values()),
             "filtered_by_subset": dict(sorted(self.filtered.items())),
             "documents_split": self.documents_split,

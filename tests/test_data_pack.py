@@ -246,6 +246,9 @@ def test_every_bad_input_is_rejected_with_a_reason(tmp_path, tokenizer_dir, toke
     reasons = {item["input"]: item["reason"] for item in report["rejected"]}
     assert report["documents_in"] == len(lines) == 14
     assert report["documents_packed"] == 2 and report["documents_rejected"] == 12
+    kinds = report["rejected_by_kind"]
+    assert sum(kinds.values()) == 12 and kinds["empty document"] == 2
+    assert kinds["bad JSON line"] == kinds["missing image file"] == kinds["not valid UTF-8 text"] == 1
     assert "bad JSON line" in reasons["bad.jsonl:4"]
     assert "not valid UTF-8" in reasons["bad.jsonl:6"]
     expected_reasons = [reason for _, _, reason in cases if reason]
