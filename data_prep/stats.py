@@ -95,6 +95,8 @@ def format_stats(stats: dict[str, Any]) -> str:
                      f"{report['documents_rejected']:,} rejected, {report['documents_split']:,} split; "
                      f"{report['images']:,} images, {report['bytes_per_image']:,.0f} B/image "
                      f"({report['bytes_vs_solo_fp16']:.3f} of SOLO's fp16 patches)")
+        for kind, count in sorted(report.get("rejected_by_kind", {}).items(), key=lambda item: -item[1]):
+            lines.append(f"  rejected: {count:,} × {kind}")
     for key in ("documents_per_pack", "images_per_pack"):
         summary = stats[key]
         if summary.get("count"):
