@@ -27,7 +27,12 @@ from .packed_format import write_json_atomic
 from .reader import PackedReader
 
 
-def read_mixture(path: str) -> list[tuple[str, float]]:
+def read_mixture(path: str, keep_as_is: tuple[str, ...] = ()) -> list[tuple[str, float]]:
+    """Mixture YAML → [(packed directory, weight)]; the one reader of this format (training uses it too).
+
+    `${VAR}` in a path is expanded from the environment (an unset variable is an error naming it);
+    relative paths are relative to the YAML file; names in `keep_as_is` (e.g. `synthetic`) pass unchanged.
+    """
     with open(path, encoding="utf-8") as handle:
         tree = yaml.safe_load(handle) or {}
     entries = tree.get("datasets") if isinstance(tree, dict) else None
@@ -41,8 +46,14 @@ def read_mixture(path: str) -> list[tuple[str, float]]:
         weight = float(entry["weight"])
         if not weight > 0:
             raise ValueError(f"{path}: datasets[{index}] weight must be > 0, got {entry['weight']!r}")
-        source = str(entry["path"])
-        sources.append((source if os.path.isabs(source) else os.path.join(base, source), weight))
+        source = os.path.expandvars(str(entry["path"]))
+        if "$" in source:
+            raise ValueError(
+                f"{path}: datasets[{index}] path {entry['path']!r} uses an unset environment variable; export it"
+            )
+        if source not in keep_as_is and not os.path.isabs(source):
+            source = os.path.join(base, source)
+        sources.append((source, weight))
     return sources
 
 

@@ -20,14 +20,11 @@ Reader contract (``data_prep.reader.PackedReader``): ``len(r)``; ``r[i]`` is a d
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-import yaml
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
 from megatron.core.datasets.megatron_dataset import MegatronDataset
@@ -300,33 +297,11 @@ class PackedDataset(MegatronDataset):
 
 
 def read_mixture(path: str) -> tuple[list[str], list[float]]:
-    """Mixture YAML -> (paths, weights). Relative paths are relative to the YAML file.
+    """Mixture YAML -> (paths, weights), read by `data_prep.mixture.read_mixture` (format documented there)."""
+    from data_prep.mixture import read_mixture as read_sources
 
-    Format::
-
-        datasets:
-          - {path: packed/imagenet21k, weight: 0.7}
-          - {path: packed/slimpajama, weight: 0.3}
-    """
-    with open(path, encoding="utf-8") as fh:
-        tree = yaml.safe_load(fh) or {}
-    entries = tree.get("datasets") if isinstance(tree, dict) else None
-    if not entries:
-        raise ValueError(f"{path}: a mixture YAML needs a non-empty 'datasets' list of {{path, weight}}")
-    base = Path(path).resolve().parent
-    paths, weights = [], []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "path" not in entry or "weight" not in entry:
-            raise ValueError(f"{path}: datasets[{i}] must have 'path' and 'weight'")
-        weight = float(entry["weight"])
-        if weight <= 0:
-            raise ValueError(f"{path}: datasets[{i}] weight must be > 0")
-        p = os.path.expandvars(str(entry["path"]))
-        if "$" in p:
-            raise ValueError(f"{path}: datasets[{i}] path {entry['path']!r} uses an unset environment variable")
-        paths.append(p if p == SYNTHETIC or os.path.isabs(p) else str(base / p))
-        weights.append(weight)
-    return paths, weights
+    sources = read_sources(path, keep_as_is=(SYNTHETIC,))
+    return [source for source, _ in sources], [weight for _, weight in sources]
 
 
 def packed_directories(data_path: str) -> list[str]:

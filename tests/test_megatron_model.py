@@ -271,7 +271,7 @@ def test_zero_loss_microbatch_contributes_nothing(megatron_world, tmp_path):
     assert rep_dead[1] == 0 and torch.isfinite(g_dead).all() and (g_dead == 0).all()
 
 
-def test_dataset_is_deterministic_and_blends_by_weight(tmp_path):
+def test_dataset_is_deterministic_and_blends_by_weight(megatron_world, tmp_path):
     ds1 = build_train_dataset("synthetic", 40, 64, PAD, 7, str(tmp_path / "c1"), synthetic_num_packs=30)
     ds2 = build_train_dataset("synthetic", 40, 64, PAD, 7, str(tmp_path / "c2"), synthetic_num_packs=30)
     assert len(ds1) == 40
