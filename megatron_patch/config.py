@@ -231,6 +231,12 @@ def validate(cfg: Config) -> None:
         )
     if m.num_layers % p.pipeline_model_parallel_size:
         raise ConfigError("parallel.pipeline_model_parallel_size must divide model.num_layers")
+    if p.context_parallel_size != 1:
+        raise ConfigError(
+            f"parallel.context_parallel_size={p.context_parallel_size}: context parallelism is not supported yet "
+            "(packed THD rows would need per-rank partitioning and 2*CP-aligned documents); use 1 and scale "
+            "with tensor/pipeline/data parallelism"
+        )
     if m.backend not in ("auto", "te", "local"):
         raise ConfigError(f"model.backend must be auto, te or local; got {m.backend!r}")
     if (t.train_iters is None) == (t.train_tokens is None):

@@ -172,6 +172,8 @@ def make_training_sample(pack: Dict[str, np.ndarray], seq_length: int, pad_token
     out_tokens[:length] = tokens
     out_vpi = np.full(seq_length, -1, dtype=np.int64)
     out_vpi[:length] = vpi
+    # Causal attention work of the real documents (the MFU's Σ L_i²), before padding joins as a document.
+    doc_len_sq = float((np.diff(cu).astype(np.float64) ** 2).sum())
     if length < seq_length:
         cu = np.append(cu, seq_length)
     return dict(
@@ -182,6 +184,7 @@ def make_training_sample(pack: Dict[str, np.ndarray], seq_length: int, pad_token
         cu_seqlens=cu.astype(np.int32),
         patches=patches,
         vision_patch_indices=out_vpi,
+        doc_len_sq=doc_len_sq,
     )
 
 
@@ -213,6 +216,7 @@ def collate_packed(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         cu_seqlens=cu_t,
         max_seqlen=int((cu_t[1:] - cu_t[:-1]).max()),
         sample_ids=[str(s["sample_id"]) for s in samples],
+        doc_len_sq=sum(float(s["doc_len_sq"]) for s in samples),
     )
 
 

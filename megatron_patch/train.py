@@ -334,6 +334,10 @@ def load_checkpoint(cfg: Config, ckpt_dir: str, model, optimizer, *, with_optimi
     unwrap(model).load_state_dict(loaded["model"])
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
+    else:
+        # Mixed precision keeps fp32 main copies made from the random init when the optimizer was
+        # built; without this, the first optimizer step would copy them back over the loaded weights.
+        optimizer.reload_model_params()
     if with_rng:
         rng = loaded["rng_state"]
         torch.set_rng_state(rng["cpu"])
@@ -501,8 +505,10 @@ def _ignore_sigterm(worker_id: int) -> None:
 
 
 def _grads_finite(model) -> bool:
+    # A sum is non-finite iff some element is (or it overflows, which is as fatal), and unlike
+    # isfinite(...).all() it needs no temporary the size of the whole gradient buffer.
     for buffer in list(model.buffers) + list(model.expert_parallel_buffers):
-        if not torch.isfinite(buffer.grad_data).all():
+        if not torch.isfinite(buffer.grad_data.sum(dtype=torch.float32)):
             return False
     return True
 
@@ -584,11 +590,11 @@ def any_true(flag: bool) -> bool:
 
 
 def gather_step_samples(batches: list) -> tuple[list, float]:
-    """Sample ids of the whole global batch (DP-rank order) and Σ L_i² of its documents."""
+    """Sample ids of the whole global batch (DP-rank order) and Σ L_i² of its real documents (no padding)."""
     from megatron.core import parallel_state as ps
 
     ids = [s for b in batches for s in b["sample_ids"]]
-    doc_sq = sum(float(((b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).double() ** 2).sum()) for b in batches)
+    doc_sq = sum(b["doc_len_sq"] for b in batches)
     gathered: List[Any] = [None] * dist.get_world_size()
     first_of_dp_replica = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
     dist.all_gather_object(gathered, (first_of_dp_replica, ps.get_data_parallel_rank(), ids, doc_sq))

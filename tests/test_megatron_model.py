@@ -388,3 +388,14 @@ def test_memory_plan_parameter_count_is_exact(megatron_world):
     counts = memory_plan.parameter_count(tiny_config().model, VOCAB)
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert counts["patch_projection"] == model.vision_patch_projection.weight.numel()
+
+
+def test_mfu_attention_term_counts_real_documents_only():
+    """Σ L_i² feeds the MFU's attention FLOPs: padding, which becomes its own document, must not count."""
+    text = lambda n: ([5] * n, [1] * n, [-1] * n, [])  # noqa: E731
+    sample = make_training_sample(make_pack([text(3), text(5)]), 16, PAD)
+    assert sample["cu_seqlens"].tolist() == [0, 3, 8, 16]  # the padding document is there for attention
+    assert sample["doc_len_sq"] == 3 ** 2 + 5 ** 2
+    other = make_training_sample(make_pack([text(4)]), 16, PAD)
+    batch = collate_packed([dict(sample, sample_id="a"), dict(other, sample_id="b")])
+    assert batch["doc_len_sq"] == 34 + 16

@@ -57,7 +57,12 @@ def build_transformer_config(
     model: "ModelConfig", parallel: "ParallelConfig", training: "TrainingConfig"
 ) -> TransformerConfig:
     """Mistral/Llama architecture on megatron-core: RMSNorm, SwiGLU, GQA, RoPE, no biases."""
+    from megatron_patch.model.layer_specs import resolve_backend
+
     on_gpu = torch.cuda.is_available()
+    # Fused RoPE matters most: megatron's unfused THD RoPE splits by cu_seqlens on the host in
+    # every layer. These fusions need CUDA (RoPE: TE's THD kernel), so only the TE backend uses them.
+    fused = on_gpu and resolve_backend(model.backend) == "te"
     dtype = torch.bfloat16 if training.bf16 else torch.float32
     recompute = {}
     if training.recompute == "full":
@@ -101,11 +106,11 @@ def build_transformer_config(
         calculate_per_token_loss=True,
         # CPU: no fused kernels (they need TE/apex/CUDA); TP shards seed-identical to TP=1.
         use_cpu_initialization=not on_gpu,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=False,  # needs apex's fused wgrad kernel for the local linears
         masked_softmax_fusion=False,
-        bias_activation_fusion=False,
+        bias_activation_fusion=fused,
         bias_dropout_fusion=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=fused,
         persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
         batch_p2p_comm=True,
