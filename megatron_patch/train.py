@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import signal
 import sys
@@ -25,6 +26,7 @@ import time
 from functools import partial
 from typing import Any, Dict, Iterator, List, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -79,6 +81,10 @@ def init_distributed(cfg: Config) -> None:
             f"data.global_batch_size={cfg.data.global_batch_size} must be a multiple of "
             f"data.micro_batch_size*DP = {cfg.data.micro_batch_size}*{dp}"
         )
+    # Host RNGs too (as Megatron-LM does): on GPU megatron-core seeds only the CUDA generators.
+    random.seed(cfg.training.seed)
+    np.random.seed(cfg.training.seed)
+    torch.manual_seed(cfg.training.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.training.seed)
 
 

@@ -77,8 +77,8 @@ class PackedDotProductAttention(MegatronModule):
         super().__init__(config=config)
         if config.context_parallel_size > 1:
             raise ValueError(
-                "PackedDotProductAttention does not implement context parallelism; use the "
-                "Transformer Engine backend (model.backend=te) for context_parallel_size > 1."
+                "PackedDotProductAttention does not implement context parallelism; "
+                "set parallel.context_parallel_size=1"
             )
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(f"SOLO attention is causal; got attn_mask_type={attn_mask_type}")
