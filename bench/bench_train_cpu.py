@@ -112,7 +112,6 @@ def time_steps(step, batches, warmup=2):
 
 
 def bench_megatron(args, batches):
-    import torch
     import torch.distributed as dist
 
     from megatron_patch import compat
@@ -136,6 +135,7 @@ def bench_megatron(args, batches):
         sliding_window=args.sliding_window, backend="local", make_vocab_size_divisible_by=1,
     ))
     cfg.training.bf16 = False
+    cfg.training.train_iters = args.steps + 2  # the LR schedule needs a length; its values do not matter here
     cfg.training.recompute = "none"
     cfg.data.seq_length = args.seq
     cfg.data.pad_token_id = 0

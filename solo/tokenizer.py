@@ -6,9 +6,6 @@ from transformers import AddedToken, PreTrainedTokenizerBase
 
 from solo.hf.processing_solo import CHAT_TEMPLATE, VISION_TOKENS
 
-# SOLO-7B appended its pieces after Mistral's 32,000; reproducing that order reproduces its ids.
-LLAMA_BASE_VOCAB_SIZE = 32000
-
 
 def extend_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Add the vision and location tokens, a pad token distinct from EOS, and the chat template.
