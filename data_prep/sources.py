@@ -438,10 +438,7 @@ def _convert_imagenet(record: Record, options: SourceOptions) -> Document:
         class_key = synset
     elif record.kind == "tar":
         sample: dict[str, bytes] = record.payload
-        _raise_tar_error(sample)
-        image_ext = next((ext for ext in sample if ext in IMAGE_EXTENSIONS), None)
-        if image_ext is None:
-            raise RejectedInput(f"sample has no image member (members: {', '.join(sorted(sample)) or 'none'})")
+        image_ext = _tar_image_ext(sample)
         data, image_name = _member(sample, image_ext), record.name
         key = record.name.rsplit(":", 1)[-1]
         match = SYNSET_PATTERN.match(os.path.basename(key))
@@ -462,18 +459,20 @@ def _convert_imagenet(record: Record, options: SourceOptions) -> Document:
     return document
 
 
-def _raise_tar_error(sample: dict[str, bytes]) -> None:
+def _tar_image_ext(sample: dict[str, bytes]) -> str:
+    """The image member's extension of a webdataset sample; a broken shard or no image rejects it."""
     if "__error__" in sample:
         raise RejectedInput(sample["__error__"].decode())
+    image_ext = next((ext for ext in sample if ext in IMAGE_EXTENSIONS), None)
+    if image_ext is None:
+        raise RejectedInput(f"sample has no image member (members: {', '.join(sorted(sample)) or 'none'})")
+    return image_ext
 
 
 def _convert_caption(record: Record, options: SourceOptions) -> Document:
     if record.kind == "tar":
         sample: dict[str, bytes] = record.payload
-        _raise_tar_error(sample)
-        image_ext = next((ext for ext in sample if ext in IMAGE_EXTENSIONS), None)
-        if image_ext is None:
-            raise RejectedInput(f"sample has no image member (members: {', '.join(sorted(sample)) or 'none'})")
+        image_ext = _tar_image_ext(sample)
         if "txt" in sample:
             caption = _decode_text(_member(sample, "txt"), "caption")
         elif "json" in sample:
