@@ -665,6 +665,7 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
             "vision_end_id": vision.end,
         },
         "resize_mode": config.encode.resize_mode,
+        "max_pixels": config.encode.max_pixels,
         "template": config.encode.template,
         "loss_on_user": config.encode.loss_on_user,
         "source_format": config.source.format,

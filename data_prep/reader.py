@@ -60,6 +60,8 @@ class PackedReader:
         self.tokenizer_info: dict = self.metadata["tokenizer"]
         self.tokenizer_dir: str = self.tokenizer_info["dir"]
         self.resize_mode: str = self.metadata["resize_mode"]
+        # The decoded-pixel cap the images were accepted under: a larger --max-image-pixels must read back.
+        self.max_pixels: int = self.metadata["max_pixels"]
         self.vision_patch_id: int = self.tokenizer_info["vision_patch_id"]
         self._datasets = None
 
@@ -141,7 +143,8 @@ class PackedReader:
             indices[positions] = np.arange(next_patch, next_patch + rows * cols)
             next_patch += rows * cols
             if decode_images:
-                patches, grid = image_to_patches(load_image(blob, name=f"pack {index} image {image_number}"),
+                patches, grid = image_to_patches(load_image(blob, name=f"pack {index} image {image_number}",
+                                                            max_pixels=self.max_pixels),
                                                  self.resize_mode)
                 if grid != (rows, cols):
                     raise ValueError(f"{self.directory}: pack {index} image {image_number} decodes to grid {grid}, "

@@ -255,7 +255,9 @@ def test_every_bad_input_is_rejected_with_a_reason(tmp_path, tokenizer_dir, toke
     line_of = [i + 1 for i, line in enumerate(lines) if line in [json.dumps(m).encode() for _, m, r in cases if r]]
     for line, reason in zip(line_of, expected_reasons):
         assert reason in reasons[f"bad.jsonl:{line}"], (line, reasons)
-    PackedReader(tmp_path / "out")  # the run completed
+    reader = PackedReader(tmp_path / "out")  # the run completed
+    assert reader.max_pixels == 40000  # images are read back under the cap they were accepted with
+    assert sum(len(reader[i]["patches"]) for i in range(len(reader))) > 0
 
 
 def test_truncated_tar_shard_keeps_earlier_samples(tmp_path, tokenizer_dir):
