@@ -15,7 +15,7 @@ import io
 import math
 import os
 import warnings
-from typing import BinaryIO, Iterable, Sequence, Union
+from typing import BinaryIO, Iterable, Union
 
 import numpy as np
 import torch
@@ -277,8 +277,6 @@ class SoloImageProcessor(BaseImageProcessor):
         resize_mode: str = "fit",
         patch_size: int = PATCH_SIZE,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        image_mean: Sequence[float] = IMAGENET_MEAN,
-        image_std: Sequence[float] = IMAGENET_STD,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -289,8 +287,6 @@ class SoloImageProcessor(BaseImageProcessor):
         self.resize_mode = resize_mode
         self.patch_size = patch_size
         self.max_pixels = max_pixels
-        self.image_mean = list(image_mean)
-        self.image_std = list(image_std)
 
     def patchify(self, image: ImageSource, name: str | None = None) -> tuple[np.ndarray, tuple[int, int]]:
         """One image (any source `load_image` accepts) → (uint8 [N, 3072], (rows, cols))."""
