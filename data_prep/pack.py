@@ -35,6 +35,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from solo.hf.image_processing_solo import PATCH_DIM, image_tokens_count
+from solo.hf.processing_solo import VisionTokenIds
+
 from .encode import DocumentEncoder, EncodeOptions
 from .packed_format import (
     FORMAT_NAME,
@@ -51,7 +54,7 @@ from .sources import FilteredOut, Record, SourceOptions, expand_inputs, iter_rec
 WORK_DIR = ".work"
 PROGRESS_FILE = "progress.pkl"
 REJECTED_FILE = "rejected.jsonl"
-SOLO_FP16_BYTES_PER_PATCH = 3072 * 2
+SOLO_FP16_BYTES_PER_PATCH = PATCH_DIM * 2
 
 
 @dataclass
@@ -577,7 +580,7 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
             accounting.loss_tokens += int(all_loss.sum())
             accounting.images += len(pack_images)
             accounting.image_bytes += sum(len(data) for data in pack_images)
-            accounting.vision_tokens += sum(rows * cols + rows + 1 for _, rows, cols in layout)
+            accounting.vision_tokens += sum(image_tokens_count(rows, cols) for _, rows, cols in layout)
         if packs:
             progress.set_postfix(packs=accounting.packs, fill=f"{accounting.tokens / (accounting.packs * seq_length):.4f}")
 
@@ -647,7 +650,7 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
     if report["documents_in"] != report["documents_packed"] + report["documents_rejected"]:
         raise RuntimeError("accounting bug: documents_in != documents_packed + documents_rejected")
     write_json_atomic(os.path.join(config.output, REPORT_FILE), report)
-    vision = DocumentEncoder(tokenizer, config.encode).vision
+    vision = VisionTokenIds.from_tokenizer(tokenizer)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -655,6 +658,7 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
         "packs": report["packs"],
         "tokenizer": {
             "dir": os.path.abspath(config.tokenizer),
+            "digest": fingerprint["tokenizer"]["digest"],  # blended sources must share one tokenizer
             "vocab_size": len(tokenizer),
             "bos_id": tokenizer.bos_token_id,
             "eos_id": tokenizer.eos_token_id,

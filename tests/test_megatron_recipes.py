@@ -70,3 +70,29 @@ def test_schema_rejects_bad_recipes(tmp_path, monkeypatch):
     monkeypatch.delenv("SOLO_RUNS", raising=False)
     with pytest.raises(ConfigError, match="SOLO_RUNS"):
         load_config(RECIPES / "stage2.yaml")
+
+
+def test_blend_of_packs_made_with_different_tokenizers_is_refused(tmp_path):
+    import json
+
+    from data_prep.cli import main as solo_data
+    from megatron_patch.train import resolve_tokenizer_fields
+    from solo.tiny import make_base_tokenizer
+    from solo.tokenizer import extend_tokenizer
+
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": f"some words {i}"}) + "\n" for i in range(5)))
+    for name, vocab in (("a", 32000), ("b", 1000)):
+        extend_tokenizer(make_base_tokenizer(vocab_size=vocab)).save_pretrained(tmp_path / f"tok_{name}")
+        assert solo_data(["pack", str(tmp_path / "text.jsonl"), "--format", "text", "--tokenizer",
+                          str(tmp_path / f"tok_{name}"), "--seq-length", "64", "--output", str(tmp_path / name),
+                          "--no-progress"]) == 0
+    same = tmp_path / "same.yaml"
+    same.write_text("datasets:\n  - {path: a, weight: 1}\n  - {path: a, weight: 1}\n")
+    cfg = load_config(RECIPES / "debug_cpu.yaml", [f"data.path={same}", "data.pad_token_id=", "data.seq_length=64"])
+    resolve_tokenizer_fields(cfg)
+    assert cfg.model.vocab_size == 33029 and cfg.data.pad_token_id == 0
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text("datasets:\n  - {path: a, weight: 1}\n  - {path: b, weight: 1}\n")
+    cfg = load_config(RECIPES / "debug_cpu.yaml", [f"data.path={mixed}", "data.pad_token_id=", "data.seq_length=64"])
+    with pytest.raises(ConfigError, match="different tokenizers"):
+        resolve_tokenizer_fields(cfg)
