@@ -21,10 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from solo.hf.image_processing_solo import PATCH_DIM  # noqa: E402
+
 GIB = 1024**3
 
 
-def parameter_count(model, vocab_padded: int, patch_dim: int = 3072) -> dict:
+def parameter_count(model, vocab_padded: int, patch_dim: int = PATCH_DIM) -> dict:
     """Exact parameter counts of SoloGPTModel (TP=1 view) by component."""
     h, f, heads, groups = model.hidden_size, model.ffn_hidden_size, model.num_attention_heads, model.num_query_groups
     d = h // heads
@@ -52,7 +54,7 @@ def memory_plan(cfg, vocab_size: int, num_gpus: int) -> dict:
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     dp = num_gpus // (tp * pp * cp)
     vocab = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp)
-    params = parameter_count(m, vocab, m.patch_dim)
+    params = parameter_count(m, vocab)
     n_rank = params["total"] / (tp * pp)  # the first stage also holds the embedding; uniform estimate
     param_bytes = 2 if t.bf16 else 4
     s, b, h, L = d.seq_length // cp, d.micro_batch_size, m.hidden_size, m.num_layers // pp

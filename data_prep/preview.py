@@ -16,7 +16,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from solo.hf.image_processing_solo import PATCH_SIZE, unpatchify
+from solo.hf.image_processing_solo import PATCH_SIZE, image_tokens_count, unpatchify
 
 from .reader import PackedReader
 
@@ -64,7 +64,7 @@ def pack_segments(reader: PackedReader, index: int, tokenizer) -> list[dict]:
                 first = vpi[position + 1]
                 image = _grid_image(patches[first:first + rows * cols], rows, cols)
                 runs.append(("image", image, rows, cols))
-                position += rows * cols + rows + 1
+                position += image_tokens_count(rows, cols)
                 continue
             token = int(tokens[position])
             if token in names:

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from solo.hf.image_processing_solo import PATCH_DIM, image_to_patches, load_image
+from solo.hf.image_processing_solo import PATCH_DIM, SoloImageProcessor
 
 from .packed_format import (
     FORMAT_NAME,
@@ -62,6 +62,7 @@ class PackedReader:
         self.resize_mode: str = self.metadata["resize_mode"]
         # The decoded-pixel cap the images were accepted under: a larger --max-image-pixels must read back.
         self.max_pixels: int = self.metadata["max_pixels"]
+        self.image_processor = SoloImageProcessor(resize_mode=self.resize_mode, max_pixels=self.max_pixels)
         self.vision_patch_id: int = self.tokenizer_info["vision_patch_id"]
         self._datasets = None
 
@@ -143,9 +144,7 @@ class PackedReader:
             indices[positions] = np.arange(next_patch, next_patch + rows * cols)
             next_patch += rows * cols
             if decode_images:
-                patches, grid = image_to_patches(load_image(blob, name=f"pack {index} image {image_number}",
-                                                            max_pixels=self.max_pixels),
-                                                 self.resize_mode)
+                patches, grid = self.image_processor.patchify(blob, name=f"pack {index} image {image_number}")
                 if grid != (rows, cols):
                     raise ValueError(f"{self.directory}: pack {index} image {image_number} decodes to grid {grid}, "
                                      f"recorded {(rows, cols)}; the image processor changed since packing")

@@ -44,10 +44,6 @@ class Document:
         check_role(role)
         self.segments.append(Segment(role=role, image=data, image_name=name))
 
-    @property
-    def num_images(self) -> int:
-        return sum(1 for segment in self.segments if segment.is_image)
-
 
 def check_role(role: str) -> None:
     if role not in ROLES:

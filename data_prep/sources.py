@@ -45,12 +45,13 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple
 
+from solo.hf.processing_solo import IMAGE_PLACEHOLDER
+
 from .schema import Document, RejectedInput, check_role
 
 FORMATS = ("imagenet", "caption", "interleaved", "text", "llava", "chat")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-IMAGE_PLACEHOLDER = "<image>"
 SYNSET_PATTERN = re.compile(r"n\d{8}")
 
 
@@ -413,9 +414,7 @@ def _image_from_value(value: Any, record: Record, options: SourceOptions) -> tup
                 data = base64.b64decode(encoded, validate=True)
             except (binascii.Error, ValueError):
                 raise RejectedInput("image data URL holds invalid base64") from None
-            if len(data) > options.max_image_bytes:
-                raise RejectedInput(f"inline image is {len(data)} bytes, above --max-image-bytes")
-            return data, "<data URL>"
+            return data, "<data URL>"  # its size is checked with every image in record_to_document
         return _read_image_file(value, record, options)
     raise RejectedInput(f"cannot read an image from a {type(value).__name__}")
 
@@ -432,8 +431,7 @@ def _convert_imagenet(record: Record, options: SourceOptions) -> Document:
         raise ValueError("the imagenet format needs --class-map (synset → class name)")
     if record.kind == "file":
         synset, path = record.payload
-        with open(path, "rb") as handle:
-            data = _sourced(handle.read(), path, 0, os.fstat(handle.fileno()))
+        data, _ = _read_image_file(path, record, options)  # size-checked before it is read
         image_name = record.name
         class_key = synset
     elif record.kind == "tar":

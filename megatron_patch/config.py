@@ -36,7 +36,6 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     sliding_window: Optional[int] = 4096  # HF semantics: a token sees itself + 4095 earlier ones
     init_method_std: float = 0.02
-    patch_dim: int = 3072
     backend: str = "auto"  # auto | te | local
 
 

@@ -41,10 +41,6 @@ LATEST_FILE = "latest_checkpointed_iteration.txt"
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "B200": 2250.0}
 
 
-class NonFiniteError(RuntimeError):
-    pass
-
-
 # ----------------------------------------------------------------------------------------------
 # Set-up
 # ----------------------------------------------------------------------------------------------
@@ -146,7 +142,6 @@ def build_model(cfg: Config):
         rotary_base=cfg.model.rope_theta,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
-        patch_dim=cfg.model.patch_dim,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
