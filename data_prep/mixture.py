@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .packed_format import write_json_atomic
+from solo.outputs import write_json_atomic
 from .reader import PackedReader
 
 

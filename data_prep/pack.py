@@ -45,8 +45,8 @@ from .packed_format import (
     METADATA_FILE,
     REPORT_FILE,
     PackWriter,
-    write_json_atomic,
 )
+from solo.outputs import write_json_atomic
 from .packing import BestFitPacker
 from .schema import RejectedInput
 from .sources import FilteredOut, Record, SourceOptions, expand_inputs, iter_records, record_to_document

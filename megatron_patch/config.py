@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import yaml
+from solo.recipe import ConfigError, load_recipe
 
 
 @dataclass
@@ -128,94 +125,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
-    pass
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check/convert one value against a dataclass field annotation."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, globals())  # annotations are strings (__future__)
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
-        raise ConfigError(f"{key}: expected a boolean, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return expand_env(str(value), key)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return value
-
-
-def expand_env(value: str, key: str) -> str:
-    """Expand ${VAR} / $VAR; an unset variable is an error naming it (recipes use SOLO_DATA etc.)."""
-    expanded = os.path.expandvars(value)
-    if "$" in expanded:
-        missing = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
-        raise ConfigError(f"{key}: set the environment variable(s) {', '.join(missing)} (value {value!r})")
-    return expanded
-
-
-def _build(cls, data: dict, prefix: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {', '.join(prefix + k for k in unknown)}; valid keys under "
-            f"{prefix or 'the top level'}: {', '.join(sorted(fields))}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        f = fields[name]
-        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
-            kwargs[name] = _build(f.default_factory, value or {}, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, f.type, prefix + name)
-    return cls(**kwargs)
-
-
-def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
-
-
 def validate(cfg: Config) -> None:
     """Cross-field checks; raise ConfigError naming the keys to fix."""
     m, p, d, t, o = cfg.model, cfg.parallel, cfg.data, cfg.training, cfg.optimizer
@@ -266,14 +175,7 @@ def validate(cfg: Config) -> None:
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML recipe, apply ``section.key=value`` overrides (values parsed as YAML), validate."""
-    with open(path, encoding="utf-8") as fh:
-        tree = yaml.safe_load(fh) or {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), raw)
-    cfg = _build(Config, tree, "")
+    cfg = load_recipe(Config, path, overrides)
     # A relative data.path that names a file next to the recipe (e.g. mixtures/stage1.yaml) is
     # resolved there; otherwise relative paths are relative to the working directory.
     beside = Path(path).resolve().parent / cfg.data.path

@@ -8,12 +8,13 @@ import sys
 
 def _create(args: argparse.Namespace) -> int:
     from solo.create import CreateError, create_solo_checkpoint
+    from solo.outputs import OutputError
 
     try:
         out = create_solo_checkpoint(
             args.base, args.out, seed=args.seed, resize_mode=args.resize_mode, overwrite=args.overwrite
         )
-    except CreateError as error:
+    except (CreateError, OutputError) as error:
         print(f"solo create: error: {error}", file=sys.stderr)
         return 2
     print(f"solo create: wrote SOLO checkpoint to {out}")

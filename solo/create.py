@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from solo.outputs import atomic_output_dir, check_output_dir
+
+COMMAND = "solo create"
 SUPPORTED_MODEL_TYPES = ("mistral", "llama")
 PATCH_INIT_STD = 0.02
 
@@ -81,8 +82,7 @@ def create_solo_checkpoint(
 
     base, out = Path(base_dir), Path(out_dir)
     _check_base(base)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CreateError(f"output directory {out} exists and is not empty; choose another or pass --overwrite")
+    check_output_dir(out, command=COMMAND, inputs=[base], overwrite=overwrite)
 
     tokenizer = extend_tokenizer(AutoTokenizer.from_pretrained(base))
     config = SoloConfig.from_pretrained(base)
@@ -99,18 +99,7 @@ def create_solo_checkpoint(
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_output_dir(out, command=COMMAND, inputs=[base], overwrite=overwrite) as staging:
         model.save_pretrained(staging)
         SoloProcessor(SoloImageProcessor(resize_mode=resize_mode), tokenizer).save_pretrained(staging)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
