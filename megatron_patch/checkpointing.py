@@ -1,8 +1,18 @@
-"""Pretraining checkpoints: megatron-core ``torch_dist`` dist-checkpoints (reshardable), written
-atomically (``iter_N.tmp`` renamed into place, then ``latest`` pointed at it), the last N kept.
+"""Pretraining checkpoints: megatron-core ``torch_dist`` dist-checkpoints, written atomically
+(``iter_N.tmp`` renamed into place, then ``latest`` pointed at it), the last N kept.
 
 Resume (``restore``) loads model, optimizer, schedule, RNG and data position from
 ``checkpoint.save``; a new stage starts from ``checkpoint.init_from`` with its schedule reset.
+
+Formats and cost: model weights always reshard (any TP/PP/DP). The distributed optimizer's state is
+saved ``dp_reshardable`` by default: every data-parallel rank writes and reads only its own shard
+(megatron-core's fully-parallel save/load wrappers spread the replicated tensors too), with no
+gather. It loads at any DP size but only at the saved TP/PP. ``checkpoint.fully_reshardable=true``
+writes the ``fully_reshardable`` form instead (the whole fp32 state gathered per TP shard on DP
+rank 0: tens of GB of host memory at 7B), which loads at any TP/PP; use it for the save before a
+planned TP/PP change. Loading reads the format from the checkpoint. Saves can run asynchronously
+(``checkpoint.async_save``): training continues while a background process writes, and the
+checkpoint is renamed into place and ``latest`` updated only once every rank has finished.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_patch.config import Config
+from megatron_patch.config import Config, ConfigError
 
 logger = logging.getLogger("megatron_patch.checkpointing")
 
@@ -79,23 +89,75 @@ def _rng_object(is_loading: bool):
     )
 
 
-def _sharded_state(model, optimizer, *, is_loading: bool, with_optimizer: bool, with_rng: bool):
+DP_RESHARDABLE, FULLY_RESHARDABLE = "dp_reshardable", "fully_reshardable"
+
+
+def _sharded_state(model, optimizer, *, is_loading: bool, with_optimizer: bool, with_rng: bool,
+                   optimizer_format: str = DP_RESHARDABLE):
     model_sd = unwrap(model).sharded_state_dict()
     state: Dict[str, Any] = {"model": model_sd}
     if with_optimizer:
-        # fully_reshardable: the distributed optimizer's state loads at any TP/PP/DP (GPU path).
+        # Only megatron's distributed optimizer (GPU) reads this; see the module docstring.
         state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format}
         )
     if with_rng:
         state["rng_state"] = _rng_object(is_loading)
     return state
 
 
-def save_checkpoint(cfg: Config, model, optimizer, scheduler, iteration: int, consumed: int) -> None:
-    """Write iter_N atomically: into iter_N.tmp, rename, then point 'latest' at it."""
+def _parallel_group():
+    """The ranks that hold replicas of the same shards: data-parallel (with context-parallel)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+def _save_strategy():
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    # Every replica writes a share of the replicated tensors, not DP rank 0 alone.
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy("torch_dist"), _parallel_group())
+
+
+def _load_strategy(ckpt_dir: str):
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    # Each replica reads a share and exchanges it, instead of every rank reading everything.
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(ckpt_dir), _parallel_group())
+
+
+class AsyncSaves:
+    """Asynchronous checkpoint writes in flight (megatron-core's AsyncCallsQueue); one at a time.
+
+    ``poll()`` each step finalizes a finished save (rename into place, point ``latest``, prune);
+    ``wait()`` blocks until none is in flight (before the next save and before exit)."""
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue()
+
+    def schedule(self, request) -> None:
+        self.queue.schedule_async_request(request)
+
+    def poll(self) -> None:
+        self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        self.queue.maybe_finalize_async_calls(blocking=True)
+
+
+def save_checkpoint(cfg: Config, model, optimizer, scheduler, iteration: int, consumed: int,
+                    async_saves: Optional[AsyncSaves] = None) -> None:
+    """Write iter_N atomically: into iter_N.tmp, rename, then point 'latest' at it. With
+    ``async_saves`` the write continues in the background and the rename happens when it is done."""
     from megatron.core import dist_checkpointing
 
+    if async_saves is not None:
+        async_saves.wait()  # one save in flight at a time; keeps keep_last and 'latest' ordered
     save = cfg.checkpoint.save
     final = _iter_dir(save, iteration)
     tmp = final + ".tmp"
@@ -107,17 +169,34 @@ def save_checkpoint(cfg: Config, model, optimizer, scheduler, iteration: int, co
                 shutil.rmtree(stale)
         os.makedirs(tmp)
     dist.barrier()
-    state = _sharded_state(model, optimizer, is_loading=False, with_optimizer=True, with_rng=True)
+    optimizer_format = FULLY_RESHARDABLE if cfg.checkpoint.fully_reshardable else DP_RESHARDABLE
+    state = _sharded_state(model, optimizer, is_loading=False, with_optimizer=True, with_rng=True,
+                           optimizer_format=optimizer_format)
     state.update(
         iteration=iteration,
         consumed_samples=consumed,
         scheduler=scheduler.state_dict(),
         topology=_topology(),
+        optimizer_format=optimizer_format,
         config=cfg.to_dict(),
     )
-    dist_checkpointing.save(state, tmp)
+    request = dist_checkpointing.save(
+        state, tmp, sharded_strategy=_save_strategy(), async_sharded_save=async_saves is not None
+    )
+    finalize = lambda: _publish(cfg, tmp, final, iteration)  # noqa: E731
+    if async_saves is not None:
+        request.add_finalize_fn(finalize)
+        async_saves.schedule(request)
+        return
     dist.barrier()
-    if rank == 0:
+    finalize()
+    dist.barrier()
+
+
+def _publish(cfg: Config, tmp: str, final: str, iteration: int) -> None:
+    """Rank 0: move a complete checkpoint into place, point 'latest' at it, prune old ones."""
+    save = cfg.checkpoint.save
+    if dist.get_rank() == 0:
         os.replace(tmp, final)
         latest_tmp = os.path.join(save, LATEST_FILE + ".tmp")
         with open(latest_tmp, "w", encoding="utf-8") as fh:
@@ -127,7 +206,6 @@ def save_checkpoint(cfg: Config, model, optimizer, scheduler, iteration: int, co
         os.replace(latest_tmp, os.path.join(save, LATEST_FILE))
         _prune_checkpoints(save, cfg.checkpoint.keep_last)
         logger.info("saved checkpoint %s", final)
-    dist.barrier()
 
 
 def _prune_checkpoints(save: str, keep_last: int) -> None:
@@ -147,10 +225,24 @@ def load_checkpoint(cfg: Config, ckpt_dir: str, model, optimizer, *, with_optimi
     from megatron.core import dist_checkpointing, tensor_parallel
 
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)
-    same_topology = common.get("topology") == _topology()
+    saved, now = common.get("topology") or {}, _topology()
+    same_topology = saved == now
     with_rng = restore_rng and same_topology
-    state = _sharded_state(model, optimizer, is_loading=True, with_optimizer=with_optimizer, with_rng=with_rng)
-    loaded = dist_checkpointing.load(state, ckpt_dir)
+    # Checkpoints written before the format was recorded used the fully reshardable form.
+    optimizer_format = common.get("optimizer_format", FULLY_RESHARDABLE)
+    model_parallel_changed = (saved.get("tp"), saved.get("pp")) != (now["tp"], now["pp"])
+    if (with_optimizer and optimizer_format == DP_RESHARDABLE and model_parallel_changed
+            and optimizer.config.use_distributed_optimizer):
+        raise ConfigError(
+            f"{ckpt_dir} holds the distributed optimizer in the {DP_RESHARDABLE} format, which loads "
+            f"only at the TP/PP it was saved with (TP={saved.get('tp')} PP={saved.get('pp')}; now "
+            f"TP={now['tp']} PP={now['pp']}). Resume once at the saved TP/PP with "
+            f"checkpoint.fully_reshardable=true (its next save then loads at any TP/PP), or start "
+            f"from its weights alone with checkpoint.init_load_optimizer=false."
+        )
+    state = _sharded_state(model, optimizer, is_loading=True, with_optimizer=with_optimizer, with_rng=with_rng,
+                           optimizer_format=optimizer_format)
+    loaded = dist_checkpointing.load(state, ckpt_dir, sharded_strategy=_load_strategy(ckpt_dir))
     unwrap(model).load_state_dict(loaded["model"])
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])

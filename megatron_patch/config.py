@@ -33,7 +33,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     sliding_window: Optional[int] = 4096  # HF semantics: a token sees itself + 4095 earlier ones
     init_method_std: float = 0.02
-    backend: str = "auto"  # auto | te | local
+    # auto: te on a GPU with Transformer Engine, else flex (PyTorch flex_attention) on a GPU, else local (CPU).
+    backend: str = "auto"  # auto | te | flex | local
 
 
 @dataclass
@@ -41,7 +42,11 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # shard norms/dropout activations over TP (te backend, TP > 1)
+    # Overlap the gradient reduce-scatter with backward / the parameter all-gather with the next
+    # forward (megatron-core DDP; the all-gather overlap needs the distributed optimizer).
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
 
 
 @dataclass
@@ -83,6 +88,10 @@ class TrainingConfig:
     seed: int = 1234
     bf16: bool = True
     recompute: str = "full"  # none | selective | full
+    # full only: uniform = checkpoint every group of recompute_num_layers layers (all layers
+    # recomputed); block = recompute only the first recompute_num_layers layers of each pipeline
+    # stage and keep the rest's activations (faster, more memory: see bench/memory_plan.py).
+    recompute_method: str = "uniform"  # uniform | block
     recompute_num_layers: int = 1
     log_interval: int = 1
     on_nonfinite: str = "stop"  # stop | skip
@@ -102,6 +111,11 @@ class CheckpointConfig:
     init_from: Optional[str] = None
     init_load_optimizer: bool = False  # keep the previous stage's optimizer state (else reset)
     sigterm_save: bool = True
+    # Distributed optimizer format: false = dp_reshardable (each DP rank writes/reads its own shard;
+    # loads at any DP but only at the saved TP/PP), true = fully_reshardable (gathers the fp32 state
+    # per TP shard on one rank; loads at any TP/PP): set it for the save before a TP/PP change.
+    fully_reshardable: bool = False
+    async_save: bool = True  # write checkpoints in the background (GPU; synchronous on CPU)
 
 
 @dataclass
@@ -145,8 +159,10 @@ def validate(cfg: Config) -> None:
             "(packed THD rows would need per-rank partitioning and 2*CP-aligned documents); use 1 and scale "
             "with tensor/pipeline/data parallelism"
         )
-    if m.backend not in ("auto", "te", "local"):
-        raise ConfigError(f"model.backend must be auto, te or local; got {m.backend!r}")
+    if m.backend not in ("auto", "te", "flex", "local"):
+        raise ConfigError(f"model.backend must be auto, te, flex or local; got {m.backend!r}")
+    if p.overlap_param_gather and not o.use_distributed_optimizer:
+        raise ConfigError("parallel.overlap_param_gather needs optimizer.use_distributed_optimizer=true")
     if (t.train_iters is None) == (t.train_tokens is None):
         raise ConfigError("set exactly one of training.train_iters and training.train_tokens")
     if t.train_tokens is not None and d.path == "synthetic":
@@ -154,6 +170,12 @@ def validate(cfg: Config) -> None:
                           "data.path=synthetic takes training.train_iters")
     if t.recompute not in ("none", "selective", "full"):
         raise ConfigError(f"training.recompute must be none, selective or full; got {t.recompute!r}")
+    if t.recompute_method not in ("uniform", "block"):
+        raise ConfigError(f"training.recompute_method must be uniform or block; got {t.recompute_method!r}")
+    layers_per_stage = m.num_layers // p.pipeline_model_parallel_size
+    if t.recompute == "full" and not 1 <= t.recompute_num_layers <= layers_per_stage:
+        raise ConfigError(f"training.recompute_num_layers={t.recompute_num_layers} must be between 1 and the "
+                          f"layers per pipeline stage ({layers_per_stage})")
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"training.on_nonfinite must be stop or skip; got {t.on_nonfinite!r}")
     if o.decay_style not in ("cosine", "linear", "constant"):

@@ -174,6 +174,7 @@ def make_training_sample(pack: Dict[str, np.ndarray], seq_length: int, pad_token
     out_vpi[:length] = vpi
     # Causal attention work of the real documents (the MFU's Σ L_i²), before padding joins as a document.
     doc_len_sq = float((np.diff(cu).astype(np.float64) ** 2).sum())
+    real_tokens = int(length)
     if length < seq_length:
         cu = np.append(cu, seq_length)
     return dict(
@@ -185,11 +186,16 @@ def make_training_sample(pack: Dict[str, np.ndarray], seq_length: int, pad_token
         patches=patches,
         vision_patch_indices=out_vpi,
         doc_len_sq=doc_len_sq,
+        real_tokens=real_tokens,
     )
 
 
 def collate_packed(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """Micro-batch of samples -> one THD row ``[1, B*S]`` with consistent patch indices."""
+    """Micro-batch of samples -> one THD row ``[1, B*S]`` with consistent patch indices.
+
+    Also computed here, on the loader's CPU workers rather than on the GPU: ``patch_positions``
+    (the row positions of patch tokens, so the model needs no ``torch.nonzero`` host sync) and
+    ``real_tokens`` (tokens that are not padding, for tokens/s and MFU)."""
     tokens, labels, loss_mask, image_doc, vpi, patches, cu = [], [], [], [], [], [], [0]
     offset_tokens = offset_patches = 0
     for s in samples:
@@ -206,17 +212,20 @@ def collate_packed(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         offset_tokens += len(s["tokens"])
         offset_patches += p.shape[0]
     cu_t = torch.tensor(cu, dtype=torch.int32)
+    vpi_row = torch.cat(vpi)
     return dict(
         tokens=torch.cat(tokens)[None],
         labels=torch.cat(labels)[None],
         loss_mask=torch.cat(loss_mask)[None],
         image_doc=torch.cat(image_doc)[None],
-        vision_patch_indices=torch.cat(vpi)[None],
+        vision_patch_indices=vpi_row[None],
+        patch_positions=torch.nonzero(vpi_row >= 0).reshape(-1),
         patches=torch.cat(patches) if patches else torch.zeros(0, PATCH_DIM, dtype=torch.uint8),
         cu_seqlens=cu_t,
         max_seqlen=int((cu_t[1:] - cu_t[:-1]).max()),
         sample_ids=[str(s["sample_id"]) for s in samples],
         doc_len_sq=sum(float(s["doc_len_sq"]) for s in samples),
+        real_tokens=sum(int(s.get("real_tokens", len(s["tokens"]))) for s in samples),
     )
 
 

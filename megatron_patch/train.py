@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch import compat
-from megatron_patch.checkpointing import restore, save_checkpoint, unwrap
+from megatron_patch.checkpointing import AsyncSaves, restore, save_checkpoint, unwrap
 from megatron_patch.config import Config, ConfigError, load_config
 from solo.metrics import MetricsWriter
 
@@ -151,7 +151,8 @@ def build_model(cfg: Config):
         model = Float16Module(tconfig, model)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather and use_distributed_optimizer(cfg),
         use_distributed_optimizer=use_distributed_optimizer(cfg),
     )
     model = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
@@ -181,6 +182,7 @@ def build_optimizer(cfg: Config, model):
         bf16=cfg.training.bf16,
         params_dtype=torch.bfloat16 if cfg.training.bf16 else torch.float32,
         use_distributed_optimizer=use_distributed_optimizer(cfg),
+        overlap_param_gather=model.ddp_config.overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(opt_config, [model])
     # Short (debug/test) runs may end inside the warm-up; megatron-core needs decay > warm-up.
@@ -233,23 +235,21 @@ def forward_step(state: dict, data_iterator: Iterator, model):
 
     batch = next(data_iterator)
     state["batches"].append(batch)
-    device = torch.cuda.current_device() if torch.cuda.is_available() else torch.device("cpu")
-    tokens = batch["tokens"].to(device)
-    patches = batch["patches"].to(device)
-    vpi = batch["vision_patch_indices"].to(device)
-    labels = batch["labels"].to(device)
+    # Pinned host memory (the loader's pin_memory on GPU) makes these copies asynchronous.
+    to = partial(torch.Tensor.to, device=_device(), non_blocking=True)
     psp = packed_seq_params(batch)
-    psp.cu_seqlens_q = psp.cu_seqlens_kv = batch["cu_seqlens"].to(device)
+    psp.cu_seqlens_q = psp.cu_seqlens_kv = to(batch["cu_seqlens"])
     output = model(
-        input_ids=tokens,
+        input_ids=to(batch["tokens"]),
         position_ids=None,
         attention_mask=None,
-        labels=labels,
+        labels=to(batch["labels"]),
         packed_seq_params=psp,
-        patches=patches,
-        vision_patch_indices=vpi,
+        patches=to(batch["patches"]),
+        vision_patch_indices=to(batch["vision_patch_indices"]),
+        patch_positions=to(batch["patch_positions"]),
     )
-    return output, partial(loss_func, batch["loss_mask"].to(device), batch["image_doc"].to(device), state["nan"])
+    return output, partial(loss_func, to(batch["loss_mask"]), to(batch["image_doc"]), state["nan"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,6 +339,7 @@ def build_data_iterator(cfg: Config, consumed: int) -> Iterator:
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate_packed, num_workers=d.num_workers,
         persistent_workers=d.num_workers > 0, worker_init_fn=_ignore_sigterm,
+        pin_memory=torch.cuda.is_available(),
     )
     return iter(loader)
 
@@ -366,21 +367,24 @@ def any_true(flag: bool) -> bool:
     return not all_true(not flag)
 
 
-def gather_step_samples(batches: list) -> tuple[list, float]:
-    """Sample ids of the whole global batch (DP-rank order) and Σ L_i² of its real documents (no padding)."""
+def gather_step_samples(batches: list) -> tuple[list, float, int]:
+    """Sample ids of the whole global batch (DP-rank order), Σ L_i² of its real documents and its
+    real (non-padding) token count."""
     from megatron.core import parallel_state as ps
 
     ids = [s for b in batches for s in b["sample_ids"]]
     doc_sq = sum(b["doc_len_sq"] for b in batches)
+    real = sum(b["real_tokens"] for b in batches)
     gathered: List[Any] = [None] * dist.get_world_size()
     first_of_dp_replica = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
-    dist.all_gather_object(gathered, (first_of_dp_replica, ps.get_data_parallel_rank(), ids, doc_sq))
-    all_ids, total_sq = [], 0.0
-    for first, _, rank_ids, sq in sorted(gathered, key=lambda g: g[1]):
+    dist.all_gather_object(gathered, (first_of_dp_replica, ps.get_data_parallel_rank(), ids, doc_sq, real))
+    all_ids, total_sq, total_real = [], 0.0, 0
+    for first, _, rank_ids, sq, rank_real in sorted(gathered, key=lambda g: g[1]):
         if first:
             all_ids.extend(rank_ids)
             total_sq += sq
-    return all_ids, total_sq
+            total_real += rank_real
+    return all_ids, total_sq, total_real
 
 
 def log_step(record: dict, train_iters: int) -> None:
@@ -411,6 +415,11 @@ def train(cfg: Config) -> int:
         )
     init_distributed(cfg)
     rank = dist.get_rank()
+    if torch.cuda.is_available():
+        from megatron_patch.preflight import check_attention
+
+        # One attention call at the recipe's shapes before any data or checkpoint is touched.
+        check_attention(cfg)
     if rank == 0 and cfg.training.train_tokens is not None:
         logger.info("training.train_tokens=%.4g -> %d iterations", cfg.training.train_tokens, cfg.training.train_iters)
     model, tconfig = build_model(cfg)
@@ -419,6 +428,8 @@ def train(cfg: Config) -> int:
     tconfig.no_sync_func = model.no_sync
 
     iteration, consumed, last_saved = restore(cfg, model, optimizer, scheduler)
+    # Background checkpoint writes need megatron-core's GPU staging; CPU runs save synchronously.
+    async_saves = AsyncSaves() if cfg.checkpoint.async_save and torch.cuda.is_available() else None
     data_iter = build_data_iterator(cfg, consumed)
     d, t = cfg.data, cfg.training
     num_microbatches = d.global_batch_size // (d.micro_batch_size * ps.get_data_parallel_world_size())
@@ -439,6 +450,8 @@ def train(cfg: Config) -> int:
     run_start_iteration = iteration
     model.train()
     while iteration < t.train_iters:
+        if async_saves is not None:
+            async_saves.poll()
         step_start = time.perf_counter()
         state = {"batches": [], "nan": t.inject_nan_at_step == iteration + 1}
         model.zero_grad_buffer()
@@ -463,6 +476,8 @@ def train(cfg: Config) -> int:
                 if rank == 0:
                     logger.error("%s: stopping without updating the weights (last checkpoint: %s). "
                                  "Set training.on_nonfinite=skip to skip such steps.", msg, last_saved)
+                if async_saves is not None:
+                    async_saves.wait()
                 dist.barrier()
                 return 3
             skipped = True
@@ -479,8 +494,7 @@ def train(cfg: Config) -> int:
             time.sleep(t.step_sleep_s)
 
         elapsed = time.perf_counter() - step_start
-        sample_ids, doc_len_sq = gather_step_samples(state["batches"])
-        tokens = d.global_batch_size * d.seq_length
+        sample_ids, doc_len_sq, tokens = gather_step_samples(state["batches"])  # real tokens, not padding
         n_loss = report[1].item()
         record = dict(
             step=iteration,
@@ -506,7 +520,8 @@ def train(cfg: Config) -> int:
         sigterm = any_true(terminate.requested)
         stop = sigterm or (t.exit_after_iters is not None and iteration - run_start_iteration >= t.exit_after_iters)
         if cfg.checkpoint.save and (iteration % cfg.checkpoint.save_interval == 0 or stop or iteration == t.train_iters):
-            save_checkpoint(cfg, model, optimizer, scheduler, iteration, consumed)
+            _sync_params(model)
+            save_checkpoint(cfg, model, optimizer, scheduler, iteration, consumed, async_saves)
             last_saved = iteration
         if stop:
             if rank == 0:
@@ -515,8 +530,17 @@ def train(cfg: Config) -> int:
 
     if t.train_iters == 0 and cfg.checkpoint.save and last_saved is None:
         save_checkpoint(cfg, model, optimizer, scheduler, 0, 0)  # materialise the initial weights
+    if async_saves is not None:
+        async_saves.wait()  # the last checkpoint is complete and in place before the process exits
     dist.barrier()
     return 0
+
+
+def _sync_params(model) -> None:
+    """With overlapped parameter all-gather the model's weights are updated lazily (during the next
+    forward); gather them now so that a checkpoint holds this step's weights."""
+    if getattr(model, "use_forward_hook", False):
+        model.start_param_sync(force_sync=True)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

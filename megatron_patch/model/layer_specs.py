@@ -1,12 +1,18 @@
 """Transformer-layer specs for the SOLO model, one function per backend.
 
-* Transformer Engine (GPU): megatron-core's TE spec; ``TEDotProductAttention`` takes packed THD
-  batches (``PackedSeqParams`` with per-document ``cu_seqlens``) and ``config.window_size``.
-* local (CPU, or GPU without TE): megatron-core's local spec with the core attention replaced by
-  :class:`PackedDotProductAttention`, which honours the same ``PackedSeqParams`` exactly (the stock
-  local ``DotProductAttention`` rejects them, and a dense S x S block mask is O(S^2)).
+* ``te`` (GPU): megatron-core's TE spec; ``TEDotProductAttention`` takes packed THD batches
+  (``PackedSeqParams`` with per-document ``cu_seqlens``) and ``config.window_size``.
+* ``flex`` (GPU without TE): megatron-core's local spec with the core attention replaced by
+  :class:`FlexPackedAttention`: PyTorch's ``flex_attention`` under a document + sliding-window
+  block mask that :func:`document_mask_params` builds once per micro-batch on the device (no host
+  sync, no per-document loop, no S x S mask). RoPE positions restart per document through
+  :class:`DocumentRotaryEmbedding` (megatron-core's unfused THD RoPE syncs with the host per call).
+* ``local`` (CPU): the local spec with :class:`PackedDotProductAttention`, which honours the same
+  ``PackedSeqParams`` exactly by running SDPA per document (the stock local ``DotProductAttention``
+  rejects them, and a dense S x S block mask is O(S^2)).
 
-Both see identical inputs, so the data path does not depend on the backend.
+All take identical inputs (a THD ``PackedSeqParams``), so the data path does not depend on the
+backend; ``flex`` and ``local`` have the same parameters (their checkpoints are interchangeable).
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 import copy
 import math
 from typing import Optional
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +42,8 @@ try:
     HAVE_TE = True
 except ImportError:  # CPU machines and GPU machines without the [gpu] extra
     HAVE_TE = False
+
+BACKENDS = ("auto", "te", "flex", "local")
 
 
 def _window_left(config: TransformerConfig) -> Optional[int]:
@@ -169,6 +179,193 @@ class PackedDotProductAttention(MegatronModule):
             return torch.stack(rows, dim=1)
 
 
+# ----------------------------------------------------------------------------------------------
+# flex backend: PyTorch-only packed attention for GPUs without Transformer Engine
+# ----------------------------------------------------------------------------------------------
+
+FLEX_BLOCK = 128  # flex_attention's sparse block size (its kernels' tile on H100/A100)
+
+
+@dataclass
+class DocumentMaskParams(PackedSeqParams):
+    """What the flex backend hands every layer of one micro-batch, built once by
+    :func:`document_mask_params`. ``qkv_format="sbhd"`` on purpose: megatron-core then applies RoPE
+    with the per-token frequencies of :class:`DocumentRotaryEmbedding` instead of its THD path."""
+
+    block_mask: Optional[object] = None  # torch.nn.attention.flex_attention.BlockMask
+    position_ids: Optional[torch.Tensor] = None  # [t] position of each token inside its document
+    window_left: Optional[int] = None
+
+
+def document_mask_params(cu_seqlens: torch.Tensor, total: int, window_left: Optional[int]) -> DocumentMaskParams:
+    """Document-causal (+ sliding-window) flex block mask and per-document positions for one packed
+    row of ``total`` tokens delimited by ``cu_seqlens``; device tensor ops only (no host sync).
+
+    Block (i, j) of the ``FLEX_BLOCK``-tiled score matrix is *full* when every query of tile i may see
+    every key of tile j (one document, keys all before the queries, all within the window) and
+    *partial* when some may (the mask function decides per element there). Documents are contiguous,
+    so a tile's documents are the range between its first and last token's document.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    device = cu_seqlens.device
+    cu = cu_seqlens.to(torch.int64)
+    pos = torch.arange(total, device=device)
+    doc = torch.searchsorted(cu[1:], pos, right=True)  # document of each token
+    positions = pos - cu[doc]
+    n_blocks = -(-total // FLEX_BLOCK)
+    # Padded to whole tiles so the mask function never reads past the end (-1: no document).
+    doc_padded = torch.full((n_blocks * FLEX_BLOCK,), -1, dtype=torch.int64, device=device)
+    doc_padded[:total] = doc
+    start = torch.arange(n_blocks, device=device) * FLEX_BLOCK
+    end = torch.clamp(start + FLEX_BLOCK, max=total) - 1  # last token of each tile
+    first_doc, last_doc = doc[start], doc[end]
+    q_first, q_last = start[:, None], end[:, None]
+    k_first, k_last = start[None, :], end[None, :]
+    any_allowed = (
+        (first_doc[:, None] <= last_doc[None, :]) & (first_doc[None, :] <= last_doc[:, None]) & (k_first <= q_last)
+    )
+    all_allowed = (
+        (first_doc[:, None] == last_doc[:, None]) & (first_doc[None, :] == last_doc[None, :])
+        & (first_doc[:, None] == first_doc[None, :]) & (k_last <= q_first)
+    )
+    if window_left is not None:
+        any_allowed &= q_first - k_last <= window_left
+        all_allowed &= q_last - k_first <= window_left
+    partial = any_allowed & ~all_allowed
+
+    def to_kv_blocks(blocks: torch.Tensor):
+        counts = blocks.sum(dim=-1, dtype=torch.int32)
+        # Stable sort puts each row's selected tiles first, in increasing order, as flex expects.
+        indices = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return counts[None, None], indices[None, None]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = (doc_padded[q_idx] == doc_padded[kv_idx]) & (q_idx >= kv_idx)
+        if window_left is not None:
+            allowed = allowed & (q_idx - kv_idx <= window_left)
+        return allowed
+
+    kv_num, kv_idx = to_kv_blocks(partial)
+    full_num, full_idx = to_kv_blocks(all_allowed)
+    block_mask = BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(total, total)
+    )
+    return DocumentMaskParams(
+        qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=total,
+        max_seqlen_kv=total, block_mask=block_mask, position_ids=positions, window_left=window_left,
+    )
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_attention():
+    """flex_attention, compiled on CUDA (eager flex materialises the whole score matrix); eager on
+    CPU, where torch 2.13 runs it forward-only and compiling it is not supported everywhere."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not torch.cuda.is_available():
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+class FlexPackedAttention(MegatronModule):
+    """Causal core attention for packed documents with PyTorch's ``flex_attention`` (GPU, no TE).
+
+    Takes the :class:`DocumentMaskParams` that ``SoloGPTModel`` builds once per micro-batch (passed
+    by megatron-core as ``packed_seq_params``) and ``[t, 1, heads, dim]`` query/key/value (one packed
+    row); returns ``[t, 1, heads*dim]``. Same function as :class:`PackedDotProductAttention`: no
+    query sees another document, the window comes from ``config.window_size`` the same way, GQA
+    runs natively. No attention dropout (flex has none; SOLO uses 0).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size > 1:
+            raise ValueError("the flex backend does not implement context parallelism; set parallel.context_parallel_size=1")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise ValueError(f"SOLO attention is causal; got attn_mask_type={attn_mask_type}")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(f"the flex backend has no attention dropout (got {dropout}); use backend te or local")
+        self.layer_number = layer_number
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        )
+        self.window_left = _window_left(config)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> torch.Tensor:
+        if attention_bias is not None:
+            raise ValueError("FlexPackedAttention does not take an attention bias")
+        if not isinstance(packed_seq_params, DocumentMaskParams) or packed_seq_params.block_mask is None:
+            raise ValueError("FlexPackedAttention needs the DocumentMaskParams that SoloGPTModel builds "
+                             "(document_mask_params); call it through SoloGPTModel with packed rows")
+        if packed_seq_params.window_left != self.window_left:
+            raise ValueError(f"block mask built for window {packed_seq_params.window_left}, "
+                             f"layer configured with {self.window_left}")
+        if query.dim() != 4 or query.shape[1] != 1:
+            raise ValueError(f"FlexPackedAttention takes one packed row [t, 1, heads, dim]; got {tuple(query.shape)}")
+        total = query.shape[0]
+        q, k, v = (x.squeeze(1).transpose(0, 1).unsqueeze(0) for x in (query, key, value))  # [1, h, t, d]
+        out = _flex_attention()(
+            q, k, v, block_mask=packed_seq_params.block_mask, scale=self.softmax_scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+        return out.squeeze(0).transpose(0, 1).reshape(total, 1, -1)
+
+
+class DocumentRotaryEmbedding(torch.nn.Module):
+    """megatron-core's ``RotaryEmbedding`` read at per-document positions (flex backend).
+
+    ``SoloGPTModel`` sets :attr:`position_ids` ([t], restarting at 0 in every document) before each
+    forward; megatron-core then applies ``[t, 1, 1, dim]`` frequencies in one elementwise op instead
+    of splitting the row by ``cu_seqlens`` on the host in every layer. No parameters or buffers of
+    its own, so checkpoints are unchanged.
+    """
+
+    def __init__(self, base: torch.nn.Module):
+        super().__init__()
+        object.__setattr__(self, "base", base)  # not a submodule: keeps state-dict names unchanged
+        self.position_ids: Optional[torch.Tensor] = None
+
+    def get_rotary_seq_len(self, *args, **kwargs) -> int:
+        return self.base.get_rotary_seq_len(*args, **kwargs)
+
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None) -> torch.Tensor:
+        if self.position_ids is None:
+            raise RuntimeError("DocumentRotaryEmbedding: position_ids were not set for this forward")
+        freqs = self.base(max_seq_len, offset=offset, packed_seq=False, cp_group=cp_group)  # [s, 1, 1, d]
+        return freqs.index_select(0, self.position_ids)
+
+
+def uses_flex_attention(spec: ModuleSpec) -> bool:
+    """Whether a layer spec's core attention is the flex backend's."""
+    return spec.submodules.self_attention.submodules.core_attention is FlexPackedAttention
+
+
 def solo_layer_spec_local() -> ModuleSpec:
     """megatron-core's local spec (RMSNorm) with per-document packed core attention."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
@@ -186,18 +383,29 @@ def solo_layer_spec_te() -> ModuleSpec:
     return get_gpt_layer_with_transformer_engine_spec()
 
 
+def solo_layer_spec_flex() -> ModuleSpec:
+    """megatron-core's local spec (RMSNorm) with flex_attention packed core attention."""
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec.submodules.self_attention.submodules.core_attention = FlexPackedAttention
+    return spec
+
+
 def resolve_backend(backend: str = "auto") -> str:
-    """``auto`` means TE on a GPU with TE installed, else local."""
+    """``auto``: TE on a GPU with TE installed, else flex on a GPU, else local (CPU)."""
     if backend == "auto":
-        return "te" if (HAVE_TE and torch.cuda.is_available()) else "local"
+        if torch.cuda.is_available():
+            return "te" if HAVE_TE else "flex"
+        return "local"
     return backend
 
 
 def solo_layer_spec(backend: str = "auto") -> ModuleSpec:
-    """Pick the layer spec: ``te``, ``local``, or ``auto`` (TE when on GPU with TE installed)."""
+    """Pick the layer spec: ``te``, ``flex``, ``local``, or ``auto`` (see :func:`resolve_backend`)."""
     backend = resolve_backend(backend)
     if backend == "te":
         return solo_layer_spec_te()
+    if backend == "flex":
+        return solo_layer_spec_flex()
     if backend == "local":
         return solo_layer_spec_local()
-    raise ValueError(f"model.backend must be one of auto, te, local; got {backend!r}")
+    raise ValueError(f"model.backend must be one of {', '.join(BACKENDS)}; got {backend!r}")

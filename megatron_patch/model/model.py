@@ -43,6 +43,13 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from solo.hf.image_processing_solo import PATCH_DIM, normalize_patches
 
+from megatron_patch.model.layer_specs import (
+    DocumentRotaryEmbedding,
+    _window_left,
+    document_mask_params,
+    uses_flex_attention,
+)
+
 if TYPE_CHECKING:
     from megatron_patch.config import ModelConfig, ParallelConfig, TrainingConfig
 
@@ -53,6 +60,15 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
+def have_wgrad_accumulation_kernel() -> bool:
+    """Whether apex's fused weight-gradient accumulation kernel is installed: megatron-core's own
+    linears (patch projection, output layer, all of the flex/local spec) need it for
+    ``gradient_accumulation_fusion``; without it the flag would make them raise."""
+    import importlib.util
+
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
 def build_transformer_config(
     model: "ModelConfig", parallel: "ParallelConfig", training: "TrainingConfig"
 ) -> TransformerConfig:
@@ -60,15 +76,16 @@ def build_transformer_config(
     from megatron_patch.model.layer_specs import resolve_backend
 
     on_gpu = torch.cuda.is_available()
+    backend = resolve_backend(model.backend)
     # Fused RoPE matters most: megatron's unfused THD RoPE splits by cu_seqlens on the host in
-    # every layer. These fusions need CUDA (RoPE: TE's THD kernel), so only the TE backend uses them.
-    fused = on_gpu and resolve_backend(model.backend) == "te"
+    # every layer. It needs TE's THD kernel, so only the TE backend uses it (flex applies per-token
+    # frequencies instead). The SwiGLU fusion is megatron's own jit kernel: any GPU.
     dtype = torch.bfloat16 if training.bf16 else torch.float32
     recompute = {}
     if training.recompute == "full":
         recompute = dict(
             recompute_granularity="full",
-            recompute_method="uniform",
+            recompute_method=training.recompute_method,
             recompute_num_layers=training.recompute_num_layers,
         )
     elif training.recompute == "selective":
@@ -106,13 +123,14 @@ def build_transformer_config(
         calculate_per_token_loss=True,
         # CPU: no fused kernels (they need TE/apex/CUDA); TP shards seed-identical to TP=1.
         use_cpu_initialization=not on_gpu,
-        gradient_accumulation_fusion=False,  # needs apex's fused wgrad kernel for the local linears
+        gradient_accumulation_fusion=on_gpu and have_wgrad_accumulation_kernel(),
         masked_softmax_fusion=False,
-        bias_activation_fusion=fused,
+        bias_activation_fusion=on_gpu,
         bias_dropout_fusion=False,
-        apply_rope_fusion=fused,
+        apply_rope_fusion=on_gpu and backend == "te",
         persist_layer_norm=False,
-        cross_entropy_loss_fusion=False,
+        # megatron-core's vocab-parallel fused cross-entropy ("native": its own jit kernel).
+        cross_entropy_loss_fusion=on_gpu,
         batch_p2p_comm=True,
         batch_p2p_sync=on_gpu,
         **recompute,
@@ -157,6 +175,11 @@ class SoloGPTModel(MegatronModule):
             # Patches are added to the full-sequence embeddings first, then scattered (below).
             scatter_embedding_sequence_parallel=False,
         )
+        # flex backend: RoPE positions restart per document through per-token frequencies.
+        self.flex_attention = uses_flex_attention(transformer_layer_spec)
+        if self.flex_attention:
+            self.language_model.rotary_pos_emb = DocumentRotaryEmbedding(self.language_model.rotary_pos_emb)
+            self.window_left = _window_left(config)
         if pre_process:
             # Split along the output (hidden) dim under TP, gathered before the add: each rank
             # holds a 3072 x hidden/TP shard, like SOLO's Megatron layer.
@@ -181,23 +204,37 @@ class SoloGPTModel(MegatronModule):
         input_ids: torch.Tensor,
         patches: Optional[torch.Tensor],
         vision_patch_indices: Optional[torch.Tensor],
+        patch_positions: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """[b, s] ids -> [s, b, h] embeddings; E[<vpatch>] + W . normalise(patch) at patch positions
-        (sequence-parallel: scattered along s after the patches are in)."""
+        (sequence-parallel: scattered along s after the patches are in).
+
+        The projection runs on every micro-batch, with zero rows when it has no image: under
+        overlapped gradient reduction a parameter that skips a micro-batch leaves its DDP bucket
+        unreduced, and text-only packs are common."""
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)
-        if patches is not None and patches.shape[0] > 0:
-            embeddings = self._add_patches(embeddings, input_ids, patches, vision_patch_indices)
+        embeddings = self._add_patches(embeddings, input_ids, patches, vision_patch_indices, patch_positions)
         if self.config.sequence_parallel:
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
         return embeddings
 
-    def _add_patches(self, embeddings, input_ids, patches, vision_patch_indices) -> torch.Tensor:
+    def _add_patches(self, embeddings, input_ids, patches, vision_patch_indices, patch_positions) -> torch.Tensor:
+        weight = self.vision_patch_projection.weight
+        if patches is None:
+            patches = torch.zeros(0, weight.shape[1], dtype=torch.uint8, device=weight.device)
+        pixels = normalize_patches(patches, dtype=weight.dtype)
+        projected, _ = self.vision_patch_projection(pixels)  # [N, h]
+        if patches.shape[0] == 0:
+            # Nothing to place; adding 0 x output keeps the projection in the graph (zero gradient).
+            return embeddings + projected.sum() * 0
         if vision_patch_indices is None or vision_patch_indices.shape != input_ids.shape:
             raise ValueError("vision_patch_indices must be given with the shape of input_ids")
-        pixels = normalize_patches(patches, dtype=self.vision_patch_projection.weight.dtype)
-        projected, _ = self.vision_patch_projection(pixels)  # [N, h]
         index = vision_patch_indices.transpose(0, 1)  # [s, b], like the embeddings
-        seq_pos, batch_pos = torch.nonzero(index >= 0, as_tuple=True)
+        if patch_positions is not None:
+            # Flat [b*s]-major positions from the data loader: no torch.nonzero (host sync) here.
+            batch_pos, seq_pos = patch_positions // input_ids.shape[1], patch_positions % input_ids.shape[1]
+        else:
+            seq_pos, batch_pos = torch.nonzero(index >= 0, as_tuple=True)
         rows = index[seq_pos, batch_pos]  # in range: make_training_sample checks it on the host
         return embeddings.index_put(
             (seq_pos, batch_pos), projected[rows].to(embeddings.dtype), accumulate=True
@@ -212,11 +249,17 @@ class SoloGPTModel(MegatronModule):
         packed_seq_params: Optional[PackedSeqParams] = None,
         patches: Optional[torch.Tensor] = None,
         vision_patch_indices: Optional[torch.Tensor] = None,
+        patch_positions: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Per-token losses [b, s] when ``labels`` are given (last stage), else logits/hidden."""
+        """Per-token losses [b, s] when ``labels`` are given (last stage), else logits/hidden.
+
+        ``patch_positions`` (optional): flat indices into ``input_ids.view(-1)`` of the patch tokens,
+        computed by the data loader (``collate_packed``); without it they are found on the device."""
         decoder_input = None
         if self.pre_process:
-            decoder_input = self.embed(input_ids, patches, vision_patch_indices)
+            decoder_input = self.embed(input_ids, patches, vision_patch_indices, patch_positions)
+        if self.flex_attention:
+            packed_seq_params = self._document_mask(input_ids, packed_seq_params)
         return self.language_model(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -225,6 +268,19 @@ class SoloGPTModel(MegatronModule):
             labels=labels,
             packed_seq_params=packed_seq_params,
         )
+
+    def _document_mask(self, input_ids: torch.Tensor, packed_seq_params: Optional[PackedSeqParams]):
+        """flex backend: the micro-batch's block mask and per-document RoPE positions, built once
+        here for all layers (and kept for their recompute, which reuses these params)."""
+        if packed_seq_params is None or packed_seq_params.qkv_format != "thd" or input_ids.shape[0] != 1:
+            raise ValueError("the flex backend takes one packed row per call: input_ids [1, t] and THD "
+                             "packed_seq_params (as megatron_patch.data.collate_packed makes them)")
+        cu = packed_seq_params.cu_seqlens_q
+        if packed_seq_params.cu_seqlens_q_padded is not None:
+            cu = packed_seq_params.cu_seqlens_q_padded
+        params = document_mask_params(cu, input_ids.shape[1], self.window_left)
+        self.language_model.rotary_pos_emb.position_ids = params.position_ids
+        return params
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Reshardable (TP/PP) checkpoint layout; the projection is sharded like SOLO's."""

@@ -11,6 +11,7 @@ reach the model or the accelerator, where `normalize_patches` applies ImageNet m
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -234,6 +235,14 @@ def image_to_patches(image: Image.Image, resize_mode: str = "fit") -> tuple[np.n
     return patchify_array(pixels), (new_height // PATCH_SIZE, new_width // PATCH_SIZE)
 
 
+@functools.lru_cache(maxsize=None)
+def _imagenet_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean/std as float32 tensors on ``device``, made once per device: a fresh
+    ``torch.tensor(list, device=cuda)`` per call would be a blocking host-to-device copy per step."""
+    return (torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device),
+            torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device))
+
+
 def normalize_patches(patches: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 patches [N, 3072] → float patches, scaled to [0, 1] then ImageNet-normalised per channel.
 
@@ -243,8 +252,7 @@ def normalize_patches(patches: torch.Tensor, dtype: torch.dtype = torch.float32)
         raise TypeError(f"normalize_patches expects uint8 patches, got {patches.dtype}")
     if patches.shape[-1] != PATCH_DIM:
         raise ValueError(f"patches must have {PATCH_DIM} values each, got shape {tuple(patches.shape)}")
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=patches.device)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=patches.device)
+    mean, std = _imagenet_statistics(patches.device)
     channel = patches.reshape(*patches.shape[:-1], NUM_CHANNELS, PATCH_DIM // NUM_CHANNELS).float() / 255.0
     channel = (channel - mean[:, None]) / std[:, None]
     return channel.reshape(patches.shape).to(dtype)
