@@ -136,3 +136,150 @@ def test_flex_rejects_what_it_cannot_do(megatron_world):
     tc.attention_dropout = 0.1
     with pytest.raises(ValueError, match="dropout"):
         FlexPackedAttention(tc, 1, AttnMaskType.causal, "self")
+
+
+def _text_only_batch():
+    rng = np.random.default_rng(3)
+    pack = make_pack([text_document(rng, 20), text_document(rng, 9)])
+    batch = collate_packed([dict(make_training_sample(pack, 64, PAD), sample_id="t")])
+    assert batch["patches"].shape[0] == 0 and batch["patch_positions"].numel() == 0
+    return batch
+
+
+def test_projection_runs_on_text_only_microbatch_under_overlapped_grad_reduce(megatron_world):
+    """A micro-batch without images still runs the patch projection (zero rows): its gradient is
+    zero and, with overlapped gradient reduction, its DDP bucket is reduced like every other
+    (a skipped projection fails with 'Communication call has not been issued for this bucket')."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    cfg = tiny_config()
+    tc = build_transformer_config(cfg.model, cfg.parallel, cfg.training)
+    torch.manual_seed(0)
+    model = SoloGPTModel(tc, solo_layer_spec("local"), VOCAB, 256, 10000.0)
+    ddp = DistributedDataParallel(
+        config=tc, module=model,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True, bucket_size=1),
+    )
+    image_batch = collate_packed([dict(make_training_sample(make_pack(documents()), 160, PAD), sample_id="i")])
+    # megatron-core learns from the first step which parameters get gradients, then expects the same.
+    for batch in (image_batch, _text_only_batch()):
+        ddp.zero_grad_buffer()
+        losses = ddp(input_ids=batch["tokens"], labels=batch["labels"], packed_seq_params=packed_seq_params(batch),
+                     patches=batch["patches"], vision_patch_indices=batch["vision_patch_indices"],
+                     patch_positions=batch["patch_positions"])
+        (losses * batch["loss_mask"]).sum().backward()
+        ddp.finish_grad_sync()  # raises if a bucket's reduction was never issued
+    grad = model.vision_patch_projection.weight.main_grad
+    assert torch.count_nonzero(grad) == 0
+    assert torch.count_nonzero(model.language_model.embedding.word_embeddings.weight.main_grad) > 0
+
+
+def test_loader_patch_positions_match_the_patch_tokens():
+    rng = np.random.default_rng(4)
+    from test_megatron_model import image_document
+
+    s0 = dict(make_training_sample(make_pack([image_document(rng, 2, 2, 0), text_document(rng, 5)]), 48, PAD), sample_id="a")
+    s1 = dict(make_training_sample(make_pack([text_document(rng, 3), image_document(rng, 1, 3, 0)]), 48, PAD), sample_id="b")
+    batch = collate_packed([s0, s1])
+    vpi = batch["vision_patch_indices"][0]
+    assert torch.equal(batch["patch_positions"], torch.nonzero(vpi >= 0).reshape(-1))
+    assert batch["patch_positions"].numel() == 7
+    # Real tokens exclude the padding of both samples.
+    assert batch["real_tokens"] == int(s0["cu_seqlens"][-2]) + int(s1["cu_seqlens"][-2])
+
+
+def test_preflight_names_the_missing_piece():
+    from megatron_patch.preflight import PreflightError, check_attention, version_problems
+
+    a100 = dict(gpu="NVIDIA A100-SXM4-80GB", compute_capability="8.0")
+    assert version_problems("te", dict(a100, transformer_engine="2.10.0", flash_attn="2.8.3")) == []
+    (too_new,) = version_problems("te", dict(a100, transformer_engine="2.10.0", flash_attn="2.8.3.post2"))
+    assert "flash-attn 2.8.3.post2" in too_new and "pip install flash-attn==2.8.3" in too_new
+    (te_new,) = version_problems("te", dict(a100, transformer_engine="2.12.0", flash_attn="2.8.3"))
+    assert "transformer-engine 2.12.0" in te_new and ">=2.9,<2.12" in te_new
+    (no_fa,) = version_problems("te", dict(a100, transformer_engine="2.9.0", flash_attn=None))
+    assert "needs flash-attn" in no_fa and "A100" in no_fa
+    h100 = dict(gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0", transformer_engine="2.11.0", flash_attn=None)
+    assert version_problems("te", h100) == []  # cuDNN has THD attention on Hopper
+    # Here (no Transformer Engine, no GPU): the run stops before touching data, naming what to do.
+    cfg = tiny_config()
+    cfg.model.backend = "te"
+    with pytest.raises(PreflightError, match=r"Transformer Engine is not installed: pip install -e '.\[gpu\]'"):
+        check_attention(cfg)
+    cfg.model.backend = "flex"
+    with pytest.raises(PreflightError, match="needs a CUDA GPU"):
+        check_attention(cfg)
+    cfg.model.backend = "local"
+    check_attention(cfg)  # plain PyTorch: nothing to check
+
+
+def _memory_plan_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "memory_plan.py"
+    spec = importlib.util.spec_from_file_location("memory_plan", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _saved_activation_bytes(cfg, seq):
+    """Bytes the built model saves for backward in one forward (storages, parameters excluded)."""
+    tc = build_transformer_config(cfg.model, cfg.parallel, cfg.training)
+    torch.manual_seed(0)
+    model = SoloGPTModel(tc, solo_layer_spec("local"), VOCAB, seq, 10000.0).train()
+    batch = collate_packed([dict(make_training_sample(make_pack([text_document(np.random.default_rng(0), seq - 2)]),
+                                                      seq, PAD), sample_id="x")])
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def keep(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(input_ids=batch["tokens"], labels=batch["labels"], packed_seq_params=packed_seq_params(batch),
+              patches=batch["patches"], vision_patch_indices=batch["vision_patch_indices"])
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("recompute,method,n", [("full", "uniform", 1), ("full", "uniform", 2), ("full", "block", 1),
+                                                ("full", "block", 3)])
+def test_memory_plan_recompute_accounting_matches_the_built_model(megatron_world, recompute, method, n):
+    """What the plan says each recompute setting keeps through the forward equals what megatron-core
+    really saves in the built model (per-layer bytes measured here with recompute off)."""
+    plan = _memory_plan_module()
+    seq, layers = 128, 4
+    cfg = tiny_config()
+    cfg.data.seq_length = seq
+    cfg.model.num_layers = layers
+    none_4 = _saved_activation_bytes(cfg, seq)
+    cfg.model.num_layers = 2
+    per_layer = (none_4 - _saved_activation_bytes(cfg, seq)) / 2
+    outside_layers = none_4 - layers * per_layer  # embeddings, logits, loss
+    cfg.model.num_layers = layers
+    cfg.training.recompute, cfg.training.recompute_method, cfg.training.recompute_num_layers = recompute, method, n
+    kept, _ = plan.activation_terms(cfg, tp=1, layers=layers, bytes_per_value=4, layer_bytes=per_layer)
+    rope_table = seq * (cfg.model.hidden_size // cfg.model.num_attention_heads) * 4  # kept once by checkpointing
+    assert _saved_activation_bytes(cfg, seq) == pytest.approx(outside_layers + kept, abs=rope_table)
+
+
+def test_recipes_use_the_fastest_setting_the_memory_plan_fits(monkeypatch):
+    from pathlib import Path
+
+    from megatron_patch.config import load_config
+
+    plan = _memory_plan_module()
+    for var in ("SOLO_DATA", "SOLO_RUNS", "SOLO_INIT"):
+        monkeypatch.setenv(var, "/unused")
+    for stage in (1, 2, 3):
+        cfg = load_config(Path(__file__).resolve().parents[1] / "megatron_patch" / "recipes" / f"stage{stage}.yaml")
+        p, t = cfg.parallel, cfg.training
+        assert p.tensor_model_parallel_size == 2 and p.sequence_parallel
+        assert p.overlap_grad_reduce and p.overlap_param_gather and cfg.optimizer.use_distributed_optimizer
+        choice, best = plan.fastest_fitting(cfg, 33029, 8, 80.0, 12.0)
+        assert (t.recompute, t.recompute_method, t.recompute_num_layers) == choice
+        assert best["total_gib"] <= 68.0
