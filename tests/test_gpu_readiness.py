@@ -283,3 +283,38 @@ def test_recipes_use_the_fastest_setting_the_memory_plan_fits(monkeypatch):
         choice, best = plan.fastest_fitting(cfg, 33029, 8, 80.0, 12.0)
         assert (t.recompute, t.recompute_method, t.recompute_num_layers) == choice
         assert best["total_gib"] <= 68.0
+
+
+def _fake_command(directory, name, body):
+    path = directory / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+def test_launchers_set_the_device_queue_and_slurm_uses_c10d_rendezvous(tmp_path):
+    """launch/pretrain.sh and launch/slurm.sbatch run the same trainer line; the SLURM one with one
+    torchrun per node, c10d rendezvous on the first node and elastic restarts (srun/scontrol faked)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "record"
+    _fake_command(bin_dir, "fakepython", f'echo "CDMC=$CUDA_DEVICE_MAX_CONNECTIONS $*" >> {record}\n')
+    _fake_command(bin_dir, "scontrol", 'printf "gpu-a\\ngpu-b\\n"\n')
+    _fake_command(bin_dir, "srun", f'echo "srun $*" >> {record}\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "fakepython"),
+               SLURM_JOB_NODELIST="gpu-[a-b]", SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="77")
+    env.pop("CUDA_DEVICE_MAX_CONNECTIONS", None)
+    recipe = "megatron_patch/recipes/stage1.yaml"
+    subprocess.run(["bash", str(repo / "launch" / "pretrain.sh"), recipe, "training.train_iters=2"], env=env, check=True)
+    subprocess.run(["bash", str(repo / "launch" / "slurm.sbatch"), recipe, "training.train_iters=2"], env=env, check=True)
+    local, srun, slurm = record.read_text().splitlines()
+    assert local.startswith("CDMC=1 -m torch.distributed.run --nproc_per_node 8 --nnodes 1")
+    assert local.endswith(f"-m megatron_patch.train --config {recipe} training.train_iters=2")
+    assert srun.startswith("srun --kill-on-bad-exit=1")
+    assert slurm.startswith("CDMC=1 -m torch.distributed.run --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d "
+                            "--rdzv_endpoint gpu-a:29500 --rdzv_id 77 --max-restarts 3")
+    assert slurm.endswith(f"-m megatron_patch.train --config {recipe} training.train_iters=2")
