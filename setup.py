@@ -32,7 +32,11 @@ setup(
         "pyarrow>=14",  # parquet caption/interleaved sources in solo-data
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        # megatron-core 0.16.1 supports Transformer Engine >=2.9,<2.12, and those TE releases refuse
+        # flash-attn newer than 2.8.3 (2.8.3.post* included): on A100, where TE's cuDNN backend has
+        # no packed-THD attention, a newer flash-attn leaves no attention backend at all.
+        # megatron_patch/preflight.py checks the same at start-up.
+        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "flash-attn==2.8.3"],
         "test": ["pytest>=7"],
     },
     entry_points={

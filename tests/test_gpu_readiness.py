@@ -318,3 +318,26 @@ def test_launchers_set_the_device_queue_and_slurm_uses_c10d_rendezvous(tmp_path)
     assert slurm.startswith("CDMC=1 -m torch.distributed.run --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d "
                             "--rdzv_endpoint gpu-a:29500 --rdzv_id 77 --max-restarts 3")
     assert slurm.endswith(f"-m megatron_patch.train --config {recipe} training.train_iters=2")
+
+
+def test_gpu_benchmark_code_runs_tiny_on_cpu(tmp_path):
+    """bench/bench_train_gpu.py cannot run its 1B proxy here; its --tiny mode runs the same code
+    (realistic packs, the trainer's step, real-token MFU, the JSON) on the per-document path."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    subprocess.run([sys.executable, str(repo / "bench" / "bench_train_gpu.py"), "--tiny", "--backends", "local",
+                    "--steps", "1", "--warmup", "0", "--micro-batches", "1", "--packs", "1", "--out", str(out)],
+                   env=env, check=True, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    local = report["local"]
+    assert local["tokens_per_s"] > 0 and local["mfu"] > 0
+    assert 0.95 <= local["real_token_fraction"] < 1.0  # padding is not counted as work
+    assert set(report["goals"]) == {"flex_mfu_at_least_40pct", "flex_at_least_3x_per_document"}

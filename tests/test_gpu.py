@@ -1,0 +1,243 @@
+"""GPU checks (skipped without CUDA; bench/gpu_check.sh runs them on a bare single-GPU machine).
+
+On the same weights and one packed multimodal row (image and text documents, one longer than the
+sliding window, padding): the GPU attention paths (flex: PyTorch flex_attention; te: Transformer
+Engine, when installed) against the per-document path's fp32 result, forward AND backward; then the
+real trainer on the GPU: optimizer steps with the distributed optimizer and both overlaps, async
+dp_reshardable checkpoints, resume, the fully reshardable format; sequence parallelism on and off
+(two GPUs and Transformer Engine).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "megatron_patch" / "recipes" / "debug_cpu.yaml")
+VOCAB, PAD, SEQ, WINDOW = 128, 0, 512, 48
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gpu_world():
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    torch.cuda.set_device(0)
+    store = dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    yield
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def _config(backend: str, bf16: bool):
+    from megatron_patch.config import Config, ModelConfig
+
+    cfg = Config(model=ModelConfig(num_layers=2, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4,
+                                   num_query_groups=2, vocab_size=VOCAB, sliding_window=WINDOW, backend=backend))
+    cfg.training.bf16 = bf16
+    cfg.training.recompute = "none"
+    return cfg
+
+
+def _model(backend: str, bf16: bool, reference_state=None):
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_patch.model import SoloGPTModel, build_transformer_config, solo_layer_spec
+
+    cfg = _config(backend, bf16)
+    tc = build_transformer_config(cfg.model, cfg.parallel, cfg.training)
+    torch.manual_seed(0)
+    model = SoloGPTModel(tc, solo_layer_spec(backend), VOCAB, SEQ, 10000.0).cuda()
+    if reference_state is not None:
+        state = {_te_name(k) if backend == "te" else k: v for k, v in reference_state.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+    return (Float16Module(tc, model) if bf16 else model), model
+
+
+def _te_name(local_name: str) -> str:
+    """The TE spec fuses the pre-attention / pre-MLP norms into the following linear."""
+    return (local_name.replace("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight")
+            .replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"))
+
+
+def _row():
+    """One packed row: image documents, text documents, one text document longer than the window."""
+    from megatron_patch.data import collate_packed, make_training_sample
+
+    rng = np.random.default_rng(0)
+    tokens, loss, vpi, cu, patches = [], [], [], [0], []
+    for kind, size in [("image", (3, 4)), ("text", 120), ("image", (1, 2)), ("text", 5), ("image", (6, 6)),
+                       ("text", 30)]:
+        if kind == "image":
+            rows, cols = size
+            doc, doc_vpi = [1, 3], [-1, -1]
+            for r in range(rows):
+                for _ in range(cols):
+                    doc.append(4)
+                    doc_vpi.append(len(patches))
+                    patches.append(rng.integers(0, 256, 3072, dtype=np.uint8))
+                if r < rows - 1:
+                    doc.append(5)
+                    doc_vpi.append(-1)
+            caption = list(rng.integers(32, VOCAB, 12))
+            doc += [6] + caption + [2]
+            doc_vpi += [-1] * (len(caption) + 2)
+            doc_loss = [0] * (len(doc) - len(caption) - 1) + [1] * (len(caption) + 1)
+        else:
+            doc = [1] + list(rng.integers(32, VOCAB, size)) + [2]
+            doc_vpi, doc_loss = [-1] * len(doc), [0] + [1] * (len(doc) - 1)
+        tokens += doc
+        vpi += doc_vpi
+        loss += doc_loss
+        cu.append(len(tokens))
+    pack = dict(tokens=np.asarray(tokens, np.int32), loss_mask=np.asarray(loss, np.uint8),
+                cu_seqlens=np.asarray(cu, np.int32), patches=np.asarray(patches, np.uint8),
+                vision_patch_indices=np.asarray(vpi, np.int64))
+    assert max(np.diff(cu)) > WINDOW
+    return collate_packed([dict(make_training_sample(pack, SEQ, PAD), sample_id="gpu")])
+
+
+def _losses_and_grads(wrapped, inner, batch):
+    from megatron_patch.data import packed_seq_params
+
+    dev = torch.device("cuda")
+    psp = packed_seq_params(batch)
+    psp.cu_seqlens_q = psp.cu_seqlens_kv = batch["cu_seqlens"].to(dev)
+    inner.zero_grad(set_to_none=True)
+    losses = wrapped(input_ids=batch["tokens"].to(dev), labels=batch["labels"].to(dev), packed_seq_params=psp,
+                     patches=batch["patches"].to(dev), vision_patch_indices=batch["vision_patch_indices"].to(dev),
+                     patch_positions=batch["patch_positions"].to(dev)).float()
+    mask = batch["loss_mask"].to(dev)
+    (losses * mask).sum().backward()
+    grads = {_te_name(n): p.grad.float().clone() for n, p in inner.named_parameters() if p.grad is not None}
+    return losses.detach() * mask, grads
+
+
+def _compare(backend: str, bf16: bool, loss_tol: float, grad_tol: float):
+    batch = _row()
+    ref_wrapped, ref = _model("local", bf16=False)
+    ref_losses, ref_grads = _losses_and_grads(ref_wrapped, ref, batch)
+    wrapped, inner = _model(backend, bf16, reference_state=ref.state_dict())
+    losses, grads = _losses_and_grads(wrapped, inner, batch)
+    loss_err = (losses - ref_losses).abs().max().item()
+    assert loss_err <= loss_tol, f"{backend} bf16={bf16}: per-token loss differs by {loss_err}"
+    ref_grads = {_te_name(n): g for n, g in ref_grads.items()}
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        r = ref_grads[name]
+        rel = ((g - r).norm() / r.norm().clamp_min(1e-12)).item()
+        assert rel <= grad_tol, f"{backend} bf16={bf16}: gradient of {name} off by {rel:.2e} (relative)"
+    # The projection is used and learns from the row's patches.
+    assert grads["vision_patch_projection.weight"].abs().sum() > 0
+
+
+def test_flex_attention_matches_per_document_fp32_forward_and_backward(gpu_world):
+    _compare("flex", bf16=False, loss_tol=2e-3, grad_tol=5e-3)
+
+
+def test_flex_attention_bf16_matches_per_document_fp32(gpu_world):
+    _compare("flex", bf16=True, loss_tol=6e-2, grad_tol=5e-2)
+
+
+def test_transformer_engine_bf16_matches_per_document_fp32(gpu_world):
+    from megatron_patch.model.layer_specs import HAVE_TE
+
+    if not HAVE_TE:
+        pytest.skip("Transformer Engine is not installed")
+    _compare("te", bf16=True, loss_tol=6e-2, grad_tol=5e-2)
+
+
+def test_auto_backend_on_gpu():
+    from megatron_patch.model.layer_specs import HAVE_TE, resolve_backend
+
+    assert resolve_backend("auto") == ("te" if HAVE_TE else "flex")
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer on the GPU
+# ---------------------------------------------------------------------------------------------
+
+GPU_RUN = ["model.backend=flex", "training.bf16=true", "model.hidden_size=256", "model.ffn_hidden_size=512",
+           "model.num_attention_heads=4", "model.num_query_groups=2", "data.seq_length=256",
+           "parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true",
+           "optimizer.use_distributed_optimizer=true", "training.train_iters=4", "checkpoint.save_interval=2",
+           "checkpoint.keep_last=2", "training.recompute=full", "training.recompute_method=block",
+           "training.recompute_num_layers=1"]
+
+
+def _train(save, *overrides, nproc=1):
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), CUDA_DEVICE_MAX_CONNECTIONS="1")
+    if nproc == 1:
+        launcher = [sys.executable, "-m", "megatron_patch.train"]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                    "--master_port", str(_free_port()), "-m", "megatron_patch.train"]
+    proc = subprocess.run(launcher + ["--config", RECIPE, f"checkpoint.save={save}", *overrides], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    lines = (Path(save) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def test_trainer_steps_saves_async_and_resumes(tmp_path):
+    """Distributed optimizer with both overlaps, block recompute, async dp_reshardable checkpoints:
+    4 steps in one run equal 2 + resume + 2 (flex backward accumulates dQ with atomics, so the
+    comparison allows bf16-level noise); then a fully_reshardable save loads back by itself."""
+    from megatron.core import dist_checkpointing
+
+    full = _train(tmp_path / "full", *GPU_RUN)
+    assert [r["step"] for r in full] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in full)
+    assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 for r in full)
+    assert full[-1]["loss"] < full[0]["loss"]
+    split = tmp_path / "split"
+    _train(split, *GPU_RUN, "training.exit_after_iters=2")
+    assert (split / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    common = dist_checkpointing.load_common_state_dict(str(split / "iter_0000002"))
+    assert common["optimizer_format"] == "dp_reshardable"
+    resumed = _train(split, *GPU_RUN)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full[2:], resumed[2:]):
+        assert abs(a["loss"] - b["loss"]) <= 2e-3 * max(1.0, abs(a["loss"])), (a["loss"], b["loss"])
+    assert resumed[2]["sample_ids"] == full[2]["sample_ids"]
+
+    reshard = tmp_path / "reshard"
+    _train(reshard, *GPU_RUN, "training.exit_after_iters=2", "checkpoint.fully_reshardable=true")
+    common = dist_checkpointing.load_common_state_dict(str(reshard / "iter_0000002"))
+    assert common["optimizer_format"] == "fully_reshardable"
+    again = _train(reshard, *GPU_RUN)
+    assert abs(again[2]["loss"] - full[2]["loss"]) <= 2e-3 * max(1.0, abs(full[2]["loss"]))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="sequence parallelism needs two GPUs (TP=2)")
+def test_sequence_parallel_on_and_off_agree(tmp_path):
+    from megatron_patch.model.layer_specs import HAVE_TE
+
+    if not HAVE_TE:
+        pytest.skip("sequence parallelism needs the Transformer Engine backend")
+    tp2 = [o for o in GPU_RUN if not o.startswith("model.backend")] + [
+        "model.backend=te", "parallel.tensor_model_parallel_size=2"]
+    off = _train(tmp_path / "sp_off", *tp2, "parallel.sequence_parallel=false", nproc=2)
+    on = _train(tmp_path / "sp_on", *tp2, "parallel.sequence_parallel=true", nproc=2)
+    for a, b in zip(off, on):
+        assert abs(a["loss"] - b["loss"]) <= 2e-2, (a["step"], a["loss"], b["loss"])
