@@ -237,8 +237,9 @@ def load_checkpoint(cfg: Config, ckpt_dir: str, model, optimizer, *, with_optimi
             f"{ckpt_dir} holds the distributed optimizer in the {DP_RESHARDABLE} format, which loads "
             f"only at the TP/PP it was saved with (TP={saved.get('tp')} PP={saved.get('pp')}; now "
             f"TP={now['tp']} PP={now['pp']}). Resume once at the saved TP/PP with "
-            f"checkpoint.fully_reshardable=true (its next save then loads at any TP/PP), or start "
-            f"from its weights alone with checkpoint.init_load_optimizer=false."
+            f"checkpoint.fully_reshardable=true (its next save then loads at any TP/PP), or start a new "
+            f"checkpoint.save from its weights alone (checkpoint.init_from=THIS_DIR, "
+            f"checkpoint.init_load_optimizer=false)."
         )
     state = _sharded_state(model, optimizer, is_loading=True, with_optimizer=with_optimizer, with_rng=with_rng,
                            optimizer_format=optimizer_format)

@@ -322,7 +322,9 @@ def _device() -> torch.device:
 
 
 def build_data_iterator(cfg: Config, consumed: int) -> Iterator:
-    """This DP rank's micro-batches from sample ``consumed`` on (every TP/PP rank reads its own)."""
+    """This DP rank's micro-batches from sample ``consumed`` on. Within a tensor-parallel group only
+    TP rank 0 reads and decodes them (the ranks need the same batch) and broadcasts; every pipeline
+    stage reads its own."""
     from megatron.core import parallel_state as ps
 
     from megatron_patch.data import GlobalBatchSampler, build_train_dataset, collate_packed
@@ -334,14 +336,48 @@ def build_data_iterator(cfg: Config, consumed: int) -> Iterator:
         cache_dir, synthetic_vocab_size=cfg.model.vocab_size, synthetic_num_packs=d.synthetic_samples,
         synthetic_num_classes=d.synthetic_classes,
     )
-    sampler = GlobalBatchSampler(len(dataset), consumed, d.micro_batch_size, ps.get_data_parallel_rank(),
-                                 ps.get_data_parallel_world_size())
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate_packed, num_workers=d.num_workers,
-        persistent_workers=d.num_workers > 0, worker_init_fn=_ignore_sigterm,
-        pin_memory=torch.cuda.is_available(),
-    )
-    return iter(loader)
+    loader = None
+    if ps.get_tensor_model_parallel_rank() == 0:
+        sampler = GlobalBatchSampler(len(dataset), consumed, d.micro_batch_size, ps.get_data_parallel_rank(),
+                                     ps.get_data_parallel_world_size())
+        loader = iter(torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate_packed, num_workers=d.num_workers,
+            persistent_workers=d.num_workers > 0, worker_init_fn=_ignore_sigterm,
+            pin_memory=torch.cuda.is_available(),
+        ))
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return loader
+    return broadcast_batches(loader)
+
+
+def broadcast_batches(loader: Optional[Iterator]) -> Iterator[Dict[str, Any]]:
+    """Micro-batches of TP rank 0's ``loader`` on every rank of its tensor-parallel group: a small
+    header (keys, shapes, dtypes, plain values) then each tensor, broadcast on the device. The other
+    ranks pass ``None`` and decode no images. Ends when TP rank 0's loader does."""
+    from megatron.core import parallel_state as ps
+
+    group, src = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_src_rank()
+    device = _device()
+    while True:
+        header: List[Any] = [None]
+        if loader is not None:
+            batch = next(loader, None)
+            if batch is not None:
+                header[0] = (
+                    {k: (tuple(v.shape), v.dtype) for k, v in batch.items() if isinstance(v, torch.Tensor)},
+                    {k: v for k, v in batch.items() if not isinstance(v, torch.Tensor)},
+                )
+        dist.broadcast_object_list(header, src=src, group=group)
+        if header[0] is None:
+            return
+        shapes, out = header[0]
+        for key, (shape, dtype) in shapes.items():
+            tensor = (batch[key].to(device, non_blocking=True) if loader is not None
+                      else torch.empty(shape, dtype=dtype, device=device))
+            if tensor.numel():
+                dist.broadcast(tensor, src=src, group=group)
+            out[key] = tensor
+        yield out
 
 
 def global_loss_report(reports: list) -> torch.Tensor:

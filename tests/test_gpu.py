@@ -209,7 +209,6 @@ def test_trainer_steps_saves_async_and_resumes(tmp_path):
     assert [r["step"] for r in full] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in full)
     assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 for r in full)
-    assert full[-1]["loss"] < full[0]["loss"]
     split = tmp_path / "split"
     _train(split, *GPU_RUN, "training.exit_after_iters=2")
     assert (split / "latest_checkpointed_iteration.txt").read_text().strip() == "2"

@@ -47,6 +47,7 @@ from megatron_patch.model.layer_specs import (
     DocumentRotaryEmbedding,
     _window_left,
     document_mask_params,
+    resolve_backend,
     uses_flex_attention,
 )
 
@@ -73,8 +74,6 @@ def build_transformer_config(
     model: "ModelConfig", parallel: "ParallelConfig", training: "TrainingConfig"
 ) -> TransformerConfig:
     """Mistral/Llama architecture on megatron-core: RMSNorm, SwiGLU, GQA, RoPE, no biases."""
-    from megatron_patch.model.layer_specs import resolve_backend
-
     on_gpu = torch.cuda.is_available()
     backend = resolve_backend(model.backend)
     # Fused RoPE matters most: megatron's unfused THD RoPE splits by cu_seqlens on the host in
