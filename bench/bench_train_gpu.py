@@ -224,7 +224,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="gpu_bench.json")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per backend (after --warmup)")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--micro-batches", type=int, default=4, help="32K packs per step")
     ap.add_argument("--packs", type=int, default=8, help="distinct packs generated (cycled)")
     ap.add_argument("--backends", default="flex,local")

@@ -16,7 +16,7 @@
 #
 #   OUT      output folder (gpu_check_out)     WHEELS  folder of the wheels (wheels)
 #   DEPS     where the wheels are installed (.gpu_deps)     PYTHON  interpreter with CUDA torch (python3)
-#   TEST_TIMEOUT / BENCH_TIMEOUT  seconds (240 / 240: the whole check stays within 8 minutes)
+#   TEST_TIMEOUT / BENCH_TIMEOUT  seconds (270 / 210: the whole check stays within 8 minutes)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
@@ -55,12 +55,12 @@ if ! "$PYTHON" -c "import megatron.core, einops, zstandard, lz4" 2>/dev/null; th
 fi
 
 log "GPU tests"
-timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+timeout "${TEST_TIMEOUT:-270}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
   --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log"
 TESTS_RC=${PIPESTATUS[0]}
 
 log "throughput benchmark"
-timeout "${BENCH_TIMEOUT:-240}" "$PYTHON" bench/bench_train_gpu.py --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log"
+timeout "${BENCH_TIMEOUT:-210}" "$PYTHON" bench/bench_train_gpu.py --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log"
 BENCH_RC=${PIPESTATUS[0]}
 
 "$PYTHON" - "$OUT" "$TESTS_RC" "$BENCH_RC" "$(($(date +%s) - START))" <<'EOF'
