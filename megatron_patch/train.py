@@ -33,6 +33,7 @@ import torch.distributed as dist
 from megatron_patch import compat
 from megatron_patch.checkpointing import AsyncSaves, restore, save_checkpoint, unwrap
 from megatron_patch.config import Config, ConfigError, load_config
+from megatron_patch.preflight import PreflightError, check_attention
 from solo.metrics import MetricsWriter
 
 logger = logging.getLogger("megatron_patch.train")
@@ -452,9 +453,7 @@ def train(cfg: Config) -> int:
     init_distributed(cfg)
     rank = dist.get_rank()
     if torch.cuda.is_available():
-        from megatron_patch.preflight import check_attention
-
-        # One attention call at the recipe's shapes before any data or checkpoint is touched.
+        # Versions, then one attention call at the recipe's shapes before any data or checkpoint is touched.
         check_attention(cfg)
     if rank == 0 and cfg.training.train_tokens is not None:
         logger.info("training.train_tokens=%.4g -> %d iterations", cfg.training.train_tokens, cfg.training.train_iters)
@@ -608,6 +607,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             code = train(cfg)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except PreflightError as exc:
+        print(f"preflight: {exc}", file=sys.stderr)
         return 2
     dist.destroy_process_group()
     return code
