@@ -133,6 +133,9 @@ def test_flex_rejects_what_it_cannot_do(megatron_world):
         flex(q[:, None], k[:, None], v[:, None], None, packed_seq_params=thd)
     with pytest.raises(ValueError, match="window"):
         flex(q[:, None], k[:, None], v[:, None], None, packed_seq_params=document_mask_params(cu, 8, 3))
+    with pytest.raises(ValueError, match="trains only on a GPU"):
+        flex(q[:, None].requires_grad_(), k[:, None], v[:, None], None,
+             packed_seq_params=document_mask_params(cu, 8, None))
     tc.attention_dropout = 0.1
     with pytest.raises(ValueError, match="dropout"):
         FlexPackedAttention(tc, 1, AttnMaskType.causal, "self")

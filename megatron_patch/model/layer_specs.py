@@ -328,6 +328,9 @@ class FlexPackedAttention(MegatronModule):
                              f"layer configured with {self.window_left}")
         if query.dim() != 4 or query.shape[1] != 1:
             raise ValueError(f"FlexPackedAttention takes one packed row [t, 1, heads, dim]; got {tuple(query.shape)}")
+        if not query.is_cuda and torch.is_grad_enabled() and query.requires_grad:
+            raise ValueError("model.backend=flex trains only on a GPU (flex_attention has no backward on the "
+                             "CPU); use model.backend=local (or auto) on the CPU")
         total = query.shape[0]
         q, k, v = (x.squeeze(1).transpose(0, 1).unsqueeze(0) for x in (query, key, value))  # [1, h, t, d]
         out = _flex_attention()(
