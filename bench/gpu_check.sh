@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for a bare single-GPU machine: a CUDA build of PyTorch, no package index.
 #
-#   bench/gpu_check.sh            # from the repository root or anywhere; about 6-8 minutes on one H100/H200
+#   bench/gpu_check.sh            # from anywhere; within 8 minutes on one H100/H200 (timeouts below)
 #
 # 1. Installs the project's missing dependencies from wheels made beforehand on a machine with a
 #    package index (README "GPU readiness"; into $DEPS, nothing system-wide):
