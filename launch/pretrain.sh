@@ -7,10 +7,16 @@
 #   NODE_RANK       this node's rank (0)      MASTER_ADDR / MASTER_PORT  rendezvous (localhost / 29500)
 #   SOLO_INIT, SOLO_DATA, SOLO_RUNS           paths the stage recipes read (see each recipe's header)
 # Running the same command again resumes from the recipe's checkpoint.save directory.
+# Relative paths in overrides are the caller's (no change of directory); RECIPE is a path from the
+# caller's folder or from this checkout's root (megatron_patch/recipes/stage1.yaml).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 RECIPE="${1:?usage: launch/pretrain.sh RECIPE [section.key=value ...]}"
 shift
+if [[ ! -f "$RECIPE" && -f "$ROOT/$RECIPE" ]]; then
+  RECIPE="$ROOT/$RECIPE"
+fi
 
 exec "${PYTHON:-python}" -m torch.distributed.run \
   --nproc_per_node "${NPROC_PER_NODE:-8}" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \

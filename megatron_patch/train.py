@@ -100,14 +100,16 @@ def resolve_tokenizer_fields(cfg: Config) -> None:
     if len(digests) > 1:
         raise ConfigError(f"the blended packed directories were made with different tokenizers: "
                           f"{[r.tokenizer_dir for r in readers]}")
-    tokenizer_dir = cfg.model.tokenizer or (readers[0].tokenizer_dir if readers else None)
-    if tokenizer_dir is None:
+    if cfg.model.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer_dir, tok = cfg.model.tokenizer, AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+    elif readers:  # the copy inside the packed directory, checked against its recorded digest
+        tokenizer_dir, tok = readers[0].tokenizer_dir, readers[0].load_tokenizer()
+    else:
         if cfg.model.vocab_size is None:
             raise ConfigError("no tokenizer to size the vocabulary: set model.tokenizer (or model.vocab_size)")
         return
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg.model.vocab_size = len(tok)
     if cfg.data.pad_token_id is None:
         if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
