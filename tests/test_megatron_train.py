@@ -323,3 +323,24 @@ def test_exit_after_iters_saves_and_the_same_command_continues(workdir):
     assert latest(save) == 2 and [r["step"] for r in metrics(save)] == [1, 2]
     run(save, *args)
     assert latest(save) == 4 and [r["step"] for r in metrics(save)] == [1, 2, 3, 4]
+
+
+def test_resume_with_another_train_iters_keeps_the_schedule(workdir, init_ckpt):
+    """Resuming with a longer training.train_iters must not re-stretch the cosine (the LR would jump)."""
+    short = ["checkpoint.save_interval=2", "optimizer.warmup_iters=1", f"checkpoint.init_from={init_ckpt}"]
+    save = workdir / "schedule"
+    run(save, "training.train_iters=4", *short)
+    first = metrics(save)
+    shutil.rmtree(save / "iter_0000004")
+    (save / "latest_checkpointed_iteration.txt").write_text("2")
+    (save / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first[:2]))
+    proc = run(save, "training.train_iters=6", *short)
+    resumed = metrics(save)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    # Steps 3-4 follow the schedule the run started with, bit for bit; after its end, min_lr.
+    assert [r["lr"] for r in resumed[2:4]] == [r["lr"] for r in first[2:4]]
+    assert resumed[2]["lr"] > resumed[3]["lr"] > 3.0e-4
+    assert [r["lr"] for r in resumed[4:]] == [3.0e-4, 3.0e-4]
+    output = proc.stdout + proc.stderr
+    assert "keeps the schedule this run started with: lr_decay_steps=4 iterations (recipe now 6)" in output
+    assert f"checkpoint.init_from={save}" in output
