@@ -338,9 +338,12 @@ def build_data_iterator(cfg: Config, consumed: int) -> Iterator:
     )
     sampler = GlobalBatchSampler(len(dataset), consumed, d.micro_batch_size, ps.get_data_parallel_rank(),
                                  ps.get_data_parallel_world_size())
+    # Its own generator: iter(loader) draws a base seed, which from the global RNG would shift the
+    # dropout masks of a resumed run (the checkpoint's RNG state is restored before this runs).
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate_packed, num_workers=d.num_workers,
         persistent_workers=d.num_workers > 0, worker_init_fn=_ignore_sigterm,
+        generator=torch.Generator().manual_seed(d.seed),
     )
     return iter(loader)
 

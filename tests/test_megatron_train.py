@@ -346,3 +346,22 @@ def test_resume_with_another_train_iters_keeps_the_schedule(workdir, init_ckpt):
     output = proc.stdout + proc.stderr
     assert "keeps the schedule this run started with: lr_decay_steps=4 iterations (recipe now 6)" in output
     assert f"checkpoint.init_from={save}" in output
+
+
+def test_resume_with_dropout_is_bitwise(workdir, init_ckpt):
+    """Dropout from the recipe; the RNG state saved with the checkpoint makes resume exact."""
+    dropout = ["model.hidden_dropout=0.2", "model.attention_dropout=0.2", f"checkpoint.init_from={init_ckpt}",
+               "training.train_iters=4", "checkpoint.save_interval=1000"]
+    straight = workdir / "dropout_straight"
+    run(straight, *dropout)
+    expected = metrics(straight)
+    no_dropout = workdir / "no_dropout"
+    run(no_dropout, *dropout[2:], "training.train_iters=1")
+    assert expected[0]["loss"] != metrics(no_dropout)[0]["loss"], "dropout is applied"
+    resumed = workdir / "dropout_resumed"
+    run(resumed, *dropout, "training.exit_after_iters=2")
+    assert latest(resumed) == 2
+    run(resumed, *dropout, "training.exit_after_iters=2")
+    got = metrics(resumed)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert [(r["loss"], r["grad_norm"]) for r in got] == [(r["loss"], r["grad_norm"]) for r in expected]
