@@ -542,6 +542,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
+    # megatron-core's INFO lines (its FSDP detection, every DDP/optimizer config field, each
+    # gradient bucket's parameter list, on every process) bury the step lines; keep its warnings.
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)
+    compat.quiet_cpu_notices()
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

@@ -153,3 +153,19 @@ def test_debug_launcher_takes_the_callers_relative_paths(workspace, tmp_path):
     assert [r["step"] for r in records] == [1]
     assert records[0]["sample_ids"] and all(sample.startswith("packs#") for sample in records[0]["sample_ids"])
     assert not (REPO / "run").exists() and not (REPO / "packs").exists()
+    # Only what a user can act on: no notes about GPU extras on CPU, no per-bucket parameter lists.
+    output = result.stdout + result.stderr
+    assert "Apex" not in output and "Transformer Engine" not in output and "bucket" not in output
+    assert "step 1/1 | loss" in output
+
+
+def test_create_says_in_one_line_which_weights_are_new(tmp_path, capfd):
+    from solo.cli import main as solo_main
+    from solo.tiny import make_base_checkpoint
+
+    base = make_base_checkpoint(tmp_path / "base")
+    capfd.readouterr()
+    assert solo_main(["create", "--base", base, "--out", str(tmp_path / "solo"), "--seed", "3"]) == 0
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "MISSING" not in out + err
+    assert "new: the patch projection, N(0, 0.02) with seed 3" in out
