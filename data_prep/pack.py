@@ -39,13 +39,13 @@ from solo.hf.processing_solo import VisionTokenIds
 
 from .encode import DocumentEncoder, EncodeOptions
 from .packed_format import (
-    TOKENIZER_DIR,
     FORMAT_NAME,
     FORMAT_VERSION,
     METADATA_FILE,
-    tokenizer_fingerprint,
     REPORT_FILE,
+    TOKENIZER_DIR,
     PackWriter,
+    tokenizer_fingerprint,
 )
 from solo.outputs import write_json_atomic
 from .packing import BestFitPacker

@@ -26,9 +26,9 @@ from .packed_format import (
     FORMAT_VERSION,
     IMAGES_PREFIX,
     METADATA_FILE,
-    tokenizer_fingerprint,
     PER_PACK_PREFIXES,
     import_indexed_dataset,
+    tokenizer_fingerprint,
 )
 
 

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
 from transformers.cache_utils import Cache
-from transformers.utils import can_return_tuple
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.mistral.modeling_mistral import MistralModel, MistralPreTrainedModel
+from transformers.utils import can_return_tuple
 
 from .configuration_solo import SoloConfig
 from .image_processing_solo import normalize_patches
