@@ -6,10 +6,9 @@ import argparse
 import json
 import sys
 
-from solo.hf.image_processing_solo import DEFAULT_MAX_PIXELS, RESIZE_MODES
-
-from .encode import TEMPLATES
-from .sources import FORMATS
+# Only light imports here: the model stack (torch, transformers, megatron-core) loads inside the
+# subcommand that needs it, so `--help` and bad arguments answer at once.
+from .schema import FORMATS, TEMPLATES
 
 PACK_EPILOG = """\
 formats:
@@ -61,14 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="plain: messages concatenated without role markers (pretraining, SOLO); "
                            "mistral: Mistral-Instruct [INST] turns (SFT/chat). Default plain")
     pack.add_argument("--loss-on-user", action="store_true", help="train on user-turn text too (default: no loss)")
-    pack.add_argument("--resize-mode", choices=RESIZE_MODES, default="fit",
+    pack.add_argument("--resize-mode", default="fit", metavar="MODE",
                       help="image resize rule: fit (aspect-preserving, default) or solo (SOLO-7B's)")
     pack.add_argument("--image-root", metavar="DIR", help="folder that relative image paths resolve against")
     pack.add_argument("--class-map", metavar="FILE", help="imagenet: synset → class name mapping")
     pack.add_argument("--exclude-subset", action="append", default=[], metavar="NAME",
                       help="text: drop records of this subset (meta.redpajama_set_name); repeatable")
-    pack.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="P",
-                      help=f"reject images that decode to more pixels (default {DEFAULT_MAX_PIXELS})")
+    pack.add_argument("--max-image-pixels", type=int, default=None, metavar="P",
+                      help="reject images that decode to more pixels (default: the image processor's cap, "
+                           "64 Mpx = 67108864)")
     pack.add_argument("--max-image-bytes", type=int, default=32 * 1024 * 1024, metavar="B",
                       help="reject image files larger than this (default 32 MiB)")
     pack.add_argument("--window", type=int, default=16384, metavar="DOCS",
@@ -149,6 +149,12 @@ def _pack(args) -> int:
     from .pack import PackConfig, run_pack
     from .sources import SourceOptions, load_class_map
 
+    from solo.hf.image_processing_solo import DEFAULT_MAX_PIXELS, RESIZE_MODES
+
+    if args.resize_mode not in RESIZE_MODES:
+        raise ValueError(f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, got {args.resize_mode!r}")
+    if args.max_image_pixels is None:
+        args.max_image_pixels = DEFAULT_MAX_PIXELS
     if args.format == "imagenet" and not args.class_map:
         raise ValueError("--format imagenet needs --class-map FILE (synset → class name)")
     source = SourceOptions(

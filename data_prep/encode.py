@@ -44,9 +44,7 @@ from solo.hf.image_processing_solo import (
 )
 from solo.hf.processing_solo import VisionTokenIds
 
-from .schema import Document, RejectedInput
-
-TEMPLATES = ("plain", "mistral")
+from .schema import TEMPLATES, Document, RejectedInput
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ is removed. Images that stay on disk (files, members of uncompressed tars) are r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -44,7 +43,9 @@ from .packed_format import (
     FORMAT_VERSION,
     METADATA_FILE,
     REPORT_FILE,
+    TOKENIZER_DIR,
     PackWriter,
+    tokenizer_fingerprint,
 )
 from solo.outputs import write_json_atomic
 from .packing import BestFitPacker
@@ -74,18 +75,6 @@ class PackConfig:
     progress: bool = True
     checkpoint_seconds: float = 30.0  # how often the packing pass records its position for resume
     expanded_inputs: list[str] = field(default_factory=list)
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Digest of what decides the tokens: the fast tokenizer's serialisation and its special ids.
-
-    (Hashing the directory would read a whole checkpoint when --tokenizer points at one.)
-    """
-    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
-    special = [len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-               getattr(tokenizer, "chat_template", None)]
-    digest.update(json.dumps(special).encode())
-    return digest.hexdigest()[:32]
 
 
 def load_tokenizer(directory: str):
@@ -383,6 +372,27 @@ def reason_kind(reason: str) -> str:
     return " ".join(reason.split()) or "other"
 
 
+class NothingPackedError(ValueError):
+    """A pack run that produced no pack at all (every record rejected, or no record found)."""
+
+
+# A run whose most frequent rejection reason covers more than this share of its records is most
+# likely reading its inputs with the wrong --format: say so loudly.
+MOSTLY_REJECTED = 0.5
+
+
+def rejection_warning(report: dict[str, Any], source_format: str) -> str | None:
+    """The warning for a run where most records were rejected for one reason, else None."""
+    if not report["rejected_by_kind"] or not report["documents_in"]:
+        return None
+    kind, count = max(report["rejected_by_kind"].items(), key=lambda item: item[1])
+    if count <= MOSTLY_REJECTED * report["documents_in"]:
+        return None
+    example = next(item for item in report["rejected"] if reason_kind(item["reason"]) == kind)
+    return (f"{count} of {report['documents_in']} records were rejected for one reason, e.g. "
+            f"{example['input']}: {example['reason']}. Is --format {source_format} the format of these inputs?")
+
+
 class _Accounting:
     def __init__(self, seq_length: int):
         self.seq_length = seq_length
@@ -650,14 +660,33 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
     if report["documents_in"] != report["documents_packed"] + report["documents_rejected"]:
         raise RuntimeError("accounting bug: documents_in != documents_packed + documents_rejected")
     write_json_atomic(os.path.join(config.output, REPORT_FILE), report)
+    warning = rejection_warning(report, config.source.format)
+    if report["packs"] == 0:
+        # No metadata.json: training must not accept an empty directory as data. The work folder
+        # stays, so the same command fails the same way and another --format says --overwrite.
+        found = (f"all {report['documents_in']} records were rejected" if report["documents_in"]
+                 else "the inputs hold no records" + (" that pass --exclude-subset" if report["documents_filtered"] else ""))
+        raise NothingPackedError(
+            f"nothing was packed into {config.output}: {found}. "
+            + (f"{warning} " if warning else "")
+            + f"Every rejection is listed in {os.path.join(config.output, REPORT_FILE)}; fix the inputs or "
+            "options and rerun with --overwrite."
+        )
+    if warning:
+        print(f"solo-data pack: WARNING: {warning} (all rejections: {os.path.join(config.output, REPORT_FILE)})",
+              file=sys.stderr)
     vision = VisionTokenIds.from_tokenizer(tokenizer)
+    # A copy of the tokenizer travels with the packs (training and preview load it from there), so
+    # the directory can be moved or mounted elsewhere; metadata.json, written last, seals it.
+    tokenizer.save_pretrained(os.path.join(config.output, TOKENIZER_DIR))
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "seq_length": seq_length,
         "packs": report["packs"],
         "tokenizer": {
-            "dir": os.path.abspath(config.tokenizer),
+            "dir": TOKENIZER_DIR,
+            "source_dir": os.path.abspath(config.tokenizer),
             "digest": fingerprint["tokenizer"]["digest"],  # blended sources must share one tokenizer
             "vocab_size": len(tokenizer),
             "bos_id": tokenizer.bos_token_id,

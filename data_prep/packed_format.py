@@ -17,9 +17,12 @@ images            uint8   ONE ITEM PER IMAGE: the image's original encoded bytes
                           document_indices[i] … document_indices[i+1]-1, in token order)
 ================  ======  ======================================================================
 
+`tokenizer/` holds the tokenizer the packs were made with (what training and preview load), so
+a packed directory is self-contained: it can be moved, copied or mounted elsewhere.
 `metadata.json` (written last: its presence marks a complete directory) records the format
-version, `seq_length`, the tokenizer (directory, vocabulary size, bos/eos/pad and vision token
-ids), the image `resize_mode`, the template and loss rule, and the run's input fingerprint.
+version, `seq_length`, the tokenizer (`dir`: its folder relative to the packed directory, `digest`
+checked when it is loaded, `source_dir` it was copied from, vocabulary size, bos/eos/pad and
+vision token ids), the image `resize_mode`, the template and loss rule, and the run's input fingerprint.
 `report.json` holds the run's accounting. Patches are not stored: the reader decodes each image
 and patchifies it with the shared processor at the recorded grid, so the `<vpatch>` tokens of an
 image at offset o with C columns sit at o + 1 + r·(C + 1) + c, numbered in raster order.
@@ -27,6 +30,7 @@ image at offset o with C columns sit at o + 1 + r·(C + 1) + c, numbered in rast
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -38,7 +42,20 @@ FORMAT_VERSION = 1
 PER_PACK_PREFIXES = ("tokens", "loss_mask", "cu_seqlens", "image_layout", "doc_origin")
 IMAGES_PREFIX = "images"
 METADATA_FILE = "metadata.json"
+TOKENIZER_DIR = "tokenizer"  # the tokenizer's copy inside a packed directory
 REPORT_FILE = "report.json"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Digest of what decides the tokens: the fast tokenizer's serialisation and its special ids.
+
+    (Hashing the directory would read a whole checkpoint when --tokenizer points at one.)
+    """
+    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    special = [len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+               getattr(tokenizer, "chat_template", None)]
+    digest.update(json.dumps(special).encode())
+    return digest.hexdigest()[:32]
 
 
 def token_dtype(vocab_size: int) -> type:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -170,15 +169,10 @@ def _png(reader: PackedReader, index: int, documents: list[dict]) -> Image.Image
 
 
 def render_preview(directory: str, index: int, out: str) -> str:
-    from transformers import AutoTokenizer
-
     reader = PackedReader(directory)
     if not 0 <= index < len(reader):
         raise ValueError(f"--pack {index} is out of range: {directory} has {len(reader)} packs")
-    if not os.path.isdir(reader.tokenizer_dir):
-        raise FileNotFoundError(f"the tokenizer recorded at pack time ({reader.tokenizer_dir}) is gone; "
-                                "the preview needs it to decode text")
-    tokenizer = AutoTokenizer.from_pretrained(reader.tokenizer_dir)
+    tokenizer = reader.load_tokenizer()
     documents = pack_segments(reader, index, tokenizer)
     if out.lower().endswith((".html", ".htm")):
         with open(out, "w", encoding="utf-8") as handle:

@@ -28,6 +28,7 @@ from .packed_format import (
     METADATA_FILE,
     PER_PACK_PREFIXES,
     import_indexed_dataset,
+    tokenizer_fingerprint,
 )
 
 
@@ -58,13 +59,32 @@ class PackedReader:
                              f"version {self.metadata.get('format_version')!r}; expected {FORMAT_NAME} v{FORMAT_VERSION}")
         self.seq_length: int = self.metadata["seq_length"]
         self.tokenizer_info: dict = self.metadata["tokenizer"]
-        self.tokenizer_dir: str = self.tokenizer_info["dir"]
+        # Relative to the directory (its own copy); packs written before that recorded an absolute path.
+        self.tokenizer_dir: str = os.path.join(self.directory, self.tokenizer_info["dir"])
         self.resize_mode: str = self.metadata["resize_mode"]
         # The decoded-pixel cap the images were accepted under: a larger --max-image-pixels must read back.
         self.max_pixels: int = self.metadata["max_pixels"]
         self.image_processor = SoloImageProcessor(resize_mode=self.resize_mode, max_pixels=self.max_pixels)
         self.vision_patch_id: int = self.tokenizer_info["vision_patch_id"]
         self._datasets = None
+
+    def load_tokenizer(self):
+        """The tokenizer the packs were made with, checked against the digest recorded at packing."""
+        from transformers import AutoTokenizer
+
+        if not os.path.isdir(self.tokenizer_dir):
+            raise FileNotFoundError(
+                f"{self.directory}: the tokenizer folder {self.tokenizer_dir} recorded at packing is missing; "
+                "repack with this version of solo-data (packs keep a copy of their tokenizer)"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+        expected = self.tokenizer_info.get("digest")
+        if expected is not None and tokenizer_fingerprint(tokenizer) != expected:
+            raise ValueError(
+                f"{self.directory}: the tokenizer in {self.tokenizer_dir} (digest {tokenizer_fingerprint(tokenizer)}) "
+                f"is not the one the packs were made with (digest {expected}); restore it or repack"
+            )
+        return tokenizer
 
     @property
     def datasets(self) -> dict:

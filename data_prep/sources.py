@@ -47,9 +47,8 @@ from typing import Any, Iterator, NamedTuple
 
 from solo.hf.processing_solo import IMAGE_PLACEHOLDER
 
-from .schema import Document, RejectedInput, check_role
+from .schema import FORMATS, Document, RejectedInput, check_role
 
-FORMATS = ("imagenet", "caption", "interleaved", "text", "llava", "chat")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 SYNSET_PATTERN = re.compile(r"n\d{8}")

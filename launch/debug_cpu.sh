@@ -6,9 +6,12 @@
 #   ITERS  training iterations (40) SAVE checkpoints + metrics.jsonl (runs/debug_cpu)
 #   DATA   synthetic | a packed directory | a mixture YAML (synthetic)
 # Extra arguments are recipe overrides, e.g.  launch/debug_cpu.sh data.global_batch_size=8
-# PYTHON selects the interpreter (default: python of the active environment).
+# PYTHON selects the interpreter (default: python of the active environment). Relative DATA and
+# SAVE are the caller's paths (this script does not change directory); the code and recipe are
+# this checkout's.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 NPROC="${NPROC:-2}"
 TP="${TP:-1}"
@@ -26,7 +29,7 @@ if [[ "$DATA" != synthetic ]]; then
 fi
 
 exec "${PYTHON:-python}" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m megatron_patch.train \
-  --config megatron_patch/recipes/debug_cpu.yaml \
+  --config "$ROOT/megatron_patch/recipes/debug_cpu.yaml" \
   parallel.tensor_model_parallel_size="$TP" \
   parallel.pipeline_model_parallel_size="$PP" \
   training.train_iters="$ITERS" \

@@ -8,14 +8,20 @@
 #   SOLO_INIT, SOLO_DATA, SOLO_RUNS           paths the stage recipes read (see each recipe's header)
 # Running the same command again resumes from the recipe's checkpoint.save directory.
 # On a SLURM cluster use launch/slurm.sbatch instead (same recipes, one srun over all nodes).
+# Relative paths in overrides are the caller's (no change of directory); RECIPE is a path from the
+# caller's folder or from this checkout's root (megatron_patch/recipes/stage1.yaml).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 RECIPE="${1:?usage: launch/pretrain.sh RECIPE [section.key=value ...]}"
 shift
 # Sequence parallelism and the overlapped gradient/parameter collectives need the kernels queued in
 # issue order on one hardware queue (what megatron-core asserts for TP communication overlap).
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+if [[ ! -f "$RECIPE" && -f "$ROOT/$RECIPE" ]]; then
+  RECIPE="$ROOT/$RECIPE"
+fi
 
 exec "${PYTHON:-python}" -m torch.distributed.run \
   --nproc_per_node "${NPROC_PER_NODE:-8}" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \

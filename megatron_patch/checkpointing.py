@@ -13,6 +13,9 @@ rank 0: tens of GB of host memory at 7B), which loads at any TP/PP; use it for t
 planned TP/PP change. Loading reads the format from the checkpoint. Saves can run asynchronously
 (``checkpoint.async_save``): training continues while a background process writes, and the
 checkpoint is renamed into place and ``latest`` updated only once every rank has finished.
+
+A resumed run keeps the LR schedule it was started with, even if the recipe's length or LRs
+changed since (it warns, and says how to restart the schedule on purpose).
 """
 
 from __future__ import annotations
@@ -271,6 +274,39 @@ def resolve_checkpoint_dir(path: str) -> str:
 
 
 
+# The LR/WD schedule's shape as megatron-core's OptimizerParamScheduler records it (steps in samples).
+SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style",
+                 "start_wd", "end_wd", "wd_incr_steps", "wd_incr_style")
+
+
+def restore_schedule(cfg: Config, scheduler, saved: Dict[str, Any]) -> Optional[str]:
+    """Put the checkpoint's schedule (shape and position) into `scheduler`.
+
+    Returns a warning when the recipe now describes another schedule (e.g. a changed
+    training.train_iters, which would otherwise re-stretch the cosine and jump the LR), else None.
+    """
+    current = scheduler.state_dict()
+    changed = {key: (saved[key], current[key]) for key in SCHEDULE_KEYS if saved.get(key) != current[key]}
+    # megatron-core's own switch: take every schedule value from the checkpoint.
+    scheduler.override_opt_param_scheduler, scheduler.use_checkpoint_opt_param_scheduler = False, True
+    scheduler.num_steps = 0  # load_state_dict advances by the saved count
+    scheduler.load_state_dict(saved)
+    scheduler.step(increment=0)
+    if not changed:
+        return None
+    gbs = cfg.data.global_batch_size
+    described = ", ".join(
+        f"{key}={old / gbs:g} iterations (recipe now {new / gbs:g})" if key.endswith("_steps")
+        else f"{key}={old} (recipe now {new})"
+        for key, (old, new) in changed.items()
+    )
+    return (
+        f"resuming {cfg.checkpoint.save} keeps the schedule this run started with: {described}. To restart "
+        f"the schedule on purpose, start a new stage from it: checkpoint.init_from={cfg.checkpoint.save} "
+        "checkpoint.save=NEW_DIR (add checkpoint.init_load_optimizer=true to keep the optimizer state)"
+    )
+
+
 def restore(cfg: Config, model, optimizer, scheduler) -> tuple[int, int, Optional[int]]:
     """Resume from checkpoint.save, else start from checkpoint.init_from (schedule reset), else
     from the initialisation. Returns (iteration, consumed_samples, latest saved iteration)."""
@@ -280,8 +316,9 @@ def restore(cfg: Config, model, optimizer, scheduler) -> tuple[int, int, Optiona
         common = load_checkpoint(
             cfg, _iter_dir(cfg.checkpoint.save, latest), model, optimizer, with_optimizer=True, restore_rng=True
         )
-        scheduler.num_steps = common["scheduler"]["num_steps"]
-        scheduler.step(increment=0)
+        warning = restore_schedule(cfg, scheduler, common["scheduler"])
+        if rank == 0 and warning:
+            logger.warning(warning)
         if rank == 0:
             logger.info("resumed from %s at iteration %d (%d samples)", cfg.checkpoint.save,
                         common["iteration"], common["consumed_samples"])

@@ -170,6 +170,26 @@ def check_symbols() -> None:
         _resolve(module, attr)
 
 
+# megatron-core's import-time notes that a CPU run cannot act on: TE, apex and fused kernels are
+# CUDA-only (CPU_NOTES.md), and a deprecation its own TransformerConfig default triggers.
+CPU_NOTICES = (
+    r"Transformer Engine and Apex are not installed",
+    r"Apex is not installed",
+    r"full scope is deprecated",
+)
+
+
+def quiet_cpu_notices() -> None:
+    """Without CUDA, hide megatron-core's warnings about missing GPU extras (kept on GPU, where
+    installing transformer-engine is the fix)."""
+    if CUDA_AVAILABLE:
+        return
+    import warnings
+
+    for message in CPU_NOTICES:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
+
+
 def apply() -> bool:
     """Install the CPU redirects if CUDA is absent (idempotent). Returns True if applied."""
     global _APPLIED

@@ -33,6 +33,10 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     sliding_window: Optional[int] = 4096  # HF semantics: a token sees itself + 4095 earlier ones
     init_method_std: float = 0.02
+    # Dropout probabilities (Mistral and SOLO train without: 0). Resume restores the RNG, so a run
+    # with dropout continues bitwise.
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
     # auto: te on a GPU with Transformer Engine, else flex (PyTorch flex_attention) on a GPU, else local (CPU).
     backend: str = "auto"  # auto | te | flex | local
 
@@ -189,6 +193,9 @@ def validate(cfg: Config) -> None:
     if d.path == "synthetic" and (d.pad_token_id is None or m.vocab_size is None):
         raise ConfigError("data.path=synthetic needs data.pad_token_id and model.vocab_size")
     # For packed data the tokenizer (vocab size, pad id) defaults to the one the packs were made with.
+    for key in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(m, key) < 1.0:
+            raise ConfigError(f"model.{key} must be in [0, 1); got {getattr(m, key)}")
     if m.sliding_window is not None and m.sliding_window < 1:
         raise ConfigError("model.sliding_window must be >= 1 or null")
     if cfg.checkpoint.keep_last < 1:

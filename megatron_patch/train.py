@@ -101,14 +101,16 @@ def resolve_tokenizer_fields(cfg: Config) -> None:
     if len(digests) > 1:
         raise ConfigError(f"the blended packed directories were made with different tokenizers: "
                           f"{[r.tokenizer_dir for r in readers]}")
-    tokenizer_dir = cfg.model.tokenizer or (readers[0].tokenizer_dir if readers else None)
-    if tokenizer_dir is None:
+    if cfg.model.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer_dir, tok = cfg.model.tokenizer, AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+    elif readers:  # the copy inside the packed directory, checked against its recorded digest
+        tokenizer_dir, tok = readers[0].tokenizer_dir, readers[0].load_tokenizer()
+    else:
         if cfg.model.vocab_size is None:
             raise ConfigError("no tokenizer to size the vocabulary: set model.tokenizer (or model.vocab_size)")
         return
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg.model.vocab_size = len(tok)
     if cfg.data.pad_token_id is None:
         if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
@@ -341,10 +343,12 @@ def build_data_iterator(cfg: Config, consumed: int) -> Iterator:
     if ps.get_tensor_model_parallel_rank() == 0:
         sampler = GlobalBatchSampler(len(dataset), consumed, d.micro_batch_size, ps.get_data_parallel_rank(),
                                      ps.get_data_parallel_world_size())
+        # Its own generator: iter(loader) draws a base seed, which from the global RNG would shift the
+        # dropout masks of a resumed run (the checkpoint's RNG state is restored before this runs).
         loader = iter(torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collate_packed, num_workers=d.num_workers,
             persistent_workers=d.num_workers > 0, worker_init_fn=_ignore_sigterm,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(d.seed),
         ))
     if ps.get_tensor_model_parallel_world_size() == 1:
         return loader
@@ -596,6 +600,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
+    # megatron-core's INFO lines (its FSDP detection, every DDP/optimizer config field, each
+    # gradient bucket's parameter list, on every process) bury the step lines; keep its warnings.
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)
+    compat.quiet_cpu_notices()
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

@@ -17,7 +17,9 @@ def _create(args: argparse.Namespace) -> int:
     except (CreateError, OutputError) as error:
         print(f"solo create: error: {error}", file=sys.stderr)
         return 2
-    print(f"solo create: wrote SOLO checkpoint to {out}")
+    print(f"solo create: wrote SOLO checkpoint to {out} (new: the patch projection, N(0, 0.02) with seed "
+          f"{args.seed}, and the vision-token rows of the embeddings and LM head, the mean of the base rows; "
+          "every other weight is the base's)")
     return 0
 
 

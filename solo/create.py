@@ -13,6 +13,7 @@ from solo.outputs import atomic_output_dir, check_output_dir
 COMMAND = "solo create"
 SUPPORTED_MODEL_TYPES = ("mistral", "llama")
 PATCH_INIT_STD = 0.02
+NEW_WEIGHT = "model.embed_vision_patch.weight"  # the one weight a base checkpoint cannot have
 
 
 class CreateError(ValueError):
@@ -76,6 +77,7 @@ def create_solo_checkpoint(
     sibling that is renamed into place at the end.
     """
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from solo.hf import SoloConfig, SoloForCausalLM, SoloImageProcessor, SoloProcessor
     from solo.tokenizer import extend_tokenizer
@@ -87,7 +89,18 @@ def create_solo_checkpoint(
     tokenizer = extend_tokenizer(AutoTokenizer.from_pretrained(base))
     config = SoloConfig.from_pretrained(base)
     config.architectures = ["SoloForCausalLM"]
-    model = SoloForCausalLM.from_pretrained(base, config=config, dtype="auto")
+    # The patch projection is new by design: transformers' load report would list it as MISSING
+    # in a table. Quiet the report, check that nothing else is missing, and say so in one line.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, loading = SoloForCausalLM.from_pretrained(base, config=config, dtype="auto", output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(set(loading["missing_keys"]) - {NEW_WEIGHT})
+    if missing:
+        raise CreateError(f"{base} lacks weights the model needs: {', '.join(missing[:5])}"
+                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     generator = torch.Generator().manual_seed(seed)
     projection = model.model.embed_vision_patch.weight
     with torch.no_grad():

@@ -139,6 +139,21 @@ def test_bad_bases_give_clear_errors(base_dir, tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".busy.tmp")]
 
 
+def greedy_without_cache(model, inputs, steps: int) -> list[int]:
+    """Reference decoding: re-run the whole sequence at every step and take the argmax."""
+    ids, indices = inputs["input_ids"], inputs["vision_patch_indices"]
+    new_tokens = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=ids, vision_patches=inputs["vision_patches"], vision_patch_indices=indices,
+                           use_cache=False).logits
+            token = int(logits[0, -1].argmax())
+            new_tokens.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            indices = torch.cat([indices, torch.tensor([[-1]])], dim=1)
+    return new_tokens
+
+
 def test_readme_generation_example_runs(solo_dir, tmp_path):
     """The README's usage snippet, on the created checkpoint: chat template → processor → generate."""
     image_path = tmp_path / "photo.jpg"
@@ -147,7 +162,32 @@ def test_readme_generation_example_runs(solo_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(solo_dir, trust_remote_code=True)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
     inputs = processor(processor.apply_chat_template(messages), images=[str(image_path)])
-    output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    assert output.shape == (1, inputs["input_ids"].shape[1] + 5)
-    assert torch.equal(output[0, : inputs["input_ids"].shape[1]], inputs["input_ids"][0])
-    assert isinstance(processor.decode(output[0]), str)
+    output = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    prompt_length = inputs["input_ids"].shape[1]
+    assert torch.equal(output[0, :prompt_length], inputs["input_ids"][0])
+    assert output[0, prompt_length:].tolist() == greedy_without_cache(model.eval(), inputs, steps=5)
+    text = processor.decode(output[0], skip_special_tokens=True)
+    assert text.startswith("[INST] What is this? [/INST]")
+
+
+def test_batched_generation_after_reload_equals_one_by_one(solo_dir, tmp_path):
+    """A saved and reloaded checkpoint left-pads batches (transformers 5 does not save padding_side)."""
+    images = []
+    for index, size in enumerate([(60, 90), (40, 40), (90, 50)]):
+        images.append(tmp_path / f"image{index}.png")
+        Image.fromarray(np.random.default_rng(index).integers(0, 256, (*size, 3), dtype=np.uint8)).save(images[-1])
+    processor = AutoProcessor.from_pretrained(solo_dir, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(solo_dir, trust_remote_code=True).eval()
+    prompts = [
+        "<s>[INST] <image> and <image>: what differs between the two pictures? [/INST]",
+        "<s>[INST] <image> cat? [/INST]",
+    ]
+    groups = [[str(images[0]), str(images[1])], [str(images[2])]]
+    batch = processor(prompts, images=groups)
+    assert batch["attention_mask"][1, 0] == 0 and batch["attention_mask"][1, -1] == 1  # left padding
+    with torch.no_grad():
+        batched = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        for row, (prompt, group) in enumerate(zip(prompts, groups)):
+            alone = model.generate(**processor(prompt, images=group), max_new_tokens=6, min_new_tokens=6,
+                                   do_sample=False)
+            assert batched[row, -6:].tolist() == alone[0, -6:].tolist()

@@ -1,8 +1,11 @@
 """`solo-data pack` invariants: limits, boundaries, loss masks, patches, splitting, bad inputs, accounting.
 
 Every packed document is checked against an independent re-implementation of the token layout
-(BOS, text tokens / image blocks, EOS) built here from the source records and a fresh patchify of
-each source image.
+(BOS, text tokens / image blocks, EOS) built here from the source records with literal formulas:
+the image block and the (c, y, x) raster cut of the patches are written out here, not taken from
+the production layout functions, so a layout change there fails these tests. Only the patch grid
+comes from the image processor's `fit_grid` (its rule is tested on literal sizes in
+test_image_processing.py).
 """
 
 import base64
@@ -18,8 +21,7 @@ from PIL import Image
 from data_prep.cli import main as solo_data
 from data_prep.encode import plan_pieces
 from data_prep.reader import PackedReader
-from solo.hf.image_processing_solo import image_to_patches, load_image
-from solo.hf.processing_solo import VisionTokenIds
+from solo.hf.image_processing_solo import fit_grid
 from solo.tiny import make_base_tokenizer
 from solo.tokenizer import extend_tokenizer
 
@@ -57,14 +59,42 @@ def pack(tokenizer_dir, inputs, output, seq_length, fmt="chat", extra=()):
         return json.load(handle)
 
 
+class Vision:
+    """The vision token ids, looked up by name."""
+
+    def __init__(self, tokenizer):
+        self.start, self.patch, self.row_sep, self.end = tokenizer.convert_tokens_to_ids(
+            ["<vision>", "<vpatch>", "<vrow_sep>", "</vision>"])
+
+
+def literal_image_block(tokenizer, rows, cols):
+    """<vision>, rows of cols <vpatch> separated by <vrow_sep> (none after the last), </vision>."""
+    ids = Vision(tokenizer)
+    block = [ids.start]
+    for row in range(rows):
+        block += [ids.patch] * cols + ([ids.row_sep] if row < rows - 1 else [])
+    return block + [ids.end]
+
+
+def literal_patches(data):
+    """Decode, resize to the fit grid (bilinear), cut 32x32 patches in raster order, each (c, y, x)."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    rows, cols = fit_grid(image.width, image.height)
+    if image.size != (cols * 32, rows * 32):
+        image = image.resize((cols * 32, rows * 32), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image)
+    patches = [pixels[r * 32:(r + 1) * 32, c * 32:(c + 1) * 32, :].transpose(2, 0, 1).reshape(-1)
+               for r in range(rows) for c in range(cols)]
+    return np.stack(patches), (rows, cols)
+
+
 def expected_document(tokenizer, segments, loss_roles=("assistant",)):
     """Our layout rule, written independently: BOS, segments, EOS; loss on trainable text and EOS."""
-    ids = VisionTokenIds.from_tokenizer(tokenizer)
     tokens, loss, patches = [tokenizer.bos_token_id], [0], []
     for role, kind, value in segments:
         if kind == "image":
-            image_patches, (rows, cols) = image_to_patches(load_image(value))
-            block = ids.image_block(rows, cols).tolist()
+            image_patches, (rows, cols) = literal_patches(value)
+            block = literal_image_block(tokenizer, rows, cols)
             tokens += block
             loss += [0] * len(block)
             patches.append(image_patches)
@@ -80,7 +110,7 @@ def expected_document(tokenizer, segments, loss_roles=("assistant",)):
 def check_packed(directory, tokenizer, expected, seq_length):
     """Check every pack invariant and that each record's pieces reassemble to `expected[record]`."""
     reader = PackedReader(directory)
-    ids = VisionTokenIds.from_tokenizer(tokenizer)
+    ids = Vision(tokenizer)
     vision_ids = [ids.start, ids.patch, ids.row_sep, ids.end]
     report = json.load(open(f"{directory}/report.json"))
     pieces = defaultdict(dict)
@@ -190,7 +220,7 @@ def test_split_of_overlong_text_and_many_image_documents(tmp_path, tokenizer_dir
         # at 64 the images-only document (8 x 7 image tokens + text) still fits whole
         assert report["documents_split"] == (3 if seq_length == 24 else 2) and report["pieces"] > 6
         assert report["documents_rejected"] == 0 and report["max_pack_length"] <= seq_length
-        vision = VisionTokenIds.from_tokenizer(tokenizer)
+        vision = Vision(tokenizer)
         # the trailing-image rule: a piece that still has text never ends with an image block
         for index in range(len(reader)):
             pack_ = reader.get(index, decode_images=False)
@@ -292,8 +322,7 @@ def test_mistral_template_matches_chat_template_and_masks_user(tmp_path, tokeniz
         assert report["documents_rejected"] == 1 and "assistant turn" in report["rejected"][0]["reason"]
         pack_ = PackedReader(output)[0]
         rendered = tokenizer.apply_chat_template(messages, tokenize=False)
-        vision = VisionTokenIds.from_tokenizer(tokenizer)
-        block = tokenizer.decode(vision.image_block(1, 2))
+        block = tokenizer.decode(literal_image_block(tokenizer, 1, 2))
         assert tokenizer.decode(pack_["tokens"]) == rendered.replace("<image>", block)
         trained = tokenizer.decode(pack_["tokens"][pack_["loss_mask"] == 1])
         eos = tokenizer.eos_token

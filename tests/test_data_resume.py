@@ -45,8 +45,14 @@ def config(root, output, workers=1, chunk_size=256):
 
 
 def files_of(directory):
-    names = sorted(name for name in os.listdir(directory) if not name.startswith("."))
-    return {name: open(os.path.join(directory, name), "rb").read() for name in names}
+    """Every file of a packed directory (the tokenizer copy included) by relative path, hidden ones aside."""
+    files = {}
+    for folder, subfolders, names in os.walk(directory):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        for name in (name for name in names if not name.startswith(".")):
+            path = os.path.join(folder, name)
+            files[os.path.relpath(path, directory)] = open(path, "rb").read()
+    return dict(sorted(files.items()))
 
 
 def command(root, output):

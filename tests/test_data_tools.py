@@ -74,7 +74,29 @@ def test_stats_histograms_and_per_source_counts(packed):
     assert sum(s["tokens"] for s in stats["sources"]) == report["tokens"]
     assert sum(s["vision_tokens"] for s in stats["sources"]) == report["vision_tokens"]
     assert sum(s["loss_tokens"] for s in stats["sources"]) == report["loss_tokens"]
+    # An image of R x C patches is R*C <vpatch> + (R-1) <vrow_sep> + <vision> + </vision> tokens.
+    reader = PackedReader(packed / "captions")
+    layouts = np.concatenate([reader.image_layout(i) for i in range(len(reader))])
+    assert sum(s["vision_tokens"] for s in stats["sources"]) == int((layouts[:, 1] * (layouts[:, 2] + 1) + 1).sum())
+    assert sum(s["patches"] for s in stats["sources"]) == int((layouts[:, 1] * layouts[:, 2]).sum())
+
+
+def test_stats_cli_prints_the_same_numbers(packed, capsys):
+    assert solo_data(["stats", str(packed / "text"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    stats = compute_stats(str(packed / "text"))
+    assert printed == json.loads(json.dumps(stats))
+    (source,) = stats["sources"]
+    assert source["documents"] == 40 and source["images"] == 0 and source["vision_tokens"] == 0
+    assert source["tokens"] == int(PackedReader(packed / "text").pack_lengths.sum()) == stats["tokens"]
+    # Plain text: every token but the BOS that starts each piece is a training target (text and EOS).
+    report = json.load(open(packed / "text" / "report.json"))
+    assert source["pieces"] == report["pieces"] > source["documents"]  # long documents were split
+    assert source["loss_tokens"] == source["tokens"] - source["pieces"]
     assert solo_data(["stats", str(packed / "text")]) == 0
+    text = capsys.readouterr().out
+    assert f"{stats['packs']} packs of ≤ 128 tokens, {stats['tokens']:,} tokens" in text
+    assert f"40 docs, {source['pieces']} pieces" in text
 
 
 def test_preview_shows_the_images_and_marks_loss(packed, tmp_path):

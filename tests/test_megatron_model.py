@@ -21,6 +21,7 @@ from megatron.core.packed_seq_params import PackedSeqParams  # noqa: E402
 
 from megatron_patch.config import Config, ModelConfig  # noqa: E402
 from megatron_patch.data import (  # noqa: E402
+    GlobalBatchSampler,
     SyntheticImageTask,
     build_train_dataset,
     collate_packed,
@@ -285,6 +286,45 @@ def test_dataset_is_deterministic_and_blends_by_weight(megatron_world, tmp_path)
     blended = build_train_dataset(str(mix), 200, 64, PAD, 7, str(tmp_path / "c3"), synthetic_num_packs=30)
     share = np.mean([blended[i]["dataset_id"] == 0 for i in range(200)])
     assert abs(share - 0.75) < 0.02
+
+
+def test_each_epoch_is_a_fresh_permutation_fixed_by_the_seed(megatron_world, tmp_path):
+    packs, epochs = 12, 4
+    def pack_order(seed, cache):
+        ds = build_train_dataset("synthetic", packs * epochs, 64, PAD, seed, str(tmp_path / cache), synthetic_num_packs=packs)
+        return [int(ds[i]["sample_id"].rsplit("#", 1)[1]) for i in range(packs * epochs)]
+
+    order = pack_order(7, "a")
+    per_epoch = [order[e * packs : (e + 1) * packs] for e in range(epochs)]
+    for epoch in per_epoch:
+        assert sorted(epoch) == list(range(packs)), "every epoch visits every pack exactly once"
+    assert len({tuple(epoch) for epoch in per_epoch}) == epochs, "each epoch has its own shuffle"
+    assert per_epoch[0] != list(range(packs)), "shuffled, not in file order"
+    assert pack_order(7, "b") == order, "same seed, same order"
+    assert pack_order(8, "c") != order, "another seed, another order"
+
+
+@pytest.mark.parametrize("dp_size", [1, 2, 4])
+@pytest.mark.parametrize("micro_batch", [1, 2, 3])
+def test_global_batch_sampler_splits_every_global_batch_across_ranks(dp_size, micro_batch):
+    global_batch, steps, consumed = 24, 3, 24  # resumed after one step
+    total = global_batch * (steps + 1)
+    per_rank = [list(GlobalBatchSampler(total, consumed, micro_batch, rank, dp_size)) for rank in range(dp_size)]
+    for rank, batches in enumerate(per_rank):
+        assert all(len(batch) == micro_batch for batch in batches)
+        assert len(batches) == len(GlobalBatchSampler(total, consumed, micro_batch, rank, dp_size))
+    seen = [sample for batches in per_rank for batch in batches for sample in batch]
+    assert len(seen) == len(set(seen)), "ranks never share a sample"
+    assert sorted(seen) == list(range(consumed, total)), "every sample after consumed_samples, none before"
+    # Independent of DP: global step k is samples [k*G, (k+1)*G), in the order of DP=1 micro-batches.
+    micro_steps_per_global = global_batch // (micro_batch * dp_size)
+    for step in range(steps):
+        in_order = []
+        for m in range(micro_steps_per_global):
+            for rank in range(dp_size):
+                in_order += per_rank[rank][step * micro_steps_per_global + m]
+        start = consumed + step * global_batch
+        assert in_order == list(range(start, start + global_batch))
 
 
 @pytest.mark.parametrize("recompute", ["full", "selective"])

@@ -5,6 +5,7 @@ layout trains the same weights; the reference is TP=1, PP=1, DP=1, micro-batch 1
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -137,22 +138,24 @@ def test_micro_batch_2_matches_2x1(workdir, init_ckpt, reference):
 
 
 def test_resume_after_kill_9_is_bitwise(workdir, init_ckpt, reference):
+    """Killed in the middle of writing checkpoint 4: the save goes through iter_N.tmp, so `latest`
+    stays on checkpoint 2 and the same command resumes from it bitwise."""
     save = workdir / "killed"
     args = [*BASE, f"checkpoint.init_from={init_ckpt}", "training.step_sleep_s=0.4"]
+    in_progress = save / "iter_0000004.tmp"
     proc = subprocess.Popen(train_cmd(save, *args), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 120
-        while latest(save) != 2:
-            assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.time() < deadline, "no checkpoint at step 2"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # a hard crash, no chance to save
+        deadline = time.time() + 180
+        while not in_progress.exists():
+            assert proc.poll() is None, "the run ended without ever writing iter_0000004.tmp (the save is not atomic)"
+            assert time.time() < deadline, "no save of checkpoint 4 started"
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)  # a hard crash in the middle of the save
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    assert latest(save) == 2
-    (save / "iter_0000004.tmp").mkdir(exist_ok=True)  # debris of a save interrupted by a crash
+    assert latest(save) == 2 and not (save / "iter_0000004").exists()
     run(save, *args)  # resume = the same command again
     got = metrics(save)
     assert [r["step"] for r in got] == list(range(1, ITERS + 1))
@@ -160,7 +163,7 @@ def test_resume_after_kill_9_is_bitwise(workdir, init_ckpt, reference):
         assert g["loss"] == r["loss"], f"step {g['step']}: {g['loss']!r} != {r['loss']!r} (must be bitwise)"
         assert g["grad_norm"] == r["grad_norm"]
         assert g["sample_ids"] == r["sample_ids"]
-    assert latest(save) == ITERS and not (save / "iter_0000004.tmp").exists()
+    assert latest(save) == ITERS and not in_progress.exists()
     assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000002", "iter_0000004"]  # keep_last=2
 
 
@@ -203,7 +206,7 @@ def test_sigterm_saves_a_resumable_checkpoint(workdir):
     assert latest(save) == stopped + 1
 
 
-def test_nonfinite_loss_stops_or_skips(workdir, init_ckpt):
+def test_nonfinite_loss_stops_or_skips(workdir, init_ckpt, reference):
     save = workdir / "nan_stop"
     proc = run(save, *BASE, f"checkpoint.init_from={init_ckpt}", "training.inject_nan_at_step=2", expect_rc=3)
     assert "non-finite loss or gradient at step 2" in proc.stdout + proc.stderr
@@ -213,7 +216,12 @@ def test_nonfinite_loss_stops_or_skips(workdir, init_ckpt):
     run(save, *BASE, f"checkpoint.init_from={init_ckpt}", "training.inject_nan_at_step=2", "training.on_nonfinite=skip")
     m = metrics(save)
     assert [r["skipped"] for r in m] == [False, True, False, False]
-    assert all(r["loss"] == r["loss"] for r in (m[0], m[2], m[3]))  # finite after the skip
+    assert m[0]["loss"] == reference[0]["loss"] and m[0]["grad_norm"] == reference[0]["grad_norm"]
+    assert m[1]["loss"] != m[1]["loss"] and m[1]["grad_norm"] is None  # the poisoned step: NaN, no update
+    # No update and no schedule step for the skipped step; the data moves on (no sample repeated).
+    assert [r["lr"] for r in m[2:]] == [r["lr"] for r in reference[1:3]]
+    assert [r["sample_ids"] for r in m] == [r["sample_ids"] for r in reference]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in (m[0], m[2], m[3]))
 
 
 def test_loss_falls_on_synthetic_image_task(workdir):
@@ -290,10 +298,16 @@ def test_trains_on_real_packed_mixture(workdir):
         "data.global_batch_size=4")
     m = metrics(save)
     assert [r["step"] for r in m] == [1, 2, 3]
-    assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in m)
+    # A fresh model's per-token loss is about ln(vocabulary): sized from the packs' tokenizer.
+    assert abs(m[0]["loss"] - math.log(len(tok))) < 1.0, (m[0]["loss"], math.log(len(tok)))
     ids = [s for r in m for s in r["sample_ids"]]
     assert any("captions" in s for s in ids) and any("text" in s for s in ids)
     assert any(r["image_loss"] is not None for r in m) and any(r["text_loss"] is not None for r in m)
+    for r in m:  # the step loss is the token-weighted mean of the per-kind losses
+        parts = [r[key] for key in ("text_loss", "image_loss") if r[key] is not None]
+        assert min(parts) - 1e-9 <= r["loss"] <= max(parts) + 1e-9, r
+        if len(parts) == 1:
+            assert abs(r["loss"] - parts[0]) < 1e-9
     # The model was sized from the packs' tokenizer, not from the recipe's vocab_size=1.
     saved = json.loads(json.dumps(__import__("torch").load(save / "iter_0000003" / "common.pt", weights_only=False)["config"]))
     assert saved["model"]["vocab_size"] == len(tok)
@@ -323,3 +337,43 @@ def test_exit_after_iters_saves_and_the_same_command_continues(workdir):
     assert latest(save) == 2 and [r["step"] for r in metrics(save)] == [1, 2]
     run(save, *args)
     assert latest(save) == 4 and [r["step"] for r in metrics(save)] == [1, 2, 3, 4]
+
+
+def test_resume_with_another_train_iters_keeps_the_schedule(workdir, init_ckpt):
+    """Resuming with a longer training.train_iters must not re-stretch the cosine (the LR would jump)."""
+    short = ["checkpoint.save_interval=2", "optimizer.warmup_iters=1", f"checkpoint.init_from={init_ckpt}"]
+    save = workdir / "schedule"
+    run(save, "training.train_iters=4", *short)
+    first = metrics(save)
+    shutil.rmtree(save / "iter_0000004")
+    (save / "latest_checkpointed_iteration.txt").write_text("2")
+    (save / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first[:2]))
+    proc = run(save, "training.train_iters=6", *short)
+    resumed = metrics(save)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    # Steps 3-4 follow the schedule the run started with, bit for bit; after its end, min_lr.
+    assert [r["lr"] for r in resumed[2:4]] == [r["lr"] for r in first[2:4]]
+    assert resumed[2]["lr"] > resumed[3]["lr"] > 3.0e-4
+    assert [r["lr"] for r in resumed[4:]] == [3.0e-4, 3.0e-4]
+    output = proc.stdout + proc.stderr
+    assert "keeps the schedule this run started with: lr_decay_steps=4 iterations (recipe now 6)" in output
+    assert f"checkpoint.init_from={save}" in output
+
+
+def test_resume_with_dropout_is_bitwise(workdir, init_ckpt):
+    """Dropout from the recipe; the RNG state saved with the checkpoint makes resume exact."""
+    dropout = ["model.hidden_dropout=0.2", "model.attention_dropout=0.2", f"checkpoint.init_from={init_ckpt}",
+               "training.train_iters=4", "checkpoint.save_interval=1000"]
+    straight = workdir / "dropout_straight"
+    run(straight, *dropout)
+    expected = metrics(straight)
+    no_dropout = workdir / "no_dropout"
+    run(no_dropout, *dropout[2:], "training.train_iters=1")
+    assert expected[0]["loss"] != metrics(no_dropout)[0]["loss"], "dropout is applied"
+    resumed = workdir / "dropout_resumed"
+    run(resumed, *dropout, "training.exit_after_iters=2")
+    assert latest(resumed) == 2
+    run(resumed, *dropout, "training.exit_after_iters=2")
+    got = metrics(resumed)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert [(r["loss"], r["grad_norm"]) for r in got] == [(r["loss"], r["grad_norm"]) for r in expected]

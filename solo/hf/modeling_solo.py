@@ -33,6 +33,7 @@ from transformers import GenerationMixin
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.mistral.modeling_mistral import MistralModel, MistralPreTrainedModel
+from transformers.utils import can_return_tuple
 
 from .configuration_solo import SoloConfig
 from .image_processing_solo import normalize_patches
@@ -40,15 +41,15 @@ from .image_processing_solo import normalize_patches
 IGNORE_INDEX = -100  # label value that carries no loss (the Hugging Face convention)
 NO_PATCH = -1  # vision_patch_indices value of a position that holds no patch
 
-# transformers 5.x renamed the key/value cache argument from `past_key_values` to `cache`. We keep
-# the released SOLO name in our signatures and hand the backbone whichever name it takes.
+# transformers 5.x renamed the key/value cache argument from `past_key_values` to `cache`. Our
+# forward signatures name both (generate() checks its kwargs against them, and passes `cache` in
+# 5.24) and hand the backbone whichever name it takes.
 _BACKBONE_CACHE_ARG = "cache" if "cache" in inspect.signature(MistralModel.forward).parameters else "past_key_values"
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def _merge_cache_arguments(past_key_values: Cache | None, kwargs: dict[str, Any]) -> Cache | None:
+def _merge_cache_arguments(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
     """Return the one cache given either as `past_key_values` (SOLO name) or `cache` (transformers 5 name)."""
-    cache = kwargs.pop("cache", None)
     if cache is not None and past_key_values is not None:
         raise ValueError("pass the key/value cache as either `past_key_values` or `cache`, not both")
     return past_key_values if past_key_values is not None else cache
@@ -177,14 +178,16 @@ class SoloModel(SoloPreTrainedModel, MistralModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
         """Embed tokens, add patch embeddings at patch positions, run the Mistral decoder.
 
         If `inputs_embeds` is given instead of `input_ids`, the patch embeddings are added to it.
-        `cache` (the transformers 5 name) is accepted as an alias of `past_key_values`.
+        `cache` (the transformers 5 name) is accepted as an alias of `past_key_values`;
+        `return_dict=False` gives a tuple, as Mistral does.
         """
-        cache = _merge_cache_arguments(past_key_values, kwargs)
+        cache = _merge_cache_arguments(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -241,6 +244,7 @@ class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -253,6 +257,7 @@ class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Logits for every position (or the last `logits_to_keep`), and the loss when `labels` are given.
@@ -268,9 +273,10 @@ class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
                 labelled tokens (0, not NaN, when there are none); pass `num_items_in_batch` to
                 divide the sum by a global token count instead.
             logits_to_keep: if > 0, compute logits only for the last that many positions.
+            return_dict: False gives the output as a tuple (loss first when there is one).
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        cache = _merge_cache_arguments(past_key_values, kwargs)
+        cache = _merge_cache_arguments(past_key_values, cache)
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("labels need logits for every position; do not combine them with logits_to_keep")
         outputs = self.model(
@@ -282,6 +288,7 @@ class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
             past_key_values=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,  # fields by name below; `can_return_tuple` makes the tuple if asked
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -312,6 +319,7 @@ class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         vision_patches: torch.Tensor | None = None,
         vision_patch_indices: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Generation inputs for one step; patches go in only for steps that contain patch positions.
@@ -320,8 +328,10 @@ class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
         [cached, cached + step_len) of the sequence; the matching slice of the indices is passed
         only if it contains a patch. With a cache that means the prefill alone: patches are
         projected once and never during decode steps (SOLO re-projected them every step).
+        `generate(inputs_embeds=...)` works the same way: the prompt's embeddings go in at the
+        first step, with the patch embeddings added to them there.
         """
-        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
         if vision_patch_indices is None:
             if vision_patches is not None:
                 raise ValueError("generate() got vision_patches without vision_patch_indices")

@@ -97,7 +97,8 @@ class SoloProcessor(ProcessorMixin):
     Each text holds one `<image>` placeholder per image. `images` is a list of images per text (or a
     flat list consumed in order). `legacy_solo7b=True` reproduces SOLO-7B's released prompt form:
     the images' blocks come first, before BOS, each closed by a second `<vision>`, and the
-    placeholders (with an adjacent newline) are removed from the text.
+    placeholders (with an adjacent newline) are removed from the text. Batches are left-padded
+    (what generation needs) unless `padding_side="right"` is passed.
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -140,7 +141,7 @@ class SoloProcessor(ProcessorMixin):
         text: str | Sequence[str] | None = None,
         images=None,
         *,
-        padding_side: str | None = None,
+        padding_side: str = "left",
         add_bos: bool = True,
         legacy_solo7b: bool = False,
         return_tensors: str = "pt",
@@ -193,7 +194,10 @@ class SoloProcessor(ProcessorMixin):
             samples.append((np.concatenate(tokens), np.concatenate(patch_flags)))
             sample_patches.append(patches)
 
-        return self._collate(samples, sample_patches, padding_side or self.tokenizer.padding_side)
+        # Left padding regardless of the tokenizer's `padding_side`: transformers 5 does not save
+        # that attribute, so a reloaded tokenizer would say "right" and batched generation would
+        # continue after the padding. Training collators pass padding_side="right" explicitly.
+        return self._collate(samples, sample_patches, padding_side)
 
     def _collate(self, samples, sample_patches, padding_side: str) -> BatchFeature:
         if padding_side not in ("left", "right"):
