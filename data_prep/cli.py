@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
@@ -140,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"solo-data {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        from solo.outputs import no_space_message
+
+        where = getattr(args, "output", None) or getattr(args, "out", None) or error.filename
+        print(f"solo-data {args.command}: error: {no_space_message(where)}", file=sys.stderr)
         return 2
     return 1
 

@@ -46,11 +46,12 @@ from .packed_format import (
     REPORT_FILE,
     PackWriter,
 )
-from solo.outputs import write_json_atomic
+from solo.outputs import check_outside_inputs, check_replaceable, read_marker, write_json_atomic, write_marker
 from .packing import BestFitPacker
 from .schema import RejectedInput
 from .sources import FilteredOut, Record, SourceOptions, expand_inputs, iter_records, record_to_document
 
+COMMAND = "solo-data pack"
 WORK_DIR = ".work"
 PROGRESS_FILE = "progress.pkl"
 REJECTED_FILE = "rejected.jsonl"
@@ -452,39 +453,62 @@ def _lock_output(work_dir: str):
     return handle
 
 
+def _read_json_or_none(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
 def _prepare_output(config: PackConfig, fingerprint: dict[str, Any]) -> str | None:
-    """Check the output folder; returns 'complete' if this exact run already finished there."""
+    """Check the output folder; returns 'complete' if this exact run already finished there.
+
+    The folder must lie outside every input (checked even without --overwrite: a rerun resumes in
+    place); --overwrite replaces only an earlier `solo-data pack` output (its marker), see solo.outputs.
+    """
     output, work_dir = config.output, os.path.join(config.output, WORK_DIR)
+    check_outside_inputs(output, _input_paths(config))
     state_path = os.path.join(work_dir, "state.json")
     state = _work_state(config, fingerprint)
-    metadata_path = os.path.join(output, METADATA_FILE)
-    if os.path.exists(metadata_path) and not config.overwrite:
-        with open(metadata_path, encoding="utf-8") as handle:
-            if json.load(handle).get("fingerprint") == fingerprint:
+    exists = os.path.isdir(output) and bool(os.listdir(output))
+    if exists and config.overwrite:
+        check_replaceable(output, COMMAND)
+        shutil.rmtree(output)
+        exists = False
+    if exists:
+        metadata = _read_json_or_none(os.path.join(output, METADATA_FILE))
+        if metadata is not None:
+            if isinstance(metadata, dict) and metadata.get("fingerprint") == fingerprint:
                 shutil.rmtree(work_dir, ignore_errors=True)
                 return "complete"
-        raise FileExistsError(f"{output} holds packed data of different inputs or settings; "
-                              "choose another --output or pass --overwrite")
-    if os.path.isdir(output) and os.listdir(output):
-        if os.path.exists(state_path) and not config.overwrite:
-            with open(state_path, encoding="utf-8") as handle:
-                previous = json.load(handle)
-            if previous.get("fingerprint") != fingerprint:
-                raise FileExistsError(f"{output} holds an unfinished run with different inputs or settings; "
-                                      "rerun that command, or pass --overwrite to start over")
-            if previous != state:  # another --chunk-size: the finished chunks do not line up; redo them
-                for name in os.listdir(work_dir):
-                    if name.startswith("chunk-") or name in (PROGRESS_FILE, REJECTED_FILE):
-                        os.remove(os.path.join(work_dir, name))
-                write_json_atomic(state_path, state)
-            return None  # resume
-        if not config.overwrite:
+            raise FileExistsError(f"{output} holds packed data of different inputs or settings; "
+                                  "choose another --output or pass --overwrite")
+        if not os.path.exists(state_path) or read_marker(output) is None:
             raise FileExistsError(f"{output} is not empty and is not a solo-data pack output; "
-                                  "choose an empty folder or pass --overwrite")
-        shutil.rmtree(output)
+                                  "choose an empty folder")
+        previous = _read_json_or_none(state_path)
+        if not isinstance(previous, dict) or previous.get("fingerprint") != fingerprint:
+            raise FileExistsError(f"{output} holds an unfinished run with different inputs or settings; "
+                                  "rerun that command, or pass --overwrite to start over")
+        if previous != state:  # another --chunk-size: the finished chunks do not line up; redo them
+            for name in os.listdir(work_dir):
+                if name.startswith("chunk-") or name in (PROGRESS_FILE, REJECTED_FILE):
+                    os.remove(os.path.join(work_dir, name))
+            write_json_atomic(state_path, state)
+        return None  # resume
     os.makedirs(work_dir, exist_ok=True)
+    write_marker(output, COMMAND)  # first: from here on, --overwrite may replace this folder
     write_json_atomic(state_path, state)
     return None
+
+
+def _input_paths(config: PackConfig) -> list[str]:
+    """Everything the run reads that must not be inside (or contain) the output folder."""
+    paths = list(config.inputs) + [config.tokenizer]
+    if config.source.image_root:
+        paths.append(config.source.image_root)
+    return paths
 
 
 def run_pack(config: PackConfig) -> dict[str, Any]:
