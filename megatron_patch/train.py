@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch import compat
-from megatron_patch.checkpointing import restore, save_checkpoint, unwrap
+from megatron_patch.checkpointing import CheckpointError, SaveDirLock, restore, save_checkpoint, unwrap
 from megatron_patch.config import Config, ConfigError, load_config
 from solo.metrics import MetricsWriter
 
@@ -410,6 +410,7 @@ def train(cfg: Config) -> int:
             cfg.data.path, cfg.training.train_tokens, cfg.data.global_batch_size
         )
     init_distributed(cfg)
+    save_lock = SaveDirLock(cfg.checkpoint.save)  # noqa: F841 (held while train() runs; freed on return)
     rank = dist.get_rank()
     if rank == 0 and cfg.training.train_tokens is not None:
         logger.info("training.train_tokens=%.4g -> %d iterations", cfg.training.train_tokens, cfg.training.train_iters)
@@ -548,6 +549,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             code = train(cfg)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointError as exc:
+        print(f"checkpoint error: {exc}", file=sys.stderr)
         return 2
     dist.destroy_process_group()
     return code
