@@ -47,6 +47,7 @@ from .packed_format import (
     REPORT_FILE,
     PackWriter,
 )
+from solo.processes import process_gone
 from solo.outputs import check_outside_inputs, check_replaceable, read_marker, write_json_atomic, write_marker
 from .packing import BestFitPacker
 from .schema import RejectedInput
@@ -139,23 +140,9 @@ def _init_worker(tokenizer_dir: str, source: SourceOptions, encode: EncodeOption
         threading.Thread(target=_exit_with, args=(main_pid,), daemon=True, name="main-watch").start()
 
 
-def _process_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()[0] == b"Z"  # killed, not yet reaped
-    except OSError:
-        return False
-
-
 def _exit_with(main_pid: int, interval: float = 1.0) -> None:
     """A worker whose main process was killed (kill -9) exits too, instead of idling forever."""
-    while not _process_gone(main_pid):
+    while not process_gone(main_pid):
         time.sleep(interval)
     os._exit(1)
 

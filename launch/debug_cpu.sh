@@ -7,6 +7,7 @@
 #   DATA   synthetic | a packed directory | a mixture YAML (synthetic)
 # Extra arguments are recipe overrides, e.g.  launch/debug_cpu.sh data.global_batch_size=8
 # PYTHON selects the interpreter (default: python of the active environment).
+# SIGTERM saves a checkpoint and exits 0 (launch/torchrun_graceful.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +26,8 @@ if [[ "$DATA" != synthetic ]]; then
   DATA_ARGS+=("data.pad_token_id=" "data.seq_length=${SEQ:-4096}")
 fi
 
-exec "${PYTHON:-python}" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m megatron_patch.train \
+source launch/torchrun_graceful.sh
+run_torchrun --standalone --nproc_per_node "$NPROC" -m megatron_patch.train \
   --config megatron_patch/recipes/debug_cpu.yaml \
   parallel.tensor_model_parallel_size="$TP" \
   parallel.pipeline_model_parallel_size="$PP" \

@@ -7,12 +7,14 @@
 #   NODE_RANK       this node's rank (0)      MASTER_ADDR / MASTER_PORT  rendezvous (localhost / 29500)
 #   SOLO_INIT, SOLO_DATA, SOLO_RUNS           paths the stage recipes read (see each recipe's header)
 # Running the same command again resumes from the recipe's checkpoint.save directory.
+# SIGTERM (a scheduler's preemption) saves a checkpoint and exits 0; see launch/torchrun_graceful.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RECIPE="${1:?usage: launch/pretrain.sh RECIPE [section.key=value ...]}"
 shift
+source launch/torchrun_graceful.sh
 
-exec "${PYTHON:-python}" -m torch.distributed.run \
+run_torchrun \
   --nproc_per_node "${NPROC_PER_NODE:-8}" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
   --master_addr "${MASTER_ADDR:-localhost}" --master_port "${MASTER_PORT:-29500}" \
   -m megatron_patch.train --config "$RECIPE" "$@"
