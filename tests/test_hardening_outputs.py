@@ -159,3 +159,16 @@ def test_plan_refuses_infinite_epochs(tokenizer_dir, tmp_path, capsys):
     for amount in (["--epochs", "inf"], ["--epochs", "nan"], ["--tokens", "inf"]):
         assert solo_data(["plan", str(mixture), "--global-batch", "2", *amount]) == 2
         assert "must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_training_names_a_missing_data_path_and_a_broken_mixture(tmp_path):
+    broken = tmp_path / "mix.yaml"
+    broken.write_text("datasets:\n  - {path: somewhere, weight: .inf}\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    for data, message in ((tmp_path / "no_such_packs", "does not exist"), (broken, "finite number > 0, got inf")):
+        proc = subprocess.run([sys.executable, "-m", "megatron_patch.train", "--config",
+                               str(REPO / "megatron_patch" / "recipes" / "debug_cpu.yaml"), f"data.path={data}",
+                               "data.pad_token_id=", f"checkpoint.save={tmp_path / 'run'}"],
+                              capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr and "Traceback" not in proc.stderr

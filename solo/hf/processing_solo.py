@@ -124,9 +124,11 @@ class SoloProcessor(ProcessorMixin):
     image blocks, and the markers of a prompt rendered by `apply_chat_template` (a `ChatPrompt`).
     `special_tokens=True` parses special-token strings in trusted prompt text instead, e.g. to ask
     for grounding with `<loc_N>` tokens; vision tokens are refused even then (they come only from
-    images, or the `<vpatch>` count would no longer match the patches). `legacy_solo7b=True` reproduces SOLO-7B's released prompt form:
-    the images' blocks come first, before BOS, each closed by a second `<vision>`, and the
-    placeholders (with an adjacent newline) are removed from the text.
+    images, or the `<vpatch>` count would no longer match the patches).
+
+    `legacy_solo7b=True` reproduces SOLO-7B's released prompt form: the images' blocks come first,
+    before BOS, each closed by a second `<vision>`, and the placeholders (with an adjacent newline)
+    are removed from the text.
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
