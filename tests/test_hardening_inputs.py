@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_prep.cli import main as solo_data
 from data_prep.pack import read_chunk
 from data_prep.reader import PackedReader
 from data_prep.synthetic import jpeg_bytes, photo_like
@@ -161,19 +162,20 @@ def test_hostile_inputs_through_pack(corpus, tokenizer, tokenizer_dir, tmp_path,
     inputs, extra, packed, rejected = cases[fmt]
     output = tmp_path / "out"
     before = _listing(root, output)
-    measured = ("import resource, sys; from data_prep.cli import main; code = main(sys.argv[1:]); "
-                "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
-                "sys.exit(code)")
-    command = [sys.executable, "-c", measured, "pack", *map(str, inputs), "--format", fmt,
-               "--tokenizer", str(tokenizer_dir), "--seq-length", "512", "--output", str(output), "--no-progress",
-               "--max-image-bytes", "200000", "--max-image-pixels", "4000000", "--max-record-bytes", "2000",
-               "--image-root", str(root), "--keep-work", *extra]
-    proc = subprocess.run(command, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    peak = int(proc.stderr.rsplit("peak_rss_kib", 1)[1].split()[0]) * 1024
-    assert peak < MEMORY_CEILING, f"peak RSS {peak / 2**20:.0f} MiB"
+    args = ["pack", *map(str, inputs), "--format", fmt, "--tokenizer", str(tokenizer_dir), "--seq-length", "512",
+            "--output", str(output), "--no-progress", "--max-image-bytes", "200000", "--max-image-pixels", "4000000",
+            "--max-record-bytes", "2000", "--image-root", str(root), "--keep-work", *extra]
+    if fmt == "caption":  # the 1 GiB tar.gz member: in a process of its own, to measure its peak memory
+        measured = ("import resource, sys; from data_prep.cli import main; code = main(sys.argv[1:]); "
+                    "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
+                    "sys.exit(code)")
+        proc = subprocess.run([sys.executable, "-c", measured, *args], cwd=REPO, capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        peak = int(proc.stderr.rsplit("peak_rss_kib", 1)[1].split()[0]) * 1024
+        assert peak < MEMORY_CEILING, f"peak RSS {peak / 2**20:.0f} MiB"
+    else:
+        assert solo_data(args) == 0
     assert _listing(root, output) == before  # nothing written outside the output (sources untouched)
 
     report = json.loads((output / "report.json").read_text())
@@ -257,8 +259,6 @@ def test_processor_keeps_text_as_text_and_images_as_the_only_vision_ids(tokenize
 
 def test_pack_and_processor_agree_on_a_hostile_chat(tokenizer, tokenizer_dir, tmp_path):
     """Literal <image> and "</s>" in chat text are text in `solo-data pack` and in SoloProcessor alike."""
-    from data_prep.cli import main as solo_data
-
     image = jpeg_bytes(photo_like(96, 64, seed=3))
     (tmp_path / "img.jpg").write_bytes(image)
     messages = [{"role": "user", "content": [{"type": "image", "image": "img.jpg"}, {"type": "text", "text": FORGERY}]},
