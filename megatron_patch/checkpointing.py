@@ -149,7 +149,12 @@ def find_resume_checkpoint(save: Optional[str]) -> Optional[int]:
     """
     if not save:
         return None
-    found = _newest_valid(save) if dist.get_rank() == 0 else None
+    found = None
+    if dist.get_rank() == 0:
+        try:
+            found = _newest_valid(save)
+        except OSError as exc:  # never leave the other ranks waiting on a rank-0 traceback
+            found = (None, [f"{save}: cannot be read ({exc})"])
     iteration, skipped = _agree(found)
     if dist.get_rank() == 0:
         for item in skipped:
@@ -171,29 +176,35 @@ class SaveDirLock:
         self.handle = None
         error = None
         if save and dist.get_rank() == 0:
-            import fcntl
-            import socket
-
-            os.makedirs(save, exist_ok=True)
-            path = os.path.join(save, LOCK_FILE)
-            handle = open(path, "a+", encoding="utf-8")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.seek(0)
-                holder = handle.read(200).strip() or "another process"
-                handle.close()
-                error = (f"checkpoint.save {save} is in use by a running training ({holder}); two runs must "
-                         "not share a save directory: stop that run or choose another checkpoint.save")
-            else:
-                handle.seek(0)
-                handle.truncate()
-                handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-                handle.flush()
-                self.handle = handle
+            try:  # any failure here is reported on every rank, never left as a rank-0 traceback
+                error = self._acquire(save)
+            except OSError as exc:
+                error = f"checkpoint.save {save} cannot be written ({exc}); choose a writable directory"
         error = _agree(error)
         if error:
             raise CheckpointError(error)
+
+    def _acquire(self, save: str) -> Optional[str]:
+        """Take the lock (returns None) or say who holds it."""
+        import fcntl
+        import socket
+
+        os.makedirs(save, exist_ok=True)
+        handle = open(os.path.join(save, LOCK_FILE), "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read(200).strip() or "another process"
+            handle.close()
+            return (f"checkpoint.save {save} is in use by a running training ({holder}); two runs must "
+                    "not share a save directory: stop that run or choose another checkpoint.save")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self.handle = handle
+        return None
 
     def release(self) -> None:
         if self.handle is not None:
