@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "64 Mpx = 67108864)")
     pack.add_argument("--max-image-bytes", type=int, default=32 * 1024 * 1024, metavar="B",
                       help="reject image files larger than this (default 32 MiB)")
+    pack.add_argument("--max-record-bytes", type=int, default=256 * 1024 * 1024, metavar="B",
+                      help="reject a JSONL line longer than this (a .json list may be 8x; default 256 MiB)")
     pack.add_argument("--window", type=int, default=16384, metavar="DOCS",
                       help="packing window in document pieces (memory bound; default 16384)")
     pack.add_argument("--chunk-size", type=int, default=256, metavar="RECORDS",
@@ -141,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"solo-data {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        from solo.outputs import no_space_message
+
+        where = getattr(args, "output", None) or getattr(args, "out", None) or error.filename
+        print(f"solo-data {args.command}: error: {no_space_message(where)}", file=sys.stderr)
+        return 2
     return 1
 
 
@@ -160,7 +171,8 @@ def _pack(args) -> int:
     source = SourceOptions(
         format=args.format, image_root=args.image_root,
         class_map=load_class_map(args.class_map) if args.class_map else {},
-        exclude_subsets=tuple(args.exclude_subset), max_image_bytes=args.max_image_bytes)
+        exclude_subsets=tuple(args.exclude_subset), max_image_bytes=args.max_image_bytes,
+        max_record_bytes=args.max_record_bytes)
     encode = EncodeOptions(seq_length=args.seq_length, template=args.template, loss_on_user=args.loss_on_user,
                            resize_mode=args.resize_mode, max_pixels=args.max_image_pixels)
     if args.seq_length < 8:

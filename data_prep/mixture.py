@@ -33,27 +33,39 @@ def read_mixture(path: str, keep_as_is: tuple[str, ...] = ()) -> list[tuple[str,
     `${VAR}` in a path is expanded from the environment (an unset variable is an error naming it);
     relative paths are relative to the YAML file; names in `keep_as_is` (e.g. `synthetic`) pass unchanged.
     """
-    with open(path, encoding="utf-8") as handle:
-        tree = yaml.safe_load(handle) or {}
-    entries = tree.get("datasets") if isinstance(tree, dict) else None
-    if not entries:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"mixture file {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            tree = yaml.safe_load(handle)
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(tree, dict) or not isinstance(tree.get("datasets"), list) or not tree["datasets"]:
         raise ValueError(f"{path}: a mixture YAML needs a non-empty 'datasets' list of {{path, weight}}")
+    if set(tree) != {"datasets"}:
+        raise ValueError(f"{path}: unknown top-level key(s) {sorted(set(tree) - {'datasets'})}; only 'datasets'")
     base = os.path.dirname(os.path.abspath(path))
     sources = []
-    for index, entry in enumerate(entries):
+    for index, entry in enumerate(tree["datasets"]):
+        where = f"{path}: datasets[{index}]"
         if not isinstance(entry, dict) or "path" not in entry or "weight" not in entry:
-            raise ValueError(f"{path}: datasets[{index}] needs 'path' and 'weight'")
-        weight = float(entry["weight"])
-        if not weight > 0:
-            raise ValueError(f"{path}: datasets[{index}] weight must be > 0, got {entry['weight']!r}")
-        source = os.path.expandvars(str(entry["path"]))
+            raise ValueError(f"{where} needs 'path' and 'weight'")
+        unknown = sorted(set(entry) - {"path", "weight"})
+        if unknown:
+            raise ValueError(f"{where} has unknown key(s) {unknown}; an entry has only 'path' and 'weight'")
+        weight = entry["weight"]
+        # YAML reads `true` as a bool (an int in Python) and `.inf` as a float: neither is a weight.
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                or not weight > 0:
+            raise ValueError(f"{where} weight must be a finite number > 0, got {weight!r}")
+        if not isinstance(entry["path"], str) or not entry["path"]:
+            raise ValueError(f"{where} path must be a non-empty string, got {entry['path']!r}")
+        source = os.path.expandvars(entry["path"])
         if "$" in source:
-            raise ValueError(
-                f"{path}: datasets[{index}] path {entry['path']!r} uses an unset environment variable; export it"
-            )
+            raise ValueError(f"{where} path {entry['path']!r} uses an unset environment variable; export it")
         if source not in keep_as_is and not os.path.isabs(source):
             source = os.path.join(base, source)
-        sources.append((source, weight))
+        sources.append((source, float(weight)))
     return sources
 
 
@@ -93,12 +105,12 @@ def plan_mixture(mixture: str, global_batch: int, *, epochs: float | None = None
         info["natural_weight"] = info["packs"] / total_packs
         info["tokens_per_pack"] = info["tokens"] / info["packs"]
     if epochs is not None:
-        if not epochs > 0:
-            raise ValueError("--epochs must be > 0")
+        if not (math.isfinite(epochs) and epochs > 0):
+            raise ValueError(f"--epochs must be a finite number > 0, got {epochs}")
         wanted = math.ceil(epochs * total_packs)
     else:
-        if not tokens > 0:
-            raise ValueError("--tokens must be > 0")
+        if not (math.isfinite(tokens) and tokens > 0):
+            raise ValueError(f"--tokens must be a finite number > 0, got {tokens}")
         wanted = math.ceil(tokens / sum(info["weight"] * info["tokens_per_pack"] for info in infos))
     iterations = math.ceil(wanted / global_batch)
     samples = iterations * global_batch

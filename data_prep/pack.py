@@ -5,14 +5,16 @@ Pipeline:
 1. The main process reads raw records in input order and cuts them into chunks of `chunk_size`.
 2. K worker processes convert and encode one chunk each (parse, read and fully decode every image,
    tokenise the chunk in one batched call, lay images out, split over-long documents) and write
-   the result to `OUTPUT/.work/chunk-NNNNNNNN.{pkl,img}` (temporary name, then an atomic rename).
+   the result to `OUTPUT/.work/chunk-NNNNNNNN.{img,npz,json}` (temporary names, then atomic renames).
+   No work file is a pickle: a file placed in `.work` cannot run code when a rerun reads it.
 3. The main process consumes the chunks strictly in order, feeds the document pieces to the
    windowed best-fit-decreasing packer, and writes finished packs with `PackWriter`.
 
 Resume: `.work/state.json` holds the run's fingerprint (inputs, settings, tokenizer). Run the same
 command again after a crash (even `kill -9`): finished chunks are reused, and the packing pass
-continues from its last checkpoint (`.work/progress.pkl`, taken at a window boundary at most every
-`--checkpoint-seconds`: stream position, open packs, accounting, output file sizes); output
+continues from its last checkpoint (`.work/progress.json`, taken at a window boundary at most every
+`--checkpoint-seconds`: stream position, open packs as references to their chunks' pieces,
+accounting, output file sizes); output
 written after that checkpoint is cut off and rewritten. The result is byte-identical to an
 uninterrupted run, whatever the number of workers. `metadata.json` is written last; then `.work`
 is removed. Images that stay on disk (files, members of uncompressed tars) are referenced from
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -47,13 +48,15 @@ from .packed_format import (
     PackWriter,
     tokenizer_fingerprint,
 )
-from solo.outputs import write_json_atomic
+from solo.processes import process_gone
+from solo.outputs import check_outside_inputs, check_replaceable, read_marker, write_json_atomic, write_marker
 from .packing import BestFitPacker
 from .schema import RejectedInput
 from .sources import FilteredOut, Record, SourceOptions, expand_inputs, iter_records, record_to_document
 
+COMMAND = "solo-data pack"
 WORK_DIR = ".work"
-PROGRESS_FILE = "progress.pkl"
+PROGRESS_FILE = "progress.json"
 REJECTED_FILE = "rejected.jsonl"
 SOLO_FP16_BYTES_PER_PATCH = PATCH_DIM * 2
 
@@ -126,30 +129,17 @@ def _init_worker(tokenizer_dir: str, source: SourceOptions, encode: EncodeOption
         threading.Thread(target=_exit_with, args=(main_pid,), daemon=True, name="main-watch").start()
 
 
-def _process_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()[0] == b"Z"  # killed, not yet reaped
-    except OSError:
-        return False
-
-
 def _exit_with(main_pid: int, interval: float = 1.0) -> None:
     """A worker whose main process was killed (kill -9) exits too, instead of idling forever."""
-    while not _process_gone(main_pid):
+    while not process_gone(main_pid):
         time.sleep(interval)
     os._exit(1)
 
 
-def chunk_paths(work_dir: str, index: int) -> tuple[str, str]:
+def chunk_paths(work_dir: str, index: int) -> tuple[str, str, str]:
+    """(entries JSON, image blob, token arrays) of one chunk; the JSON is written last (= complete)."""
     stem = os.path.join(work_dir, f"chunk-{index:08d}")
-    return stem + ".pkl", stem + ".img"
+    return stem + ".json", stem + ".img", stem + ".npz"
 
 
 def encode_records(records: list[Record]) -> tuple[list[tuple], bytes]:
@@ -201,16 +191,62 @@ def encode_records(records: list[Record]) -> tuple[list[tuple], bytes]:
     return entries, bytes(image_blob)
 
 
+def _write_file(path: str, write) -> None:
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
 def write_chunk(work_dir: str, index: int, entries: list[tuple], image_blob: bytes) -> None:
-    """Write one chunk's work files atomically (.img first, .pkl last: a .pkl means complete)."""
-    pkl_path, img_path = chunk_paths(work_dir, index)
-    for path, payload in ((img_path, image_blob), (pkl_path, pickle.dumps(entries, protocol=5))):
-        temporary = f"{path}.tmp{os.getpid()}"
-        with open(temporary, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+    """Write one chunk's work files atomically, in formats that cannot run code when read back
+    (JSON, raw bytes, numpy arrays loaded without pickle); the JSON comes last and means complete."""
+    meta_path, img_path, arrays_path = chunk_paths(work_dir, index)
+    records, tokens, losses = [], [], []
+    for entry in entries:
+        if entry[0] == "doc":
+            _, input_index, number, pieces, image_refs = entry
+            records.append({"doc": [input_index, number], "images": [list(ref) for ref in image_refs],
+                            "pieces": [[len(piece[0]), [list(image) for image in piece[2]]] for piece in pieces]})
+            tokens.extend(piece[0] for piece in pieces)
+            losses.extend(piece[1] for piece in pieces)
+        elif entry[0] == "rejected":
+            records.append({"rejected": entry[1], "reason": entry[2]})
+        else:
+            records.append({"filtered": entry[1]})
+    arrays = {"tokens": np.concatenate(tokens).astype(np.int32) if tokens else np.zeros(0, np.int32),
+              "loss_mask": np.concatenate(losses).astype(np.uint8) if losses else np.zeros(0, np.uint8)}
+    _write_file(img_path, lambda handle: handle.write(image_blob))
+    _write_file(arrays_path, lambda handle: np.savez(handle, **arrays))
+    _write_file(meta_path, lambda handle: handle.write(json.dumps(records).encode()))
+
+
+def read_chunk(work_dir: str, index: int) -> list[tuple]:
+    """The entries of a chunk written by `write_chunk` (same shape as `encode_records` returns)."""
+    meta_path, _, arrays_path = chunk_paths(work_dir, index)
+    with open(meta_path, encoding="utf-8") as handle:
+        records = json.load(handle)
+    with np.load(arrays_path, allow_pickle=False) as arrays:
+        tokens, losses = arrays["tokens"], arrays["loss_mask"]
+    entries: list[tuple] = []
+    position = 0
+    for record in records:
+        if "doc" in record:
+            pieces = []
+            for length, layout in record["pieces"]:
+                pieces.append((tokens[position:position + length], losses[position:position + length],
+                               [tuple(image) for image in layout]))
+                position += length
+            entries.append(("doc", *record["doc"], pieces, [tuple(ref) for ref in record["images"]]))
+        elif "rejected" in record:
+            entries.append(("rejected", record["rejected"], record["reason"]))
+        else:
+            entries.append(("filtered", record["filtered"]))
+    if position != len(tokens):
+        raise RuntimeError(f"{meta_path} does not match its arrays; rerun with --overwrite")
+    return entries
 
 
 def encode_chunk(index: int, records: list[Record]) -> int:
@@ -462,39 +498,62 @@ def _lock_output(work_dir: str):
     return handle
 
 
+def _read_json_or_none(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
 def _prepare_output(config: PackConfig, fingerprint: dict[str, Any]) -> str | None:
-    """Check the output folder; returns 'complete' if this exact run already finished there."""
+    """Check the output folder; returns 'complete' if this exact run already finished there.
+
+    The folder must lie outside every input (checked even without --overwrite: a rerun resumes in
+    place); --overwrite replaces only an earlier `solo-data pack` output (its marker), see solo.outputs.
+    """
     output, work_dir = config.output, os.path.join(config.output, WORK_DIR)
+    check_outside_inputs(output, _input_paths(config))
     state_path = os.path.join(work_dir, "state.json")
     state = _work_state(config, fingerprint)
-    metadata_path = os.path.join(output, METADATA_FILE)
-    if os.path.exists(metadata_path) and not config.overwrite:
-        with open(metadata_path, encoding="utf-8") as handle:
-            if json.load(handle).get("fingerprint") == fingerprint:
+    exists = os.path.isdir(output) and bool(os.listdir(output))
+    if exists and config.overwrite:
+        check_replaceable(output, COMMAND)
+        shutil.rmtree(output)
+        exists = False
+    if exists:
+        metadata = _read_json_or_none(os.path.join(output, METADATA_FILE))
+        if metadata is not None:
+            if isinstance(metadata, dict) and metadata.get("fingerprint") == fingerprint:
                 shutil.rmtree(work_dir, ignore_errors=True)
                 return "complete"
-        raise FileExistsError(f"{output} holds packed data of different inputs or settings; "
-                              "choose another --output or pass --overwrite")
-    if os.path.isdir(output) and os.listdir(output):
-        if os.path.exists(state_path) and not config.overwrite:
-            with open(state_path, encoding="utf-8") as handle:
-                previous = json.load(handle)
-            if previous.get("fingerprint") != fingerprint:
-                raise FileExistsError(f"{output} holds an unfinished run with different inputs or settings; "
-                                      "rerun that command, or pass --overwrite to start over")
-            if previous != state:  # another --chunk-size: the finished chunks do not line up; redo them
-                for name in os.listdir(work_dir):
-                    if name.startswith("chunk-") or name in (PROGRESS_FILE, REJECTED_FILE):
-                        os.remove(os.path.join(work_dir, name))
-                write_json_atomic(state_path, state)
-            return None  # resume
-        if not config.overwrite:
+            raise FileExistsError(f"{output} holds packed data of different inputs or settings; "
+                                  "choose another --output or pass --overwrite")
+        if not os.path.exists(state_path) or read_marker(output) is None:
             raise FileExistsError(f"{output} is not empty and is not a solo-data pack output; "
-                                  "choose an empty folder or pass --overwrite")
-        shutil.rmtree(output)
+                                  "choose an empty folder")
+        previous = _read_json_or_none(state_path)
+        if not isinstance(previous, dict) or previous.get("fingerprint") != fingerprint:
+            raise FileExistsError(f"{output} holds an unfinished run with different inputs or settings; "
+                                  "rerun that command, or pass --overwrite to start over")
+        if previous != state:  # another --chunk-size: the finished chunks do not line up; redo them
+            for name in os.listdir(work_dir):
+                if name.startswith("chunk-") or name in (PROGRESS_FILE, REJECTED_FILE):
+                    os.remove(os.path.join(work_dir, name))
+            write_json_atomic(state_path, state)
+        return None  # resume
     os.makedirs(work_dir, exist_ok=True)
+    write_marker(output, COMMAND)  # first: from here on, --overwrite may replace this folder
     write_json_atomic(state_path, state)
     return None
+
+
+def _input_paths(config: PackConfig) -> list[str]:
+    """Everything the run reads that must not be inside (or contain) the output folder."""
+    paths = list(config.inputs) + [config.tokenizer]
+    if config.source.image_root:
+        paths.append(config.source.image_root)
+    return paths
 
 
 def run_pack(config: PackConfig) -> dict[str, Any]:
@@ -529,19 +588,31 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
     progress_path = os.path.join(work_dir, PROGRESS_FILE)
     resume = None
     rejected_path = os.path.join(work_dir, REJECTED_FILE)  # the rejections so far, one JSON line each
+    packer = BestFitPacker(seq_length, config.window_items, config.window_tokens, config.carry_packs)
+    accounting = _Accounting(seq_length)
+    loaded_chunks: dict[int, list[tuple]] = {}  # chunks the open packs of a resumed run point into
+
+    def piece_payload(chunk: int, entry_index: int, piece_number: int) -> tuple:
+        """What the packer carries for one piece (kept small: the image bytes are read when written)."""
+        if chunk not in loaded_chunks:
+            loaded_chunks[chunk] = read_chunk(work_dir, chunk)
+        _, input_index, number, pieces, image_refs = loaded_chunks[chunk][entry_index]
+        return (pieces[piece_number], chunk, image_refs, (input_index, number, piece_number), entry_index)
+
     if os.path.exists(progress_path):  # the packing pass of an earlier run got this far
-        with open(progress_path, "rb") as handle:
-            resume = pickle.load(handle)
-        packer, accounting = resume["packer"], resume["accounting"]
-        resume_at = resume["position"]  # (chunk, entry, next piece): everything before it is written
+        with open(progress_path, encoding="utf-8") as handle:
+            resume = json.load(handle)
+        packer.restore(resume["packer"], lambda ref: piece_payload(*ref))
+        loaded_chunks.clear()
+        for name, value in resume["accounting"].items():
+            setattr(accounting, name, value)
+        resume_at = tuple(resume["position"])  # (chunk, entry, next piece): everything before it is written
         rejected_log = open(rejected_path, "r+b")
         rejected_log.truncate(resume["rejected_bytes"])
         rejected_log.seek(0)
         accounting.rejected = [json.loads(line) for line in rejected_log.read().splitlines()]
         rejected_log.seek(resume["rejected_bytes"])
     else:
-        packer = BestFitPacker(seq_length, config.window_items, config.window_tokens, config.carry_packs)
-        accounting = _Accounting(seq_length)
         resume_at = (0, 0, 0)
         rejected_log = open(rejected_path, "wb")
     writer = PackWriter(config.output, len(tokenizer), work_dir, resume=resume["writer"] if resume else None)
@@ -555,12 +626,11 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
         rejected_log.flush()
         rejected, accounting.rejected = accounting.rejected, []  # kept in the log, not in every checkpoint
         try:
-            state = {"position": position, "writer": writer.checkpoint(), "packer": packer, "accounting": accounting,
-                     "rejected_bytes": rejected_log.tell()}
-            temporary = progress_path + ".tmp"
-            with open(temporary, "wb") as handle:
-                pickle.dump(state, handle, protocol=5)
-            os.replace(temporary, progress_path)
+            # Open packs are stored as (chunk, entry, piece) references: the chunks stay in .work.
+            packer_state = packer.state(lambda payload: [payload[1], payload[4], payload[3][2]])
+            write_json_atomic(progress_path, {
+                "position": list(position), "writer": writer.checkpoint(), "packer": packer_state,
+                "accounting": vars(accounting), "rejected_bytes": rejected_log.tell()})
         finally:
             accounting.rejected = rejected
         last_checkpoint = time.monotonic()
@@ -570,7 +640,7 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
     def write_packs(packs) -> None:
         for pack in packs:
             tokens, loss, cu, layout, origin, pack_images = [], [], [0], [], [], []
-            for _, length, (piece, chunk, image_refs, piece_origin) in pack.items:
+            for _, length, (piece, chunk, image_refs, piece_origin, _) in pack.items:
                 piece_tokens, piece_loss, piece_layout = piece
                 for offset, rows, cols, image_index in piece_layout:
                     layout.append((cu[-1] + offset, rows, cols))
@@ -598,9 +668,7 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
         if index < resume_at[0]:
             progress.update(config.chunk_size)
             return  # packed before the restart
-        pkl_path, _ = chunk_paths(work_dir, index)
-        with open(pkl_path, "rb") as handle:
-            entries = pickle.load(handle)
+        entries = read_chunk(work_dir, index)
         skip_entries, first_piece = resume_at[1:] if index == resume_at[0] else (0, 0)
         for entry_index in range(skip_entries, len(entries)):
             entry = entries[entry_index]
@@ -623,7 +691,8 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
                 piece = pieces[piece_number]
                 accounting.pieces += 1
                 accounting.pieces_without_loss += not piece[1].any()
-                write_packs(packer.add(len(piece[0]), (piece, index, image_refs, (input_index, number, piece_number))))
+                payload = (piece, index, image_refs, (input_index, number, piece_number), entry_index)
+                write_packs(packer.add(len(piece[0]), payload))
                 if packer.window_empty and time.monotonic() - last_checkpoint >= config.checkpoint_seconds:
                     checkpoint((index, entry_index, piece_number + 1))
         progress.update(len(entries) - skip_entries)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass
@@ -58,6 +58,27 @@ class BestFitPacker:
     def window_empty(self) -> bool:
         """True right after a window was packed: the packer's state is only its open packs."""
         return not self._window
+
+    def state(self, payload_ref: Callable[[Any], list]) -> dict[str, Any]:
+        """The open packs as JSON-able data, each payload replaced by ``payload_ref(payload)``.
+
+        Only taken between windows (``window_empty``): then the open packs are the whole state.
+        """
+        if self._window:
+            raise RuntimeError("packer state is only taken between windows")
+        return {"order": self._order, "next_ident": self._next_ident,
+                "open": [[pack.ident, pack.room, [[order, length, payload_ref(payload)]
+                                                  for order, length, payload in pack.items]]
+                         for pack in self._open.values()]}
+
+    def restore(self, state: dict[str, Any], payload_of: Callable[[list], Any]) -> None:
+        """Continue from ``state()`` (same capacity and window settings); ``payload_of`` undoes ``payload_ref``."""
+        self._window, self._window_tokens = [], 0
+        self._order, self._next_ident = state["order"], state["next_ident"]
+        self._open = {}
+        for ident, room, items in state["open"]:
+            self._open[ident] = Pack(ident, room, [(order, length, payload_of(ref)) for order, length, ref in items])
+        self._by_room = sorted((pack.room, pack.ident) for pack in self._open.values())
 
     def flush(self) -> list[Pack]:
         return self._pack_window(final=True)

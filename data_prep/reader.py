@@ -47,6 +47,9 @@ class PackedReader:
     def __init__(self, directory: str):
         self.directory = os.fspath(directory)
         metadata_path = os.path.join(self.directory, METADATA_FILE)
+        if not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"packed directory {self.directory} " + (
+                "is a file, not a directory" if os.path.exists(self.directory) else "does not exist"))
         if not os.path.exists(metadata_path):
             raise FileNotFoundError(
                 f"{self.directory} has no {METADATA_FILE}: not a packed directory, or its pack run has not "

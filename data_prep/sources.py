@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple
 
 from solo.hf.processing_solo import IMAGE_PLACEHOLDER
+from solo.outputs import NotRegularFileError, TooLargeError, open_regular_file, read_capped
 
 from .schema import FORMATS, Document, RejectedInput, check_role
 
@@ -70,7 +71,8 @@ class SourceOptions:
     image_root: str | None = None  # relative image paths resolve here (default: the input file's folder)
     class_map: dict[str, str] = field(default_factory=dict)  # imagenet: synset (or class index) → name
     exclude_subsets: tuple[str, ...] = ()
-    max_image_bytes: int = 32 * 1024 * 1024
+    max_image_bytes: int = 32 * 1024 * 1024  # also the cap of every other tar member (caption, json, cls)
+    max_record_bytes: int = 256 * 1024 * 1024  # one JSONL line; a whole .json list may be 8x this
 
     def fingerprint(self) -> dict[str, Any]:
         return {
@@ -80,6 +82,7 @@ class SourceOptions:
             "class_map_digest": _digest(json.dumps(sorted(self.class_map.items())).encode()),
             "exclude_subsets": list(self.exclude_subsets),
             "max_image_bytes": self.max_image_bytes,
+            "max_record_bytes": self.max_record_bytes,
         }
 
 
@@ -165,12 +168,15 @@ def expand_inputs(paths: list[str], fmt: str) -> list[str]:
     for path in paths:
         if not os.path.exists(path):
             raise FileNotFoundError(f"input {path!r} does not exist")
+        if not os.path.isdir(path) and not os.path.isfile(path):
+            raise FileNotFoundError(f"input {path!r} is not a regular file or a folder (a FIFO or device); "
+                                    "give the data files themselves")
         if os.path.isdir(path) and not (fmt == "imagenet" and not _has_tar_shards(path)):
             # A folder with tar shards is a webdataset: img2dataset also leaves NNNNN.parquet and
             # NNNNN_stats.json next to them (metadata, not samples), so only the shards are read.
             suffixes = (".tar",) if _has_tar_shards(path) else (".jsonl", ".json", ".parquet")
             files = sorted(os.path.join(path, name) for name in os.listdir(path)
-                           if _strip_compression(name).endswith(suffixes))
+                           if _strip_compression(name).endswith(suffixes) and os.path.isfile(os.path.join(path, name)))
             if not files:
                 raise FileNotFoundError(f"input folder {path!r} holds no .jsonl/.json/.parquet/.tar files")
             expanded.extend(files)
@@ -193,28 +199,48 @@ def iter_records(paths: list[str], options: SourceOptions) -> Iterator[Record]:
             continue
         plain = _strip_compression(path)
         if plain.endswith(".tar"):
-            yield from _iter_tar(input_index, path, label, base_dir)
+            yield from _iter_tar(input_index, path, label, base_dir, options.max_image_bytes)
         elif plain.endswith(".parquet"):
             yield from _iter_parquet(input_index, path, label, base_dir)
         elif plain.endswith(".json"):
-            yield from _iter_json_list(input_index, path, label, base_dir)
+            yield from _iter_json_list(input_index, path, label, base_dir, 8 * options.max_record_bytes)
         else:  # .jsonl and anything line-based
-            yield from _iter_lines(input_index, path, label, base_dir)
+            yield from _iter_lines(input_index, path, label, base_dir, options.max_record_bytes)
 
 
-def _iter_lines(input_index: int, path: str, label: str, base_dir: str) -> Iterator[Record]:
+def _iter_lines(input_index: int, path: str, label: str, base_dir: str, limit: int) -> Iterator[Record]:
+    """One record per non-blank line; a line longer than `limit` bytes is one rejected record
+    (never held in memory: the rest of it is skipped in bounded reads)."""
     number = 0
+    line_number = 0
     with open_maybe_compressed(path) as handle:
-        for line_number, line in enumerate(handle, start=1):
+        while True:
+            line = handle.readline(limit + 1)
+            if not line:
+                return
+            line_number += 1
+            if len(line) > limit and not line.endswith(b"\n"):
+                while True:  # skip to the end of the over-long line
+                    rest = handle.readline(1 << 20)
+                    if not rest or rest.endswith(b"\n"):
+                        break
+                yield Record(input_index, number, f"{label}:{line_number}", "error",
+                             f"record is larger than {limit:,} bytes", base_dir)
+                number += 1
+                continue
             if not line.strip():
                 continue  # blank lines (a trailing newline) are not records
             yield Record(input_index, number, f"{label}:{line_number}", "line", bytes(line), base_dir)
             number += 1
 
 
-def _iter_json_list(input_index: int, path: str, label: str, base_dir: str) -> Iterator[Record]:
-    with open_maybe_compressed(path) as handle:
-        raw = handle.read()
+def _iter_json_list(input_index: int, path: str, label: str, base_dir: str, limit: int) -> Iterator[Record]:
+    try:
+        with open_maybe_compressed(path) as handle:
+            raw = read_capped(handle, limit, "JSON file")
+    except TooLargeError as error:
+        yield Record(input_index, 0, label, "error", f"{error}; split it into JSONL (one record per line)", base_dir)
+        return
     try:
         data = json.loads(raw.decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -259,15 +285,49 @@ class TarMemberRef(NamedTuple):
     size: int
 
 
-def _iter_tar(input_index: int, path: str, label: str, base_dir: str) -> Iterator[Record]:
+class MemberError(NamedTuple):
+    """A tar member that was not read (too large): rejects its sample with `reason`."""
+
+    reason: str
+
+
+class _RecordingReader(io.RawIOBase):
+    """Passes a stream through and keeps its last bytes, so the end of a streamed tar can be checked."""
+
+    def __init__(self, stream, keep: int = 1 << 16):
+        self.stream, self.keep = stream, keep
+        self.position = 0  # bytes read so far
+        self.tail = bytearray()  # the last `keep` (or more) of them
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.position += len(data)
+        self.tail += data
+        if len(self.tail) > 2 * self.keep:
+            del self.tail[: len(self.tail) - self.keep]
+        return data
+
+    def bytes_at(self, offset: int, length: int) -> bytes:
+        start = offset - (self.position - len(self.tail))
+        return bytes(self.tail[max(start, 0): max(start + length, 0)]) if start >= 0 else b""
+
+
+def _iter_tar(input_index: int, path: str, label: str, base_dir: str, member_limit: int) -> Iterator[Record]:
     """Group members by webdataset key. Uncompressed shards: only headers are read here and the
-    members travel as (offset, size) references; compressed shards are streamed."""
+    members travel as (offset, size) references; compressed shards are streamed, each member read
+    only up to `member_limit` bytes. A shard must end with its end-of-archive block: a shard cut
+    at a header boundary otherwise looks complete, and its loss is reported as a rejected record."""
     compressed = _strip_compression(path) != path.lower() or not path.lower().endswith(".tar")
     number = 0
     current_key: str | None = None
     sample: dict[str, Any] = {}
+    end_error = None
+    stream = _RecordingReader(open_maybe_compressed(path)) if compressed else None
     try:
-        with tarfile.open(path, "r|*" if compressed else "r:") as archive:
+        with (tarfile.open(fileobj=stream, mode="r|") if compressed else tarfile.open(path, "r:")) as archive:
             for member in archive:
                 if not member.isfile():
                     continue
@@ -277,17 +337,37 @@ def _iter_tar(input_index: int, path: str, label: str, base_dir: str) -> Iterato
                     number += 1
                     sample = {}
                 current_key = key
-                if compressed:
+                if member.size > member_limit:
+                    sample[ext] = MemberError(f"tar member {member.name} is {member.size:,} bytes, above the "
+                                              f"{member_limit:,}-byte cap (--max-image-bytes)")
+                elif compressed:
                     handle = archive.extractfile(member)
-                    sample[ext] = handle.read() if handle is not None else b""
+                    sample[ext] = read_capped(handle, member_limit, f"tar member {member.name}") if handle else b""
                 else:
                     sample[ext] = TarMemberRef(os.path.abspath(path), member.offset_data, member.size)
-    except (tarfile.TarError, EOFError, OSError) as error:
+            end = archive.offset  # where the end-of-archive block must be
+        if compressed:
+            stream.read(1)  # the end block may still sit in the decompressor
+            end_block = stream.bytes_at(end, tarfile.BLOCKSIZE)
+        else:
+            with open(path, "rb") as handle:
+                end_block = os.pread(handle.fileno(), tarfile.BLOCKSIZE, end)
+        if end_block != bytes(tarfile.BLOCKSIZE):
+            end_error = (f"tar shard is truncated or corrupt: no end-of-archive block at byte {end:,} "
+                         "(the samples after that point are lost)")
+    except (tarfile.TarError, EOFError, OSError) as exc:
         # The sample being read when the shard broke is reported; earlier samples stand.
-        sample["__error__"] = f"tar shard is truncated or corrupt ({type(error).__name__}: {error})".encode()
+        sample["__error__"] = f"tar shard is truncated or corrupt ({type(exc).__name__}: {exc})".encode()
         current_key = current_key if current_key is not None else "<start of shard>"
+    finally:
+        if stream is not None:
+            stream.stream.close()
     if current_key is not None:
         yield Record(input_index, number, f"{label}:{current_key}", "tar", sample, base_dir)
+        number += 1
+    if end_error is not None:  # the loss is one rejected record of its own
+        yield Record(input_index, number, f"{label}:<end of shard>", "tar",
+                     {"__error__": end_error.encode()}, base_dir)
 
 
 class SourcedBytes(bytes):
@@ -309,10 +389,12 @@ def _sourced(data: bytes, path: str, offset: int, stat: os.stat_result) -> Sourc
 def _member(sample: dict[str, Any], ext: str) -> bytes:
     """The bytes of one tar member (read here, in the worker, when it is a reference)."""
     value = sample[ext]
+    if isinstance(value, MemberError):
+        raise RejectedInput(value.reason)
     if not isinstance(value, TarMemberRef):
         return value
     with open(value.path, "rb") as handle:
-        data = os.pread(handle.fileno(), value.size, value.offset)
+        data = os.pread(handle.fileno(), value.size, value.offset)  # size capped when the header was read
         stat = os.fstat(handle.fileno())
     if len(data) != value.size:
         raise RejectedInput(f"tar shard is truncated: member .{ext} has {len(data)} of {value.size} bytes")
@@ -383,13 +465,17 @@ def _read_image_file(reference: str, record: Record, options: SourceOptions) -> 
         reference = reference[len("file://"):]
     path = reference if os.path.isabs(reference) else os.path.join(record.base_dir, reference)
     try:
-        size = os.path.getsize(path)
+        with open_regular_file(path, "image") as handle:  # never a FIFO (hangs) or a device (endless)
+            stat = os.fstat(handle.fileno())
+            if stat.st_size > options.max_image_bytes:
+                raise TooLargeError(f"image file {reference!r} is {stat.st_size} bytes, "
+                                    f"above --max-image-bytes {options.max_image_bytes}")
+            data = read_capped(handle, options.max_image_bytes, f"image file {reference!r}")
+    except (NotRegularFileError, TooLargeError) as error:
+        raise RejectedInput(str(error)) from None
     except OSError:
         raise RejectedInput(f"missing image file {reference!r} (looked in {record.base_dir})") from None
-    if size > options.max_image_bytes:
-        raise RejectedInput(f"image file {reference!r} is {size} bytes, above --max-image-bytes {options.max_image_bytes}")
-    with open(path, "rb") as handle:
-        return _sourced(handle.read(), path, 0, os.fstat(handle.fileno())), reference
+    return _sourced(data, path, 0, stat), reference
 
 
 def _image_from_value(value: Any, record: Record, options: SourceOptions) -> tuple[bytes, str]:

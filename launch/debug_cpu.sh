@@ -9,6 +9,7 @@
 # PYTHON selects the interpreter (default: python of the active environment). Relative DATA and
 # SAVE are the caller's paths (this script does not change directory); the code and recipe are
 # this checkout's.
+# SIGTERM saves a checkpoint and exits 0 (launch/torchrun_graceful.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -28,7 +29,8 @@ if [[ "$DATA" != synthetic ]]; then
   DATA_ARGS+=("data.pad_token_id=" "data.seq_length=${SEQ:-4096}")
 fi
 
-exec "${PYTHON:-python}" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m megatron_patch.train \
+source "$ROOT/launch/torchrun_graceful.sh"
+run_torchrun --standalone --nproc_per_node "$NPROC" -m megatron_patch.train \
   --config "$ROOT/megatron_patch/recipes/debug_cpu.yaml" \
   parallel.tensor_model_parallel_size="$TP" \
   parallel.pipeline_model_parallel_size="$PP" \

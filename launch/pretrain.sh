@@ -10,6 +10,7 @@
 # On a SLURM cluster use launch/slurm.sbatch instead (same recipes, one srun over all nodes).
 # Relative paths in overrides are the caller's (no change of directory); RECIPE is a path from the
 # caller's folder or from this checkout's root (megatron_patch/recipes/stage1.yaml).
+# SIGTERM (a scheduler's preemption) saves a checkpoint and exits 0; see launch/torchrun_graceful.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -22,8 +23,9 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 if [[ ! -f "$RECIPE" && -f "$ROOT/$RECIPE" ]]; then
   RECIPE="$ROOT/$RECIPE"
 fi
+source "$ROOT/launch/torchrun_graceful.sh"
 
-exec "${PYTHON:-python}" -m torch.distributed.run \
+run_torchrun \
   --nproc_per_node "${NPROC_PER_NODE:-8}" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
   --master_addr "${MASTER_ADDR:-localhost}" --master_port "${MASTER_PORT:-29500}" \
   -m megatron_patch.train --config "$RECIPE" "$@"

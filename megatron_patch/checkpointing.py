@@ -1,8 +1,19 @@
 """Pretraining checkpoints: megatron-core ``torch_dist`` dist-checkpoints, written atomically
 (``iter_N.tmp`` renamed into place, then ``latest`` pointed at it), the last N kept.
 
-Resume (``restore``) loads model, optimizer, schedule, RNG and data position from
-``checkpoint.save``; a new stage starts from ``checkpoint.init_from`` with its schedule reset.
+Every checkpoint gets a completeness marker (``solo_complete.json``: its files and their sizes),
+written last, before the rename. Resume (``restore``) loads model, optimizer, schedule, RNG and
+data position from the newest checkpoint in ``checkpoint.save`` that verifies (marker present,
+every file there at its size, metadata and common state readable); a newer one that does not is
+skipped with a warning naming it and why, and when none verifies the run stops with one message.
+A new stage starts from ``checkpoint.init_from`` (verified the same way) with its schedule reset.
+A resumed run keeps the LR schedule it was started with, even if the recipe's length or LRs
+changed since (it warns, and says how to restart the schedule on purpose).
+A run holds a lock on ``checkpoint.save`` (released by the OS when it dies, so a crashed run never
+blocks its restart): a second live run on the same directory is refused.
+
+Checkpoint directories are trusted input: megatron-core and torch unpickle parts of them on load
+(``common.pt``, the ``.metadata`` of torch.distributed.checkpoint), like any PyTorch checkpoint.
 
 Formats and cost: model weights always reshard (any TP/PP/DP). The distributed optimizer's state is
 saved ``dp_reshardable`` by default: every data-parallel rank writes and reads only its own shard
@@ -13,9 +24,6 @@ rank 0: tens of GB of host memory at 7B), which loads at any TP/PP; use it for t
 planned TP/PP change. Loading reads the format from the checkpoint. Saves can run asynchronously
 (``checkpoint.async_save``): training continues while a background process writes, and the
 checkpoint is renamed into place and ``latest`` updated only once every rank has finished.
-
-A resumed run keeps the LR schedule it was started with, even if the recipe's length or LRs
-changed since (it warns, and says how to restart the schedule on purpose).
 """
 
 from __future__ import annotations
@@ -34,6 +42,12 @@ logger = logging.getLogger("megatron_patch.checkpointing")
 
 CKPT_PREFIX = "iter_"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
+COMPLETE_FILE = "solo_complete.json"
+LOCK_FILE = ".solo-train.lock"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or a save directory another run holds; the message says what to do."""
 
 
 def unwrap(model):
@@ -51,13 +65,163 @@ def _iter_dir(save: str, iteration: int) -> str:
 
 
 def read_latest(save: Optional[str]) -> Optional[int]:
+    """The iteration the ``latest`` file names, or None (no file, or not a number: it is a hint only)."""
     if not save:
         return None
     path = os.path.join(save, LATEST_FILE)
-    if not os.path.exists(path):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return int(fh.read(64).strip())
+    except (OSError, ValueError):
         return None
-    with open(path, encoding="utf-8") as fh:
-        return int(fh.read().strip())
+
+
+def _iterations(save: str) -> list[int]:
+    """Iterations of the finished checkpoint directories in ``save``, newest first."""
+    if not os.path.isdir(save):
+        return []
+    found = [name[len(CKPT_PREFIX):] for name in os.listdir(save) if name.startswith(CKPT_PREFIX)]
+    return sorted((int(number) for number in found if number.isdigit()), reverse=True)
+
+
+def _write_complete_marker(ckpt_dir: str) -> None:
+    """List every file of a written checkpoint with its size; written last, so it means complete."""
+    from solo.outputs import write_json_atomic
+
+    files = {}
+    for root, _, names in os.walk(ckpt_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            files[os.path.relpath(path, ckpt_dir)] = os.path.getsize(path)
+    write_json_atomic(os.path.join(ckpt_dir, COMPLETE_FILE), {"files": files})
+    for name in files:  # on disk before the marker makes the checkpoint count
+        with open(os.path.join(ckpt_dir, name), "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def verify_checkpoint(ckpt_dir: str) -> Optional[str]:
+    """Why ``ckpt_dir`` cannot be loaded, or None if it verifies (cheap checks, no tensor reads)."""
+    import json
+
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not os.path.isdir(ckpt_dir):
+        return "the directory is missing"
+    try:
+        with open(os.path.join(ckpt_dir, COMPLETE_FILE), encoding="utf-8") as fh:
+            files = json.load(fh)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {COMPLETE_FILE} (the save did not finish)"
+    for name, size in files.items():
+        path = os.path.join(ckpt_dir, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != size:
+            return f"{name} has {os.path.getsize(path)} bytes, {size} were written (truncated or changed)"
+    try:
+        FileSystemReader(ckpt_dir).read_metadata()
+        common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+    except Exception as exc:  # any failure to read them means this checkpoint cannot be used
+        return f"its metadata or common state is unreadable ({type(exc).__name__}: {str(exc)[:200]})"
+    if not isinstance(common, dict) or "iteration" not in common:
+        return "its common state has no iteration"
+    return None
+
+
+def _newest_valid(save: str) -> tuple[Optional[int], list[str]]:
+    """The newest verifying checkpoint of ``save`` and what was skipped on the way (rank 0 only)."""
+    skipped = []
+    latest = read_latest(save)
+    latest_path = os.path.join(save, LATEST_FILE)
+    if latest is None and os.path.exists(latest_path):
+        skipped.append(f"{latest_path}: not an iteration number")
+    iterations = _iterations(save)
+    if latest is not None and latest not in iterations:
+        skipped.append(f"{_iter_dir(save, latest)} (named in {LATEST_FILE}): the directory is missing")
+    for iteration in iterations:
+        reason = verify_checkpoint(_iter_dir(save, iteration))
+        if reason is None:
+            return iteration, skipped
+        skipped.append(f"{_iter_dir(save, iteration)}: {reason}")
+    return None, skipped
+
+
+def _agree(value):
+    """Rank 0's value on every rank (decisions about files are taken once, by rank 0)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def find_resume_checkpoint(save: Optional[str]) -> Optional[int]:
+    """The iteration to resume from in ``save`` (None: nothing there, start fresh); collective.
+
+    Skipped checkpoints are logged; if checkpoints exist but none verifies, raises CheckpointError.
+    """
+    if not save:
+        return None
+    found = None
+    if dist.get_rank() == 0:
+        try:
+            found = _newest_valid(save)
+        except OSError as exc:  # never leave the other ranks waiting on a rank-0 traceback
+            found = (None, [f"{save}: cannot be read ({exc})"])
+    iteration, skipped = _agree(found)
+    if dist.get_rank() == 0:
+        for item in skipped:
+            logger.warning("skipping checkpoint %s", item)
+    if iteration is None and skipped:
+        raise CheckpointError(
+            f"no valid checkpoint in {save} to resume from (" + "; ".join(skipped) + "). Move the damaged "
+            "checkpoints away to start this run from the beginning, or point checkpoint.save elsewhere")
+    return iteration
+
+
+class SaveDirLock:
+    """An exclusive lock on a save directory for the whole run, held by rank 0 (collective).
+
+    flock is released by the OS when the holder dies, so the lock of a crashed run never blocks.
+    """
+
+    def __init__(self, save: Optional[str]):
+        self.handle = None
+        error = None
+        if save and dist.get_rank() == 0:
+            try:  # any failure here is reported on every rank, never left as a rank-0 traceback
+                error = self._acquire(save)
+            except OSError as exc:
+                error = f"checkpoint.save {save} cannot be written ({exc}); choose a writable directory"
+        error = _agree(error)
+        if error:
+            raise CheckpointError(error)
+
+    def _acquire(self, save: str) -> Optional[str]:
+        """Take the lock (returns None) or say who holds it."""
+        import fcntl
+        import socket
+
+        os.makedirs(save, exist_ok=True)
+        handle = open(os.path.join(save, LOCK_FILE), "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read(200).strip() or "another process"
+            handle.close()
+            return (f"checkpoint.save {save} is in use by a running training ({holder}); two runs must "
+                    "not share a save directory: stop that run or choose another checkpoint.save")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self.handle = handle
+        return None
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
 
 
 def _topology() -> Dict[str, int]:
@@ -200,6 +364,7 @@ def _publish(cfg: Config, tmp: str, final: str, iteration: int) -> None:
     """Rank 0: move a complete checkpoint into place, point 'latest' at it, prune old ones."""
     save = cfg.checkpoint.save
     if dist.get_rank() == 0:
+        _write_complete_marker(tmp)
         os.replace(tmp, final)
         latest_tmp = os.path.join(save, LATEST_FILE + ".tmp")
         with open(latest_tmp, "w", encoding="utf-8") as fh:
@@ -264,14 +429,21 @@ def load_checkpoint(cfg: Config, ckpt_dir: str, model, optimizer, *, with_optimi
 
 
 def resolve_checkpoint_dir(path: str) -> str:
-    """A SAVE_DIR (follow its 'latest') or an iter_* directory."""
-    latest = read_latest(path)
-    if latest is not None:
-        return _iter_dir(path, latest)
-    if os.path.exists(os.path.join(path, "metadata.json")):
-        return path
-    raise FileNotFoundError(f"{path} is neither a SAVE_DIR with {LATEST_FILE} nor a checkpoint directory")
-
+    """A SAVE_DIR (its newest verifying checkpoint) or an iter_* directory (verified)."""
+    if os.path.isdir(path) and _iterations(path):
+        iteration, skipped = _newest_valid(path)
+        for item in skipped:
+            logger.warning("skipping checkpoint %s", item)
+        if iteration is None:
+            raise CheckpointError(f"no valid checkpoint in {path} (" + "; ".join(skipped) + ")")
+        return _iter_dir(path, iteration)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    reason = verify_checkpoint(path)
+    if reason is not None:
+        raise CheckpointError(f"{path} is neither a SAVE_DIR with iter_* checkpoints nor a valid checkpoint "
+                              f"directory: {reason}")
+    return path
 
 
 # The LR/WD schedule's shape as megatron-core's OptimizerParamScheduler records it (steps in samples).
@@ -311,7 +483,7 @@ def restore(cfg: Config, model, optimizer, scheduler) -> tuple[int, int, Optiona
     """Resume from checkpoint.save, else start from checkpoint.init_from (schedule reset), else
     from the initialisation. Returns (iteration, consumed_samples, latest saved iteration)."""
     rank = dist.get_rank()
-    latest = read_latest(cfg.checkpoint.save)
+    latest = find_resume_checkpoint(cfg.checkpoint.save)
     if latest is not None:
         common = load_checkpoint(
             cfg, _iter_dir(cfg.checkpoint.save, latest), model, optimizer, with_optimizer=True, restore_rng=True
@@ -324,7 +496,15 @@ def restore(cfg: Config, model, optimizer, scheduler) -> tuple[int, int, Optiona
                         common["iteration"], common["consumed_samples"])
         return common["iteration"], common["consumed_samples"], latest
     if cfg.checkpoint.init_from:
-        src = resolve_checkpoint_dir(cfg.checkpoint.init_from)
+        found = None
+        if rank == 0:
+            try:
+                found = (resolve_checkpoint_dir(cfg.checkpoint.init_from), None)
+            except CheckpointError as exc:
+                found = (None, f"checkpoint.init_from: {exc}")
+        src, error = _agree(found)
+        if error:
+            raise CheckpointError(error)
         load_checkpoint(cfg, src, model, optimizer, with_optimizer=cfg.checkpoint.init_load_optimizer,
                         restore_rng=False)
         if rank == 0:
@@ -332,4 +512,3 @@ def restore(cfg: Config, model, optimizer, scheduler) -> tuple[int, int, Optiona
                         "kept" if cfg.checkpoint.init_load_optimizer else "reset")
     scheduler.step(increment=0)
     return 0, 0, None
-

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch import compat
-from megatron_patch.checkpointing import AsyncSaves, restore, save_checkpoint, unwrap
+from megatron_patch.checkpointing import AsyncSaves, CheckpointError, SaveDirLock, restore, save_checkpoint, unwrap
 from megatron_patch.config import Config, ConfigError, load_config
 from megatron_patch.preflight import PreflightError, check_attention
 from solo.metrics import MetricsWriter
@@ -90,7 +90,10 @@ def resolve_tokenizer_fields(cfg: Config) -> None:
     else the tokenizer the packed data was made with (all blended directories must agree)."""
     from megatron_patch.data import open_reader, packed_directories
 
-    readers = [open_reader(p, None) for p in packed_directories(cfg.data.path)]
+    try:
+        readers = [open_reader(p, None) for p in packed_directories(cfg.data.path)]
+    except (OSError, ValueError) as exc:  # a missing path, a broken mixture YAML: the user's to fix
+        raise ConfigError(f"data.path: {exc}") from None
     for reader in readers:
         if reader.seq_length > cfg.data.seq_length:
             raise ConfigError(
@@ -304,6 +307,28 @@ class _Terminate:
         self.requested = True
 
 
+def _stop_when_launcher_dies(terminate: _Terminate, interval: float = 1.0) -> None:
+    """Stop like on SIGTERM (finish the step, save, exit) once the launcher is gone: the parent
+    (torchrun) or the launch script named by SOLO_LAUNCHER_PID was killed (kill -9 leaves no chance
+    to signal us), so no worker goes on training unattended."""
+    import threading
+
+    from solo.processes import process_gone
+
+    parent = os.getppid()
+    launcher = int(os.environ.get("SOLO_LAUNCHER_PID", "0") or 0)
+
+    def watch() -> None:
+        while not terminate.requested:
+            if os.getppid() != parent or (launcher and process_gone(launcher)):
+                logger.warning("the launcher is gone: finishing this step, saving and stopping")
+                terminate.requested = True
+                return
+            time.sleep(interval)
+
+    threading.Thread(target=watch, daemon=True, name="launcher-watch").start()
+
+
 def _ignore_sigterm(worker_id: int) -> None:
     """DataLoader workers share the job's process group: a scheduler's SIGTERM must reach only the
     trainer (which finishes the step and saves), not kill the workers under it."""
@@ -455,6 +480,7 @@ def train(cfg: Config) -> int:
             cfg.data.path, cfg.training.train_tokens, cfg.data.global_batch_size
         )
     init_distributed(cfg)
+    save_lock = SaveDirLock(cfg.checkpoint.save)  # noqa: F841 (held while train() runs; freed on return)
     rank = dist.get_rank()
     if torch.cuda.is_available():
         # Versions, then one attention call at the recipe's shapes before any data or checkpoint is touched.
@@ -485,6 +511,7 @@ def train(cfg: Config) -> int:
     terminate = _Terminate()
     if cfg.checkpoint.sigterm_save:
         signal.signal(signal.SIGTERM, terminate)
+    _stop_when_launcher_dies(terminate)
     forward_backward = get_forward_backward_func()
     run_start_iteration = iteration
     model.train()
@@ -618,6 +645,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except PreflightError as exc:
         print(f"preflight: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointError as exc:
+        print(f"checkpoint error: {exc}", file=sys.stderr)
         return 2
     dist.destroy_process_group()
     return code

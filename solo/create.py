@@ -40,7 +40,29 @@ def _check_base(base: Path) -> dict:
         raise CreateError(f"{base} has no weights (*.safetensors or pytorch_model*.bin); copy the full checkpoint")
     if not any((base / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise CreateError(f"{base} has no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer files too")
+    for weights in sorted(base.glob("*.safetensors")):
+        _check_safetensors(weights)
     return config
+
+
+def _check_safetensors(path: Path) -> None:
+    """Refuse a truncated or corrupt safetensors file by name (header readable, tensors inside the file)."""
+    size = path.stat().st_size
+    problem = None
+    try:
+        with open(path, "rb") as handle:
+            header_length = int.from_bytes(handle.read(8).ljust(8, b"\xff"), "little")
+            if header_length > min(size - 8, 100 * 1024 * 1024):
+                problem = "its header is cut off or garbage"
+            else:
+                header = json.loads(handle.read(header_length))  # bounded by the check above
+                ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+                if 8 + header_length + max(ends, default=0) > size:
+                    problem = f"it is truncated ({size:,} bytes, its header describes {8 + header_length + max(ends):,})"
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+        problem = f"its header is unreadable ({type(error).__name__})"
+    if problem:
+        raise CreateError(f"{path} is not a valid safetensors file: {problem}; copy the checkpoint again")
 
 
 @torch.no_grad()
@@ -112,6 +134,7 @@ def create_solo_checkpoint(
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
+    # atomic_output_dir turns a full disk into "no space left on …; free space and run the same command again".
     with atomic_output_dir(out, command=COMMAND, inputs=[base], overwrite=overwrite) as staging:
         model.save_pretrained(staging)
         SoloProcessor(SoloImageProcessor(resize_mode=resize_mode), tokenizer).save_pretrained(staging)

@@ -3,11 +3,12 @@ exports, `solo-data pack`, checkpoints):
 
 - ``atomic_output_dir``: a directory appears complete or not at all (written into a hidden sibling,
   renamed into place at the end); a failed or killed run never leaves one that looks complete.
-- ``check_output_dir``: ``--overwrite`` replaces only a previous output of the same command
+- ``check_output_dir`` (= ``check_outside_inputs`` + ``check_replaceable``): ``--overwrite`` replaces only a previous output of the same command
   (recognised by the marker file this module writes into it), never a directory that contains, or
   is inside, one of the command's inputs, and never a plain file.
 - ``write_json_atomic`` / ``write_text_atomic``: one file replaced atomically.
-- ``read_capped``: read at most ``limit`` bytes (+1 to detect more), never an unbounded read.
+- ``read_capped`` / ``read_file_capped``: read at most ``limit`` bytes (+1 to detect more), never an
+  unbounded read; ``open_regular_file`` opens only regular files (a FIFO hangs, /dev/zero never ends).
 - ``no_space_message``: disk-full errors turned into what the user should do.
 """
 
@@ -17,6 +18,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +35,10 @@ class TooLargeError(ValueError):
     """Input larger than its cap."""
 
 
+class NotRegularFileError(ValueError):
+    """A path that is not a regular file where one is read (a FIFO would hang, /dev/zero never ends)."""
+
+
 def _within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
@@ -47,10 +53,8 @@ def read_marker(directory: str | os.PathLike) -> dict[str, Any] | None:
     return marker if isinstance(marker, dict) else None
 
 
-def check_output_dir(
-    out: str | os.PathLike, *, command: str, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False
-) -> None:
-    """Raise OutputError unless ``out`` may be written by ``command`` (see the module docstring)."""
+def check_outside_inputs(out: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
+    """Raise OutputError if ``out`` is a file, or contains or lies inside one of ``inputs``."""
     target = Path(out).resolve()
     if target.exists() and not target.is_dir():
         raise OutputError(f"output {out} is a file, not a directory; choose a directory path")
@@ -60,11 +64,11 @@ def check_output_dir(
             raise OutputError(f"output {out} contains the input {item}; choose an output directory outside the inputs")
         if _within(target, source):
             raise OutputError(f"output {out} is inside the input {item}; choose an output directory outside the inputs")
-    if not target.exists() or not any(target.iterdir()):
-        return
-    if not overwrite:
-        raise OutputError(f"output directory {out} exists and is not empty; choose another or pass --overwrite")
-    marker = read_marker(target)
+
+
+def check_replaceable(out: str | os.PathLike, command: str) -> None:
+    """Raise OutputError unless ``out`` is a previous output of ``command`` (carries its marker)."""
+    marker = read_marker(out)
     if marker is None or marker.get("command") != command:
         made_by = f"it was written by `{marker.get('command')}`" if marker else "it was not written by this command"
         raise OutputError(
@@ -73,7 +77,21 @@ def check_output_dir(
         )
 
 
+def check_output_dir(
+    out: str | os.PathLike, *, command: str, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False
+) -> None:
+    """Raise OutputError unless ``out`` may be written by ``command`` (see the module docstring)."""
+    check_outside_inputs(out, inputs)
+    target = Path(out)
+    if not target.exists() or not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise OutputError(f"output directory {out} exists and is not empty; choose another or pass --overwrite")
+    check_replaceable(target, command)
+
+
 def write_marker(directory: str | os.PathLike, command: str, **details: Any) -> None:
+    """Mark ``directory`` as an output of ``command`` (what ``check_replaceable`` looks for)."""
     write_json_atomic(os.path.join(directory, MARKER_FILE), {"command": command, **details})
 
 
@@ -116,6 +134,7 @@ def atomic_output_dir(
 
 
 def no_space_message(path: str | os.PathLike) -> str:
+    """What to tell a user whose disk filled up while writing under ``path``."""
     return f"no space left on {path}; free space and run the same command again"
 
 
@@ -135,12 +154,44 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Replace ``path`` with ``data`` as indented JSON, atomically."""
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_capped(handle: IO[bytes], limit: int, what: str) -> bytes:
     """Read all of ``handle`` if it holds at most ``limit`` bytes, else raise TooLargeError naming ``what``."""
-    data = handle.read(limit + 1)
-    if len(data) > limit:
+    chunks, size = [], 0
+    while size <= limit:  # a stream may return short reads: loop, but never past limit + 1 bytes
+        chunk = handle.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
         raise TooLargeError(f"{what} is larger than {limit:,} bytes")
-    return data
+    return b"".join(chunks)
+
+
+def open_regular_file(path: str | os.PathLike, what: str) -> IO[bytes]:
+    """Open ``path`` for reading only if it is a regular file (never a FIFO, device or socket).
+
+    The open itself does not block (O_NONBLOCK: a FIFO with no writer would hang a plain open);
+    the descriptor is checked with fstat, so a path swapped after a stat cannot slip through.
+    """
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise NotRegularFileError(f"{what} {path} is not a regular file (a device, FIFO or socket); "
+                                      "only regular files are read")
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def read_file_capped(path: str | os.PathLike, limit: int, what: str) -> bytes:
+    """The bytes of the regular file ``path``, or TooLargeError / NotRegularFileError naming ``what``."""
+    with open_regular_file(path, what) as handle:
+        return read_capped(handle, limit, f"{what} {path}")

@@ -331,7 +331,9 @@ def test_mistral_template_matches_chat_template_and_masks_user(tmp_path, tokeniz
         from solo.hf.processing_solo import SoloProcessor
 
         processor = SoloProcessor(SoloImageProcessor(), tokenizer)
-        expected = processor(text=rendered, images=[image_bytes(64, 32, 5)])["input_ids"][0].numpy()
+        prompt = processor.apply_chat_template(messages)  # knows its template markers: </s> ends a turn
+        assert prompt == rendered
+        expected = processor(text=prompt, images=[image_bytes(64, 32, 5)])["input_ids"][0].numpy()
         assert np.array_equal(pack_["tokens"], expected)
         if loss_on_user:  # a user token that starts with the marker's space is trained as a user token
             assert trained == f"what is it? noise{eos} sure? yes{eos}"

@@ -88,8 +88,8 @@ def _wait_for_chunks(work_dir, count, process, packed_some, timeout=120):
         if process.poll() is not None:
             pytest.fail(f"pack finished (rc {process.returncode}) before it could be killed")
         names = os.listdir(work_dir) if os.path.isdir(work_dir) else []
-        if sum(name.startswith("chunk-") and name.endswith(".pkl") for name in names) >= count and (
-                not packed_some or "progress.pkl" in names):
+        if sum(name.startswith("chunk-") and name.endswith(".json") for name in names) >= count and (
+                not packed_some or "progress.json" in names):
             return
         time.sleep(0.01)
     pytest.fail("pack made no progress")
@@ -109,7 +109,7 @@ def test_kill_9_then_rerun_is_byte_identical(source, reference, tmp_path):
         process.wait()
         assert process.returncode == -signal.SIGKILL
         assert not (output / "metadata.json").exists()
-    done_before = sum(name.startswith("chunk-") and name.endswith(".pkl") for name in os.listdir(work_dir))
+    done_before = sum(name.startswith("chunk-") and name.endswith(".json") for name in os.listdir(work_dir))
     assert os.path.getsize(output / "tokens.bin") > 0  # packs were written before the kill
     assert 20 <= done_before < 60  # 60 chunks in all: the run was really interrupted
     finished = subprocess.run(command(source, output), cwd=REPO, env=env, capture_output=True, text=True)
@@ -199,8 +199,6 @@ def test_a_worker_killed_mid_run_does_not_stop_it(source, reference, tmp_path):
 
 def test_record_by_record_encoding_writes_the_same_chunk(source, tmp_path):
     """The isolation path (after repeated worker deaths) yields exactly the normal chunk files."""
-    import pickle
-
     from data_prep import pack as pack_module
     from data_prep.sources import expand_inputs, iter_records
 
@@ -226,22 +224,19 @@ def test_record_by_record_encoding_writes_the_same_chunk(source, tmp_path):
         workers._encode_isolated(0, records)
     finally:
         workers.shutdown()
-    for suffix in (".img", ".pkl"):
+    for suffix in (".img", ".json"):
         normal_bytes = (normal / f"chunk-00000000{suffix}").read_bytes()
-        isolated_bytes = (isolated / f"chunk-00000000{suffix}").read_bytes()
-        if suffix == ".img":
-            assert normal_bytes == isolated_bytes and len(normal_bytes) > 0
-        else:
-            expected, got = pickle.loads(normal_bytes), pickle.loads(isolated_bytes)
-            assert len(expected) == len(got) == 12
-            kinds = [ref[0] for entry in expected if entry[0] == "doc" for ref in entry[4]]
-            assert kinds.count("blob") >= 4 and kinds.count("file") >= 4
-            for a, b in zip(expected, got):
-                assert a[0] == b[0] and a[1:3] == b[1:3]
-                if a[0] == "doc":
-                    assert a[4] == b[4]  # image references: offsets into the chunk's blob, or file regions
-                    for (ta, la, ia), (tb, lb, ib) in zip(a[3], b[3]):
-                        assert (ta == tb).all() and (la == lb).all() and ia == ib
+        assert normal_bytes == (isolated / f"chunk-00000000{suffix}").read_bytes() and len(normal_bytes) > 0
+    expected, got = pack_module.read_chunk(str(normal), 0), pack_module.read_chunk(str(isolated), 0)
+    assert len(expected) == len(got) == 12
+    kinds = [ref[0] for entry in expected if entry[0] == "doc" for ref in entry[4]]
+    assert kinds.count("blob") >= 4 and kinds.count("file") >= 4
+    for a, b in zip(expected, got):
+        assert a[0] == b[0] and a[1:3] == b[1:3]
+        if a[0] == "doc":
+            assert a[4] == b[4]  # image references: offsets into the chunk's blob, or file regions
+            for (ta, la, ia), (tb, lb, ib) in zip(a[3], b[3]):
+                assert (ta == tb).all() and (la == lb).all() and ia == ib
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds worker processes through /proc")

@@ -91,14 +91,45 @@ class VisionTokenIds:
         return block
 
 
+class ChatPrompt(str):
+    """A chat rendered by `SoloProcessor.apply_chat_template`: the text, plus its structure.
+
+    `parts` lists ("id", token id) for the template's own markers (BOS, EOS after an assistant
+    turn), ("image",) for an image item and ("text", str) for message text, so the processor emits
+    special ids only where the template put them: a message containing "</s>" stays text. Any
+    edit of the string (concatenation, slicing) gives a plain `str`, which is tokenised as text.
+    """
+
+    parts: tuple
+
+    def __new__(cls, text: str, parts: list[tuple]):
+        prompt = super().__new__(cls, text)
+        prompt.parts = tuple(parts)
+        return prompt
+
+
+_HIDE_OPEN, _HIDE_CLOSE = "\ue000", "\ue001"  # private-use code points around a hidden text's index
+_HIDDEN = re.compile(f"{_HIDE_OPEN}(\\d+){_HIDE_CLOSE}")
+
+
 class SoloProcessor(ProcessorMixin):
     """Tokenizer + `SoloImageProcessor` → `input_ids, attention_mask, vision_patches, vision_patch_indices`.
 
     Each text holds one `<image>` placeholder per image. `images` is a list of images per text (or a
-    flat list consumed in order). `legacy_solo7b=True` reproduces SOLO-7B's released prompt form:
-    the images' blocks come first, before BOS, each closed by a second `<vision>`, and the
-    placeholders (with an adjacent newline) are removed from the text. Batches are left-padded
-    (what generation needs) unless `padding_side="right"` is passed.
+    flat list consumed in order).
+
+    Text is text: special-token strings in it (`</s>`, `<unk>`, `<vpatch>`, `<loc_5>`, …) are
+    tokenised as ordinary characters, so no caption, page or chat turn can forge a model input.
+    Special ids come only from the layout: BOS (`add_bos`, or a BOS string opening the text),
+    image blocks, and the markers of a prompt rendered by `apply_chat_template` (a `ChatPrompt`).
+    `special_tokens=True` parses special-token strings in trusted prompt text instead, e.g. to ask
+    for grounding with `<loc_N>` tokens; vision tokens are refused even then (they come only from
+    images, or the `<vpatch>` count would no longer match the patches).
+
+    `legacy_solo7b=True` reproduces SOLO-7B's released prompt form: the images' blocks come first,
+    before BOS, each closed by a second `<vision>`, and the placeholders (with an adjacent newline)
+    are removed from the text. Batches are left-padded (what generation needs) unless
+    `padding_side="right"` is passed.
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -107,7 +138,7 @@ class SoloProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     def _group_images(self, texts: list[str], images) -> list[list[Any]]:
-        counts = [text.count(IMAGE_PLACEHOLDER) for text in texts]
+        counts = [sum(part[0] == "image" for part in self._parts(text)) for text in texts]
         if images is None:
             images = []
         if not isinstance(images, (list, tuple)):
@@ -133,8 +164,31 @@ class SoloProcessor(ProcessorMixin):
                 )
         return groups
 
-    def _encode_text(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    def _parts(self, text: str) -> list[tuple]:
+        """A text as ("text", str) / ("image",) / ("id", id) parts (see `ChatPrompt`)."""
+        if isinstance(text, ChatPrompt):
+            return list(text.parts)
+        parts: list[tuple] = []
+        bos = self.tokenizer.bos_token
+        if bos and text.startswith(bos):  # the BOS a rendered chat opens with: position 0 is BOS anyway
+            parts.append(("id", self.tokenizer.bos_token_id))
+            text = text[len(bos):]
+        for index, segment in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if index:
+                parts.append(("image",))
+            parts.append(("text", segment))
+        return parts
+
+    def _encode_text(self, text: str, special_tokens: bool = False) -> list[int]:
+        """Token ids of `text` with every special-token string kept as text, unless `special_tokens`."""
+        if not text:
+            return []
+        if special_tokens:
+            forged = [token for token in VISION_TOKENS[:5] if token in text]
+            if forged:
+                raise ValueError(f"text contains the vision token(s) {forged}; they come only from images "
+                                 f"(put an {IMAGE_PLACEHOLDER} placeholder where an image goes)")
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special_tokens)["input_ids"]
 
     def __call__(
         self,
@@ -144,6 +198,7 @@ class SoloProcessor(ProcessorMixin):
         padding_side: str = "left",
         add_bos: bool = True,
         legacy_solo7b: bool = False,
+        special_tokens: bool = False,
         return_tensors: str = "pt",
         **kwargs,
     ) -> BatchFeature:
@@ -156,13 +211,17 @@ class SoloProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         groups = self._group_images(texts, images)
         ids = VisionTokenIds.from_tokenizer(self.tokenizer)
-        bos = self.tokenizer.bos_token
+        bos_id = self.tokenizer.bos_token_id
 
         samples, sample_patches = [], []
         for text_item, group in zip(texts, groups):
             tokens: list[np.ndarray] = []
             patches: list[np.ndarray] = []
             patch_flags: list[np.ndarray] = []
+
+            def add_ids(values: list[int]) -> None:
+                tokens.append(np.asarray(values, dtype=np.int64))
+                patch_flags.append(np.zeros(len(values), dtype=bool))
 
             def add_image(image, close_with_start: bool) -> None:
                 image_patches, (rows, cols) = self.image_processor.patchify(image)
@@ -171,26 +230,37 @@ class SoloProcessor(ProcessorMixin):
                 patch_flags.append(block == ids.patch)
                 patches.append(image_patches)
 
-            def add_text(segment: str) -> None:
-                encoded = np.asarray(self._encode_text(segment), dtype=np.int64)
-                tokens.append(encoded)
-                patch_flags.append(np.zeros(len(encoded), dtype=bool))
-
+            parts = self._parts(text_item)
             if legacy_solo7b:
+                # SOLO-7B's form: the image blocks first, each closed by <vision>, then BOS and the
+                # text without its placeholders (and the newline next to each).
                 for image in group:
                     add_image(image, close_with_start=True)
-                stripped = re.sub(r"<image>\n|\n<image>|<image>", "", text_item)
-                if add_bos and not stripped.startswith(bos):
-                    stripped = bos + stripped
-                add_text(stripped)
-            else:
-                if add_bos and not text_item.startswith(bos):
-                    text_item = bos + text_item
-                segments = text_item.split(IMAGE_PLACEHOLDER)
-                for index, segment in enumerate(segments):
-                    add_text(segment)
-                    if index < len(group):
-                        add_image(group[index], close_with_start=False)
+                kept = list(parts)
+                for index, part in enumerate(parts):
+                    if part[0] != "image":
+                        continue
+                    before = kept[index - 1] if index else ("none",)
+                    after = kept[index + 1] if index + 1 < len(kept) else ("none",)
+                    if before[0] == "text" and before[1].endswith("\n"):
+                        kept[index - 1] = ("text", before[1][:-1])
+                    elif after[0] == "text" and after[1].startswith("\n"):
+                        kept[index + 1] = ("text", after[1][1:])
+                parts = [part for part in kept if part[0] != "image"]
+            if add_bos and parts[:1] != [("id", bos_id)]:
+                parts.insert(0, ("id", bos_id))
+            images_left = iter(group)
+            text_run: list[str] = []  # adjacent text parts are tokenised as one string
+            for part in parts + [("end",)]:
+                if part[0] == "text":
+                    text_run.append(part[1])
+                    continue
+                add_ids(self._encode_text("".join(text_run), special_tokens))
+                text_run = []
+                if part[0] == "id":
+                    add_ids([part[1]])
+                elif part[0] == "image":
+                    add_image(next(images_left), close_with_start=False)
             samples.append((np.concatenate(tokens), np.concatenate(patch_flags)))
             sample_patches.append(patches)
 
@@ -231,11 +301,46 @@ class SoloProcessor(ProcessorMixin):
             }
         )
 
-    def apply_chat_template(self, conversation, tokenize: bool = False, **kwargs) -> str:
-        """Render messages with the stored Mistral-Instruct template (images as `<image>`)."""
+    def apply_chat_template(self, conversation, tokenize: bool = False, **kwargs) -> ChatPrompt:
+        """Render messages with the stored Mistral-Instruct template (images as `<image>`).
+
+        Returns a `ChatPrompt`: the rendered text, which also remembers which parts the template
+        wrote, so that `processor(prompt, images=...)` turns only the template's own BOS/EOS into
+        special ids and keeps every message's text as text (a turn containing "</s>" cannot end it).
+        """
         if tokenize:
             raise ValueError("render with tokenize=False, then call the processor with the text and the images")
-        return self.tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=self.chat_template, **kwargs)
+        render = lambda messages: self.tokenizer.apply_chat_template(  # noqa: E731
+            messages, tokenize=False, chat_template=self.chat_template, **kwargs)
+        hidden: list[str] = []
+
+        def hide(value: str) -> str:
+            hidden.append(value)
+            return f"{_HIDE_OPEN}{len(hidden) - 1}{_HIDE_CLOSE}"
+
+        def hide_content(content):
+            if isinstance(content, str):
+                return hide(content)
+            if isinstance(content, list):
+                return [dict(item, text=hide(item["text"])) if isinstance(item, dict) and item.get("type") == "text"
+                        and isinstance(item.get("text"), str) else item for item in content]
+            return content
+
+        masked = [dict(message, content=hide_content(message.get("content"))) if isinstance(message, dict) else message
+                  for message in conversation]
+        skeleton = render(masked)  # the template's own text, each message text replaced by its index
+        markers = {token: self.tokenizer.convert_tokens_to_ids(token)
+                   for token in (self.tokenizer.bos_token, self.tokenizer.eos_token) if token}
+        splitter = re.compile("(" + "|".join(re.escape(token) for token in [*markers, IMAGE_PLACEHOLDER]) + ")")
+        parts: list[tuple] = []
+        for piece in splitter.split(skeleton):
+            if piece in markers:
+                parts.append(("id", markers[piece]))
+            elif piece == IMAGE_PLACEHOLDER:
+                parts.append(("image",))
+            elif piece:
+                parts.append(("text", _HIDDEN.sub(lambda match: hidden[int(match.group(1))], piece)))
+        return ChatPrompt(render(conversation), parts)
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)

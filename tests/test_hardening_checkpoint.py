@@ -1,0 +1,100 @@
+"""Training resume survives a bad checkpoint; two runs never share a save directory (issue 10, defect 6)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from test_megatron_train import REPO, env, latest, metrics, run, train_cmd
+
+from megatron_patch.checkpointing import _newest_valid, verify_checkpoint
+
+TWO_CHECKPOINTS = ["training.train_iters=4", "checkpoint.save_interval=2", "checkpoint.keep_last=3"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A save directory with two good checkpoints: iter_0000002 and iter_0000004."""
+    save = tmp_path_factory.mktemp("hardening_ckpt") / "save"
+    run(save, *TWO_CHECKPOINTS)
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000002", "iter_0000004"]
+    return save
+
+
+def _truncate(path):
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+
+
+CORRUPTIONS = {
+    "truncated .distcp": lambda ckpt: _truncate(next(ckpt.glob("*.distcp"))),
+    "missing metadata": lambda ckpt: (ckpt / ".metadata").unlink(),
+    "truncated common.pt": lambda ckpt: _truncate(ckpt / "common.pt"),
+    "garbage common.pt of the same size": lambda ckpt: (ckpt / "common.pt").write_bytes(
+        b"\0" * os.path.getsize(ckpt / "common.pt")),
+    "no completeness marker (save cut short)": lambda ckpt: (ckpt / "solo_complete.json").unlink(),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_verify_names_each_corruption_and_resume_picks_the_previous_checkpoint(saved, tmp_path, corruption):
+    save = tmp_path / "save"
+    shutil.copytree(saved, save)
+    assert verify_checkpoint(str(save / "iter_0000004")) is None
+    CORRUPTIONS[corruption](save / "iter_0000004")
+    assert verify_checkpoint(str(save / "iter_0000004")) is not None
+    iteration, skipped = _newest_valid(str(save))
+    assert iteration == 2 and len(skipped) == 1 and "iter_0000004" in skipped[0]
+
+
+def test_garbage_latest_file_and_missing_iteration_dir_are_skipped(saved, tmp_path):
+    save = tmp_path / "save"
+    shutil.copytree(saved, save)
+    (save / "latest_checkpointed_iteration.txt").write_text("\x00garbage")
+    assert _newest_valid(str(save)) == (4, [f"{save}/latest_checkpointed_iteration.txt: not an iteration number"])
+    (save / "latest_checkpointed_iteration.txt").write_text("6")  # names a directory that is gone
+    iteration, skipped = _newest_valid(str(save))
+    assert iteration == 4 and "iter_0000006" in skipped[0] and "missing" in skipped[0]
+
+
+def test_resume_falls_back_with_a_warning_and_fails_cleanly_when_nothing_is_valid(saved, tmp_path):
+    save = tmp_path / "save"
+    shutil.copytree(saved, save)
+    CORRUPTIONS["truncated .distcp"](save / "iter_0000004")
+    proc = run(save, "training.train_iters=5", "checkpoint.save_interval=100")
+    out = proc.stdout + proc.stderr
+    assert "skipping checkpoint" in out and "iter_0000004" in out
+    assert "resumed from" in out and "at iteration 2" in out
+    assert [r["step"] for r in metrics(save)] == [1, 2, 3, 4, 5] and latest(save) == 5
+
+    broken = tmp_path / "broken"
+    shutil.copytree(saved, broken)
+    for ckpt in broken.glob("iter_*"):
+        (ckpt / "common.pt").unlink()
+    proc = run(broken, *TWO_CHECKPOINTS, expect_rc=2)
+    assert "no valid checkpoint in" in proc.stderr and "iter_0000002" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_second_run_on_the_same_save_directory_is_refused_and_a_dead_runs_lock_does_not_block(tmp_path):
+    save = tmp_path / "save"
+    first = subprocess.Popen(train_cmd(save, "training.train_iters=500", "checkpoint.save_interval=1000",
+                                       "training.step_sleep_s=0.2"),
+                             cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not (save / "metrics.jsonl").exists():
+            assert first.poll() is None and time.time() < deadline, "first run did not start training"
+            time.sleep(0.1)
+        second = run(save, "training.train_iters=2", expect_rc=2)
+        assert "is in use by a running training" in second.stderr and f"pid {first.pid}" in second.stderr
+        assert first.poll() is None  # the first run went on untouched
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # dies holding the lock
+        first.wait(timeout=30)
+    run(save, "training.train_iters=1")  # the lock of a dead run does not block the restart
+    assert latest(save) == 1
