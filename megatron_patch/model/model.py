@@ -77,8 +77,9 @@ def build_transformer_config(
         raise ValueError(f"training.recompute must be none, selective or full; got {training.recompute!r}")
     window = None
     if model.sliding_window is not None:
-        # HF Mistral: a query sees itself and sliding_window-1 earlier keys; TE's (left, right).
-        window = (model.sliding_window - 1, 0)
+        # SOLO-7B's semantics (its Megatron run passed flash-attn window_size=(W, W) under a causal
+        # mask): a query sees itself and W earlier tokens. TE's convention: (left, right) keys.
+        window = (model.sliding_window, 0)
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
