@@ -3,6 +3,11 @@ atomically (``iter_N.tmp`` renamed into place, then ``latest`` pointed at it), t
 
 Resume (``restore``) loads model, optimizer, schedule, RNG and data position from
 ``checkpoint.save``; a new stage starts from ``checkpoint.init_from`` with its schedule reset.
+Every checkpoint carries the run's config (so its model architecture), and the tokenizer the run
+used is kept in ``SAVE_DIR/tokenizer`` (what ``solo convert mcore-to-hf`` exports with).
+``check_init_from`` refuses, before any model is built, an ``init_from`` that is a Hugging Face
+directory or whose architecture differs from the recipe's; ``load_init_weights`` loads weights
+at any TP/PP, re-padding the vocabulary rows when the TP (hence the padding) differs.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ logger = logging.getLogger("megatron_patch.checkpointing")
 
 CKPT_PREFIX = "iter_"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
+TOKENIZER_DIR = "tokenizer"
 
 
 def unwrap(model):
@@ -125,9 +131,34 @@ def save_checkpoint(cfg: Config, model, optimizer, scheduler, iteration: int, co
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(latest_tmp, os.path.join(save, LATEST_FILE))
+        _keep_tokenizer(cfg)
         _prune_checkpoints(save, cfg.checkpoint.keep_last)
         logger.info("saved checkpoint %s", final)
     dist.barrier()
+
+
+def _tokenizer_source(cfg: Config) -> Optional[str]:
+    """The run's tokenizer: model.tokenizer (set from the packs when unset), else init_from's."""
+    if cfg.model.tokenizer:
+        return cfg.model.tokenizer
+    if cfg.checkpoint.init_from:
+        beside = os.path.join(cfg.checkpoint.init_from, TOKENIZER_DIR)
+        if os.path.isdir(beside):
+            return beside
+    return None
+
+
+def _keep_tokenizer(cfg: Config) -> None:
+    """Copy the tokenizer/processor files into SAVE_DIR/tokenizer once (atomically)."""
+    from solo.hf_checkpoint import copy_tokenizer_files
+
+    source, target = _tokenizer_source(cfg), os.path.join(cfg.checkpoint.save, TOKENIZER_DIR)
+    if source is None or os.path.isdir(target) or os.path.abspath(source) == os.path.abspath(target):
+        return
+    staging = target + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    copy_tokenizer_files(source, staging)
+    os.replace(staging, target)
 
 
 def _prune_checkpoints(save: str, keep_last: int) -> None:
@@ -178,6 +209,76 @@ def resolve_checkpoint_dir(path: str) -> str:
 
 
 
+def check_init_from(cfg: Config) -> None:
+    """Before building the model: refuse an init_from that is a Hugging Face directory, or whose
+    model config differs from the recipe's (the first differing field is named)."""
+    from megatron_patch.config import ConfigError
+
+    src = cfg.checkpoint.init_from
+    if not src or read_latest(cfg.checkpoint.save) is not None:
+        return
+    if os.path.isfile(os.path.join(src, "config.json")) and any(n.endswith(".safetensors") for n in os.listdir(src)):
+        raise ConfigError(
+            f"checkpoint.init_from={src} is a Hugging Face checkpoint; convert it first with "
+            f"`solo convert hf-to-mcore --hf {src} --out DIR` and set checkpoint.init_from=DIR"
+        )
+    try:
+        ckpt_dir = resolve_checkpoint_dir(src)
+    except FileNotFoundError as error:
+        raise ConfigError(f"checkpoint.init_from: {error}") from error
+    from megatron.core import dist_checkpointing
+
+    from megatron_patch.convert import ARCH_FIELDS
+
+    saved = (dist_checkpointing.load_common_state_dict(ckpt_dir).get("config") or {}).get("model") or {}
+    for field in ARCH_FIELDS:
+        ours, theirs = getattr(cfg.model, field), saved.get(field)
+        if field not in saved or (field == "vocab_size" and ours is None):
+            continue
+        if ours != theirs and not (isinstance(ours, float) and theirs is not None and abs(ours - theirs) <= 1e-12 * abs(ours)):
+            raise ConfigError(
+                f"model.{field}={ours} but the checkpoint.init_from checkpoint {ckpt_dir} has {field}={theirs}; "
+                f"set model.{field}={theirs} (or start from a checkpoint of this architecture)"
+            )
+
+
+def load_init_weights(model, ckpt_dir: str) -> None:
+    """Model weights only, at any TP/PP. Vocabulary tensors whose padded row count differs from
+    the checkpoint's (another TP or divisor) are read whole and re-padded with zero rows; extra
+    states a converted checkpoint does not carry are left at their defaults."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from megatron_patch.convert import CheckpointReader
+    from megatron_patch.model.state_dict_mapping import VOCAB_KEYS
+
+    reader = CheckpointReader(ckpt_dir)
+    object_keys = {name.split("/shard_")[0] for name in reader.metadata if "/shard_" in name}
+    inner = unwrap(model)
+    request, repad = {}, {}
+    for name, item in inner.sharded_state_dict().items():
+        key = getattr(item, "key", None)
+        if isinstance(item, ShardedObject) and key not in object_keys:
+            continue
+        if key in VOCAB_KEYS and reader.shape(key) is not None and reader.shape(key)[0] != item.global_shape[0]:
+            repad[name] = item
+            continue
+        request[name] = item
+    loaded = dist_checkpointing.load(request, ckpt_dir)
+    state = {name: loaded[name] for name in request}  # load() also returns the common state
+    for name, item in repad.items():
+        full = reader.read(item.key)
+        start, count = item.global_offset[0], item.local_shape[0]
+        local = torch.zeros(item.local_shape, dtype=item.data.dtype)
+        rows = max(0, min(count, full.shape[0] - start))
+        local[:rows] = full[start:start + rows]
+        state[name] = local.to(item.data.device)
+    missing, unexpected = inner.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"{ckpt_dir}: weights missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
 def restore(cfg: Config, model, optimizer, scheduler) -> tuple[int, int, Optional[int]]:
     """Resume from checkpoint.save, else start from checkpoint.init_from (schedule reset), else
     from the initialisation. Returns (iteration, consumed_samples, latest saved iteration)."""
@@ -195,8 +296,11 @@ def restore(cfg: Config, model, optimizer, scheduler) -> tuple[int, int, Optiona
         return common["iteration"], common["consumed_samples"], latest
     if cfg.checkpoint.init_from:
         src = resolve_checkpoint_dir(cfg.checkpoint.init_from)
-        load_checkpoint(cfg, src, model, optimizer, with_optimizer=cfg.checkpoint.init_load_optimizer,
-                        restore_rng=False)
+        if cfg.checkpoint.init_load_optimizer:
+            load_checkpoint(cfg, src, model, optimizer, with_optimizer=True, restore_rng=False)
+        else:
+            load_init_weights(model, src)
+            optimizer.reload_model_params()  # see load_checkpoint
         if rank == 0:
             logger.info("initialised from %s (schedule reset, optimizer %s)", src,
                         "kept" if cfg.checkpoint.init_load_optimizer else "reset")

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch import compat
-from megatron_patch.checkpointing import restore, save_checkpoint, unwrap
+from megatron_patch.checkpointing import check_init_from, restore, save_checkpoint, unwrap
 from megatron_patch.config import Config, ConfigError, load_config
 from solo.metrics import MetricsWriter
 
@@ -108,6 +108,7 @@ def resolve_tokenizer_fields(cfg: Config) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg.model.tokenizer = tokenizer_dir  # kept beside the checkpoints (checkpointing._keep_tokenizer)
     cfg.model.vocab_size = len(tok)
     if cfg.data.pad_token_id is None:
         if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
@@ -403,6 +404,7 @@ def train(cfg: Config) -> int:
         raise ConfigError("training.bf16=true needs CUDA (megatron-core's bf16 optimizer only wraps CUDA "
                           "tensors); set training.bf16=false on CPU")
     resolve_tokenizer_fields(cfg)
+    check_init_from(cfg)
     if cfg.training.train_iters is None:
         from megatron_patch.data import iterations_for_tokens
 
