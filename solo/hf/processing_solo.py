@@ -97,7 +97,8 @@ class SoloProcessor(ProcessorMixin):
     Each text holds one `<image>` placeholder per image. `images` is a list of images per text (or a
     flat list consumed in order). `legacy_solo7b=True` reproduces SOLO-7B's released prompt form:
     the images' blocks come first, before BOS, each closed by a second `<vision>`, and the
-    placeholders (with an adjacent newline) are removed from the text.
+    placeholders (with an adjacent newline) are removed from the text; images are opened as SOLO
+    did (EXIF orientation ignored, transparency dropped instead of composited on white).
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -164,7 +165,7 @@ class SoloProcessor(ProcessorMixin):
             patch_flags: list[np.ndarray] = []
 
             def add_image(image, close_with_start: bool) -> None:
-                image_patches, (rows, cols) = self.image_processor.patchify(image)
+                image_patches, (rows, cols) = self.image_processor.patchify(image, legacy_solo7b=legacy_solo7b)
                 block = ids.image_block(rows, cols, close_with_start)
                 tokens.append(block)
                 patch_flags.append(block == ids.patch)
