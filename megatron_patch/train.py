@@ -143,6 +143,7 @@ def build_model(cfg: Config):
         rotary_base=cfg.model.rope_theta,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
+        real_vocab_size=cfg.model.vocab_size,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
