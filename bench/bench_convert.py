@@ -62,7 +62,7 @@ def write_model(directory: str, hidden: int, layers: int, ffn: int, dtype: str) 
     os.makedirs(directory)
     tokenizer_dir = os.path.join(directory, "tok")
     extend_tokenizer(make_base_tokenizer()).save_pretrained(tokenizer_dir)
-    vocab = write_processor(tokenizer_dir, directory, "native")
+    vocab = len(write_processor(tokenizer_dir, directory, "native"))
     heads, groups = hidden // 128, max(1, hidden // 512)
     config = SoloConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                         num_attention_heads=heads, num_key_value_heads=groups, tie_word_embeddings=False,

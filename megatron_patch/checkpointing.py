@@ -13,6 +13,7 @@ at any TP/PP, re-padding the vocabulary rows when the TP (hence the padding) dif
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from typing import Any, Dict, Optional
@@ -141,10 +142,10 @@ def _tokenizer_source(cfg: Config) -> Optional[str]:
     """The run's tokenizer: model.tokenizer (set from the packs when unset), else init_from's."""
     if cfg.model.tokenizer:
         return cfg.model.tokenizer
-    if cfg.checkpoint.init_from:
-        beside = os.path.join(cfg.checkpoint.init_from, TOKENIZER_DIR)
-        if os.path.isdir(beside):
-            return beside
+    if cfg.checkpoint.init_from:  # a SAVE_DIR, or one of its iter_* directories
+        for root in (cfg.checkpoint.init_from, os.path.dirname(os.path.abspath(cfg.checkpoint.init_from))):
+            if os.path.isdir(os.path.join(root, TOKENIZER_DIR)):
+                return os.path.join(root, TOKENIZER_DIR)
     return None
 
 
@@ -235,7 +236,8 @@ def check_init_from(cfg: Config) -> None:
         ours, theirs = getattr(cfg.model, field), saved.get(field)
         if field not in saved or (field == "vocab_size" and ours is None):
             continue
-        if ours != theirs and not (isinstance(ours, float) and theirs is not None and abs(ours - theirs) <= 1e-12 * abs(ours)):
+        numbers = isinstance(ours, (int, float)) and isinstance(theirs, (int, float))
+        if not (math.isclose(ours, theirs, rel_tol=1e-9) if numbers else ours == theirs):
             raise ConfigError(
                 f"model.{field}={ours} but the checkpoint.init_from checkpoint {ckpt_dir} has {field}={theirs}; "
                 f"set model.{field}={theirs} (or start from a checkpoint of this architecture)"

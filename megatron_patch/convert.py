@@ -24,6 +24,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_patch.model.state_dict_mapping import MAPPINGS, Architecture, expected_shapes
 from solo.hf_checkpoint import (
@@ -122,7 +127,7 @@ def convert_hf_to_mcore(
     weights = HFWeights(hf_dir)
     target_dtype = DTYPES[dtype] if dtype else None
     with atomic_output_dir(out_dir, command="solo convert hf-to-mcore", inputs=[hf_dir], overwrite=overwrite) as staging:
-        vocab = write_processor(hf_dir, staging / TOKENIZER_DIR, "native")
+        vocab = len(write_processor(hf_dir, staging / TOKENIZER_DIR, "native"))
         model_cfg = model_config_from_hf(config, vocab, divisible_by)
         arch = architecture(model_cfg)
         rows = _padded_rows(vocab, divisible_by)
@@ -226,8 +231,6 @@ class CheckpointReader:
     """
 
     def __init__(self, iter_dir: str | os.PathLike):
-        import torch.distributed.checkpoint as dcp
-
         self.directory = str(iter_dir)
         self.metadata = dcp.FileSystemReader(self.directory).read_metadata().state_dict_metadata
 
@@ -240,8 +243,6 @@ class CheckpointReader:
 
     def read(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
         """The whole tensor, or layer ``layer`` of a layer-stacked one (without the layer axis)."""
-        import torch.distributed.checkpoint as dcp
-
         shape = self.shape(key)
         if layer is None:
             data, offsets = torch.empty(shape, dtype=self.dtype(key)), (0,) * len(shape)
@@ -252,37 +253,25 @@ class CheckpointReader:
         return data if layer is None else data[0]
 
 
-def _chunk_planner_class():
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-    from torch.distributed.checkpoint.planner import LoadPlan
-    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+class _ChunkLoadPlanner(DefaultLoadPlanner):
+    """Loads each requested tensor as the chunk at ``offsets`` of the stored global tensor."""
 
-    class ChunkLoadPlanner(DefaultLoadPlanner):
-        """Loads each requested tensor as the chunk at ``offsets`` of the stored global tensor."""
+    def __init__(self, offsets: Dict[str, Tuple[int, ...]]):
+        super().__init__()
+        self.offsets = offsets
 
-        def __init__(self, offsets: Dict[str, Tuple[int, ...]]):
-            super().__init__()
-            self.offsets = offsets
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for fqn, tensor in self.state_dict.items():
+            chunk = ChunkStorageMetadata(offsets=torch.Size(self.offsets[fqn]), sizes=tensor.size())
+            items += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk])
+        return LoadPlan(items)
 
-        def create_local_plan(self) -> LoadPlan:
-            items = []
-            for fqn, tensor in self.state_dict.items():
-                chunk = ChunkStorageMetadata(offsets=torch.Size(self.offsets[fqn]), sizes=tensor.size())
-                items += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk])
-            return LoadPlan(items)
-
-        def resolve_tensor(self, read_item) -> torch.Tensor:
-            tensor = self.state_dict[read_item.dest_index.fqn]
-            for dim, (offset, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-                tensor = tensor.narrow(dim, offset, length)
-            return tensor
-
-    return ChunkLoadPlanner
-
-
-def _ChunkLoadPlanner(offsets):  # noqa: N802 - a class made on first use (torch.distributed imports)
-    return _chunk_planner_class()(offsets)
+    def resolve_tensor(self, read_item) -> torch.Tensor:
+        tensor = self.state_dict[read_item.dest_index.fqn]
+        for dim, (offset, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            tensor = tensor.narrow(dim, offset, length)
+        return tensor
 
 
 def convert_mcore_to_hf(
@@ -307,7 +296,8 @@ def convert_mcore_to_hf(
     reader = CheckpointReader(iter_dir)
     inputs = [ckpt] + ([tokenizer_dir] if tokenizer_dir != save_dir / TOKENIZER_DIR else [])
     with atomic_output_dir(out_dir, command="solo convert mcore-to-hf", inputs=inputs, overwrite=overwrite) as staging:
-        vocab = write_processor(tokenizer_dir, staging, layout)
+        tokenizer = write_processor(tokenizer_dir, staging, layout)
+        vocab = len(tokenizer)
         if model_cfg.get("vocab_size") not in (None, vocab):
             raise CheckpointError(
                 f"the tokenizer in {tokenizer_dir} has {vocab} entries but the checkpoint was trained with "
@@ -356,16 +346,8 @@ def convert_mcore_to_hf(
         if "max_position_embeddings" not in hf_config:
             seq = ((common.get("config") or {}).get("data") or {}).get("seq_length")
             hf_config["max_position_embeddings"] = max(int(seq or 0), 32768)
-        _set_special_tokens(hf_config, tokenizer_dir)
+        for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(tokenizer, field, None) is not None:
+                hf_config[field] = getattr(tokenizer, field)
         write_config(hf_config, staging, layout)
     return Path(out_dir)
-
-
-def _set_special_tokens(hf_config: Dict[str, Any], tokenizer_dir: Path) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(tokenizer, field, None)
-        if value is not None:
-            hf_config[field] = value

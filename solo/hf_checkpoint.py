@@ -233,8 +233,8 @@ def write_config(config: Dict[str, Any], out_dir: str | os.PathLike, layout: str
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
 
 
-def write_processor(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike, layout: str) -> int:
-    """Write tokenizer, chat template and processor files into ``out_dir``; return the vocabulary size.
+def write_processor(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike, layout: str):
+    """Write tokenizer, chat template and processor files into ``out_dir``; return the tokenizer.
 
     ``tokenizer_dir`` may hold a full SOLO processor (``solo create`` output, an export) or only a
     tokenizer (a default ``SoloImageProcessor`` and the Mistral-Instruct chat template are added). The solo7b layout keeps the processor
@@ -271,7 +271,7 @@ def write_processor(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike
             if path.is_file():
                 path.write_text(json.dumps(_drop_auto_map(json.loads(path.read_text(encoding="utf-8"))), indent=2)
                                 + "\n", encoding="utf-8")
-    return len(tokenizer)
+    return tokenizer
 
 
 def _drop_auto_map(value: Any) -> Any:
@@ -309,7 +309,7 @@ def convert_hf_to_hf(
     weights = HFWeights(hf_dir)  # validates shards before anything is written
     inputs = [hf_dir] + ([tokenizer_dir] if tokenizer_dir else [])
     with atomic_output_dir(out_dir, command="solo convert hf-to-hf", inputs=inputs, overwrite=overwrite) as staging:
-        vocab = write_processor(tokenizer_dir or hf_dir, staging, layout)
+        vocab = len(write_processor(tokenizer_dir or hf_dir, staging, layout))
         rows = weights.shapes.get("model.embed_tokens.weight", (None,))[0]
         if rows != vocab or config.get("vocab_size") != vocab:
             raise CheckpointError(
