@@ -5,7 +5,8 @@ Writes a random SOLO model of a few hundred MB (bf16 by default) in Hugging Face
 
 * peak RSS / model bytes, where peak RSS is the conversion's growth over the process's RSS after
   its imports (torch + transformers + megatron-core alone take several hundred MB, which do not
-  grow with the model). Goal <= 1.3; holding two full copies of the model would be 2.0;
+  grow with the model). Goal <= 1.3; holding two full copies of the model would be 2.0. The peak
+  of the largest helper process (megatron-core's checkpoint writer) is printed too;
 * MB/s of model bytes converted (wall clock, imports excluded).
 
 The round trip is also checked bitwise.
@@ -46,7 +47,8 @@ else:
     convert_mcore_to_hf(src, out)
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"baseline": baseline, "peak": peak, "seconds": seconds}))
+helpers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # dist-ckpt writer processes
+print(json.dumps({"baseline": baseline, "peak": peak, "helpers": helpers, "seconds": seconds}))
 """
 
 
@@ -124,7 +126,8 @@ def main() -> None:
             ratio = (r["peak"] - r["baseline"]) / model_bytes
             results[direction] = ratio
             print(f"{direction}: peak RSS / model bytes = {ratio:.2f} (goal <= 1.3; baseline after imports "
-                  f"{r['baseline'] / 1e6:.0f} MB, peak {r['peak'] / 1e6:.0f} MB), "
+                  f"{r['baseline'] / 1e6:.0f} MB, peak {r['peak'] / 1e6:.0f} MB; largest helper process "
+                  f"{r['helpers'] / 1e6:.0f} MB), "
                   f"{model_bytes / 1e6 / r['seconds']:.0f} MB/s ({r['seconds']:.1f} s)")
         from safetensors import safe_open
 

@@ -152,7 +152,6 @@ def convert_hf_to_mcore(
                     sharded[f"{mapping.mcore}.{layer}"] = ShardedTensor.from_rank_offsets(
                         mapping.mcore, data, (0, layer, arch.num_layers), replica_id=0, prepend_axis_num=1
                     )
-        weights.close()
         state = {"model": sharded, "iteration": 0, "config": {"model": model_cfg}, "hf_config": config,
                  "patch_dim": PATCH_DIM}
         iter_dir = staging / f"{ITER_PREFIX}{0:07d}"

@@ -76,8 +76,16 @@ def read_solo_config(hf_dir: str | os.PathLike) -> Dict[str, Any]:
     )
 
 
-def _safetensors_header(path: Path) -> Dict[str, Any]:
-    """Parse a safetensors header and check the file holds every byte it announces."""
+_SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _safetensors_header(path: Path) -> tuple[Dict[str, Any], int]:
+    """Parse a safetensors header and check the file holds every byte it announces; return the
+    header and the offset where the tensor data starts."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as fh:
@@ -92,13 +100,15 @@ def _safetensors_header(path: Path) -> Dict[str, Any]:
         raise CheckpointError(
             f"{path} is truncated: it should hold {8 + length + end:,} bytes but has {size:,}; copy it again"
         )
-    return header
+    return header, 8 + length
 
 
 class HFWeights:
     """The tensors of a Hugging Face checkpoint, read one at a time (never the whole model at once).
 
-    Validates up front that every shard the index names exists and is complete.
+    Validates up front that every shard the index names exists and is complete. Tensors are read
+    with plain file reads, not memory maps: mapped pages would stay resident (and count) as long
+    as the file is open, i.e. a second copy of the model.
     """
 
     def __init__(self, hf_dir: str | os.PathLike):
@@ -119,39 +129,42 @@ class HFWeights:
         files = sorted(set(weight_map.values())) if weight_map else [SINGLE_FILE]
         self.location: Dict[str, str] = {}
         self.shapes: Dict[str, tuple] = {}
-        self.dtypes: Dict[str, str] = {}
+        self._entries: Dict[str, tuple] = {}  # name -> (dtype, absolute start, end)
         for name in files:
             path = self.directory / name
             if not path.is_file():
                 raise CheckpointError(f"shard {path} named in {INDEX_FILE} is missing; copy the full checkpoint")
-            for key, entry in _safetensors_header(path).items():
+            header, data_start = _safetensors_header(path)
+            for key, entry in header.items():
                 if key == "__metadata__":
                     continue
+                if entry["dtype"] not in _SAFETENSORS_DTYPES:
+                    raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {entry['dtype']}")
                 self.location[key] = name
                 self.shapes[key] = tuple(entry["shape"])
-                self.dtypes[key] = entry["dtype"]
+                start, end = entry["data_offsets"]
+                self._entries[key] = (_SAFETENSORS_DTYPES[entry["dtype"]], data_start + start, data_start + end)
         if weight_map:
             absent = [key for key, name in weight_map.items() if self.location.get(key) != name]
             if absent:
                 raise CheckpointError(f"{index} names {absent[0]!r} in {weight_map[absent[0]]}, which does not hold it")
-        self._handles: Dict[str, Any] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.location
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read from its shard (a fresh tensor, not a view of the file)."""
-        from safetensors import safe_open
-
+        """One tensor, read from its shard into fresh memory."""
         if name not in self.location:
             raise CheckpointError(f"{self.directory} has no tensor {name!r}; is it a complete SOLO checkpoint?")
-        file = self.location[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.directory / file), framework="pt")
-        return self._handles[file].get_tensor(name)
-
-    def close(self) -> None:
-        self._handles.clear()
+        dtype, start, end = self._entries[name]
+        buffer = bytearray(end - start)
+        with open(self.directory / self.location[name], "rb") as handle:
+            handle.seek(start)
+            if handle.readinto(buffer) != len(buffer):
+                raise CheckpointError(f"{self.directory / self.location[name]}: short read of {name}; copy it again")
+        if not buffer:
+            return torch.empty(self.shapes[name], dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(self.shapes[name])
 
 
 # ----------------------------------------------------------------------------------------------
