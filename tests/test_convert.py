@@ -264,29 +264,33 @@ def test_released_solo7b_layout_converts_both_ways(work, solo_hf):
 
 
 def test_bad_inputs_give_clear_errors(work, solo_hf, mcore):
-    # not empty output, without --overwrite
+    from megatron_patch.convert import convert_hf_to_mcore, convert_mcore_to_hf
+    from solo.hf_checkpoint import CheckpointError
+    from solo.outputs import OutputError
+
+    # Through the CLI once: exit status 2 and the message; then the same functions in-process.
     (work / "occupied").mkdir(exist_ok=True)
     (work / "occupied" / "x").write_text("x")
     assert "not empty" in solo("hf-to-mcore", "--hf", solo_hf, "--out", work / "occupied", expect_rc=2).stderr
-    # a plain text LLM
-    assert "solo create" in solo("hf-to-mcore", "--hf", work / "base", "--out", work / "e1", expect_rc=2).stderr
-    # truncated and missing shards
+    with pytest.raises(CheckpointError, match="solo create"):  # a plain text LLM
+        convert_hf_to_mcore(work / "base", work / "e1")
     broken = work / "broken"
     shutil.copytree(solo_hf, broken)
     with open(broken / "model.safetensors", "r+b") as fh:
         fh.truncate(os.path.getsize(broken / "model.safetensors") - 100)
-    assert "truncated" in solo("hf-to-mcore", "--hf", broken, "--out", work / "e2", expect_rc=2).stderr
+    with pytest.raises(CheckpointError, match="truncated"):
+        convert_hf_to_mcore(broken, work / "e2")
     (broken / "model.safetensors").unlink()
-    assert "no model.safetensors" in solo("hf-to-mcore", "--hf", broken, "--out", work / "e3", expect_rc=2).stderr
-    # an iteration that does not exist
-    err = solo("mcore-to-hf", "--ckpt", mcore, "--iteration", "5", "--out", work / "e4", expect_rc=2).stderr
-    assert "no complete iteration 5" in err and "available: [0]" in err
-    # a vocabulary that does not match the tokenizer
-    err = solo("mcore-to-hf", "--ckpt", mcore, "--tokenizer", work / "base", "--out", work / "e5", expect_rc=2).stderr
-    assert "32000 entries" in err and "33029" in err
-    # a directory that is not a checkpoint of this model
-    assert "not a megatron-core checkpoint" in solo("mcore-to-hf", "--ckpt", work / "base", "--out", work / "e6",
-                                                    expect_rc=2).stderr
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        convert_hf_to_mcore(broken, work / "e3")
+    with pytest.raises(CheckpointError, match=r"no complete iteration 5; available: \[0\]"):
+        convert_mcore_to_hf(mcore, work / "e4", iteration=5)
+    with pytest.raises(CheckpointError, match="32000 entries.*33029"):  # tokenizer does not match the vocabulary
+        convert_mcore_to_hf(mcore, work / "e5", tokenizer_dir=work / "base")
+    with pytest.raises(CheckpointError, match="not a megatron-core checkpoint"):
+        convert_mcore_to_hf(work / "base", work / "e6")
+    with pytest.raises(OutputError, match="--overwrite refused"):  # never replaces what it did not write
+        convert_mcore_to_hf(mcore, work / "base", overwrite=True)
     assert not any((work / f"e{i}").exists() for i in range(1, 7))
 
 
