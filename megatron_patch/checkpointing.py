@@ -24,11 +24,18 @@ rank 0: tens of GB of host memory at 7B), which loads at any TP/PP; use it for t
 planned TP/PP change. Loading reads the format from the checkpoint. Saves can run asynchronously
 (``checkpoint.async_save``): training continues while a background process writes, and the
 checkpoint is renamed into place and ``latest`` updated only once every rank has finished.
+
+Every checkpoint carries the run's config (so its model architecture), and the tokenizer the run
+used is kept in ``SAVE_DIR/tokenizer`` (what ``solo convert mcore-to-hf`` exports with).
+``check_init_from`` refuses, before any model is built, an ``init_from`` that is a Hugging Face
+directory or whose architecture differs from the recipe's; ``load_init_weights`` loads weights
+at any TP/PP, re-padding the vocabulary rows when the TP (hence the padding) differs.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from typing import Any, Dict, Optional
@@ -37,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch.config import Config, ConfigError
+from solo.hf_checkpoint import CheckpointError  # noqa: F401  (one error type for every checkpoint problem)
 
 logger = logging.getLogger("megatron_patch.checkpointing")
 
@@ -46,8 +54,7 @@ COMPLETE_FILE = "solo_complete.json"
 LOCK_FILE = ".solo-train.lock"
 
 
-class CheckpointError(RuntimeError):
-    """No usable checkpoint, or a save directory another run holds; the message says what to do."""
+TOKENIZER_DIR = "tokenizer"  # beside the iter_* directories, in converted and training SAVE_DIRs
 
 
 def unwrap(model):
@@ -84,7 +91,7 @@ def _iterations(save: str) -> list[int]:
     return sorted((int(number) for number in found if number.isdigit()), reverse=True)
 
 
-def _write_complete_marker(ckpt_dir: str) -> None:
+def write_complete_marker(ckpt_dir: str) -> None:
     """List every file of a written checkpoint with its size; written last, so it means complete."""
     from solo.outputs import write_json_atomic
 
@@ -364,7 +371,7 @@ def _publish(cfg: Config, tmp: str, final: str, iteration: int) -> None:
     """Rank 0: move a complete checkpoint into place, point 'latest' at it, prune old ones."""
     save = cfg.checkpoint.save
     if dist.get_rank() == 0:
-        _write_complete_marker(tmp)
+        write_complete_marker(tmp)
         os.replace(tmp, final)
         latest_tmp = os.path.join(save, LATEST_FILE + ".tmp")
         with open(latest_tmp, "w", encoding="utf-8") as fh:
@@ -372,8 +379,33 @@ def _publish(cfg: Config, tmp: str, final: str, iteration: int) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(latest_tmp, os.path.join(save, LATEST_FILE))
+        _keep_tokenizer(cfg)
         _prune_checkpoints(save, cfg.checkpoint.keep_last)
         logger.info("saved checkpoint %s", final)
+
+
+def _tokenizer_source(cfg: Config) -> Optional[str]:
+    """The run's tokenizer: model.tokenizer (set from the packs when unset), else init_from's."""
+    if cfg.model.tokenizer:
+        return cfg.model.tokenizer
+    if cfg.checkpoint.init_from:  # a SAVE_DIR, or one of its iter_* directories
+        for root in (cfg.checkpoint.init_from, os.path.dirname(os.path.abspath(cfg.checkpoint.init_from))):
+            if os.path.isdir(os.path.join(root, TOKENIZER_DIR)):
+                return os.path.join(root, TOKENIZER_DIR)
+    return None
+
+
+def _keep_tokenizer(cfg: Config) -> None:
+    """Copy the tokenizer/processor files into SAVE_DIR/tokenizer once (atomically)."""
+    from solo.hf_checkpoint import copy_tokenizer_files
+
+    source, target = _tokenizer_source(cfg), os.path.join(cfg.checkpoint.save, TOKENIZER_DIR)
+    if source is None or os.path.isdir(target) or os.path.abspath(source) == os.path.abspath(target):
+        return
+    staging = target + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    copy_tokenizer_files(source, staging)
+    os.replace(staging, target)
 
 
 def _prune_checkpoints(save: str, keep_last: int) -> None:
@@ -479,6 +511,77 @@ def restore_schedule(cfg: Config, scheduler, saved: Dict[str, Any]) -> Optional[
     )
 
 
+def check_init_from(cfg: Config) -> None:
+    """Before building the model: refuse an init_from that is a Hugging Face directory, or whose
+    model config differs from the recipe's (the first differing field is named)."""
+    from megatron_patch.config import ConfigError
+
+    src = cfg.checkpoint.init_from
+    if not src or read_latest(cfg.checkpoint.save) is not None:
+        return
+    if os.path.isfile(os.path.join(src, "config.json")) and any(n.endswith(".safetensors") for n in os.listdir(src)):
+        raise ConfigError(
+            f"checkpoint.init_from={src} is a Hugging Face checkpoint; convert it first with "
+            f"`solo convert hf-to-mcore --hf {src} --out DIR` and set checkpoint.init_from=DIR"
+        )
+    try:
+        ckpt_dir = resolve_checkpoint_dir(src)
+    except CheckpointError as error:
+        raise ConfigError(f"checkpoint.init_from: {error}") from error
+    from megatron.core import dist_checkpointing
+
+    from megatron_patch.convert import ARCH_FIELDS
+
+    saved = (dist_checkpointing.load_common_state_dict(ckpt_dir).get("config") or {}).get("model") or {}
+    for field in ARCH_FIELDS:
+        ours, theirs = getattr(cfg.model, field), saved.get(field)
+        if field not in saved or (field == "vocab_size" and ours is None):
+            continue
+        numbers = isinstance(ours, (int, float)) and isinstance(theirs, (int, float))
+        if not (math.isclose(ours, theirs, rel_tol=1e-9) if numbers else ours == theirs):
+            raise ConfigError(
+                f"model.{field}={ours} but the checkpoint.init_from checkpoint {ckpt_dir} has {field}={theirs}; "
+                f"set model.{field}={theirs} (or start from a checkpoint of this architecture)"
+            )
+
+
+def load_init_weights(model, ckpt_dir: str) -> None:
+    """Model weights only, at any TP/PP. Vocabulary tensors whose padded row count differs from
+    the checkpoint's (another TP or divisor) are read whole and re-padded with zero rows; extra
+    states a converted checkpoint does not carry are left at their defaults."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from megatron_patch.convert import CheckpointReader
+    from megatron_patch.model.state_dict_mapping import VOCAB_KEYS
+
+    reader = CheckpointReader(ckpt_dir)
+    object_keys = {name.split("/shard_")[0] for name in reader.metadata if "/shard_" in name}
+    inner = unwrap(model)
+    request, repad = {}, {}
+    for name, item in inner.sharded_state_dict().items():
+        key = getattr(item, "key", None)
+        if isinstance(item, ShardedObject) and key not in object_keys:
+            continue
+        if key in VOCAB_KEYS and reader.shape(key) is not None and reader.shape(key)[0] != item.global_shape[0]:
+            repad[name] = item
+            continue
+        request[name] = item
+    loaded = dist_checkpointing.load(request, ckpt_dir)
+    state = {name: loaded[name] for name in request}  # load() also returns the common state
+    for name, item in repad.items():
+        full = reader.read(item.key)
+        start, count = item.global_offset[0], item.local_shape[0]
+        local = torch.zeros(item.local_shape, dtype=item.data.dtype)
+        rows = max(0, min(count, full.shape[0] - start))
+        local[:rows] = full[start:start + rows]
+        state[name] = local.to(item.data.device)
+    missing, unexpected = inner.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"{ckpt_dir}: weights missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
 def restore(cfg: Config, model, optimizer, scheduler) -> tuple[int, int, Optional[int]]:
     """Resume from checkpoint.save, else start from checkpoint.init_from (schedule reset), else
     from the initialisation. Returns (iteration, consumed_samples, latest saved iteration)."""
@@ -505,8 +608,11 @@ def restore(cfg: Config, model, optimizer, scheduler) -> tuple[int, int, Optiona
         src, error = _agree(found)
         if error:
             raise CheckpointError(error)
-        load_checkpoint(cfg, src, model, optimizer, with_optimizer=cfg.checkpoint.init_load_optimizer,
-                        restore_rng=False)
+        if cfg.checkpoint.init_load_optimizer:
+            load_checkpoint(cfg, src, model, optimizer, with_optimizer=True, restore_rng=False)
+        else:
+            load_init_weights(model, src)
+            optimizer.reload_model_params()  # see load_checkpoint
         if rank == 0:
             logger.info("initialised from %s (schedule reset, optimizer %s)", src,
                         "kept" if cfg.checkpoint.init_load_optimizer else "reset")

@@ -31,7 +31,7 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
-    sliding_window: Optional[int] = 4096  # HF semantics: a token sees itself + 4095 earlier ones
+    sliding_window: Optional[int] = 4096  # SOLO-7B semantics: a token sees itself + 4096 earlier ones
     init_method_std: float = 0.02
     # Dropout probabilities (Mistral and SOLO train without: 0). Resume restores the RNG, so a run
     # with dropout continues bitwise.

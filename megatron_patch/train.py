@@ -31,7 +31,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch import compat
-from megatron_patch.checkpointing import AsyncSaves, CheckpointError, SaveDirLock, restore, save_checkpoint, unwrap
+from megatron_patch.checkpointing import (
+    AsyncSaves, CheckpointError, SaveDirLock, check_init_from, restore, save_checkpoint, unwrap,
+)
 from megatron_patch.config import Config, ConfigError, load_config
 from megatron_patch.preflight import PreflightError, check_attention
 from solo.metrics import MetricsWriter
@@ -114,6 +116,7 @@ def resolve_tokenizer_fields(cfg: Config) -> None:
         if cfg.model.vocab_size is None:
             raise ConfigError("no tokenizer to size the vocabulary: set model.tokenizer (or model.vocab_size)")
         return
+    cfg.model.tokenizer = tokenizer_dir  # kept beside the checkpoints (checkpointing._keep_tokenizer)
     cfg.model.vocab_size = len(tok)
     if cfg.data.pad_token_id is None:
         if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
@@ -148,6 +151,7 @@ def build_model(cfg: Config):
         rotary_base=cfg.model.rope_theta,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
+        real_vocab_size=cfg.model.vocab_size,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
@@ -473,6 +477,7 @@ def train(cfg: Config) -> int:
         raise ConfigError("training.bf16=true needs CUDA (megatron-core's bf16 optimizer only wraps CUDA "
                           "tensors); set training.bf16=false on CPU")
     resolve_tokenizer_fields(cfg)
+    check_init_from(cfg)
     if cfg.training.train_iters is None:
         from megatron_patch.data import iterations_for_tokens
 

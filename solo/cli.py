@@ -1,4 +1,4 @@
-"""`solo`: the model-side command line (create a SOLO checkpoint from a base LLM, …)."""
+"""`solo`: the model-side command line (create a SOLO checkpoint from a base LLM, convert checkpoints, …)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,83 @@ def _create(args: argparse.Namespace) -> int:
           f"{args.seed}, and the vision-token rows of the embeddings and LM head, the mean of the base rows; "
           "every other weight is the base's)")
     return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from solo.hf_checkpoint import CheckpointError
+    from solo.outputs import OutputError
+
+    try:
+        if args.direction == "hf-to-hf":
+            from solo.hf_checkpoint import convert_hf_to_hf
+
+            out = convert_hf_to_hf(args.hf, args.out, layout=args.layout, tokenizer_dir=args.tokenizer,
+                                   overwrite=args.overwrite)
+        else:
+            # megatron-core is imported only here: the HF side works without it.
+            from megatron_patch.convert import convert_hf_to_mcore, convert_mcore_to_hf
+
+            if args.direction == "hf-to-mcore":
+                out = convert_hf_to_mcore(args.hf, args.out, divisible_by=args.make_vocab_size_divisible_by,
+                                          dtype=args.dtype, overwrite=args.overwrite)
+            else:
+                out = convert_mcore_to_hf(args.ckpt, args.out, iteration=args.iteration, tokenizer_dir=args.tokenizer,
+                                          dtype=args.dtype, layout=args.layout, overwrite=args.overwrite)
+    except (CheckpointError, OutputError) as error:
+        print(f"solo convert {args.direction}: error: {error}", file=sys.stderr)
+        return 2
+    print(f"solo convert {args.direction}: wrote {out}")
+    return 0
+
+
+def _add_convert(commands) -> None:
+    convert = commands.add_parser(
+        "convert", help="convert checkpoints: Hugging Face <-> megatron-core, SOLO-7B layout <-> native",
+        description="Checkpoint conversion through one declarative mapping (megatron_patch/model/state_dict_mapping.py). "
+        "Outputs appear atomically; a non-empty output directory is refused unless --overwrite.",
+    )
+    directions = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    dtypes = ("bfloat16", "float16", "float32")
+
+    to_mcore = directions.add_parser(
+        "hf-to-mcore", help="Hugging Face SOLO directory -> megatron-core torch_dist checkpoint (checkpoint.init_from)",
+        description="Write a megatron-core torch_dist checkpoint (OUT/iter_0000000, the tokenizer in OUT/tokenizer, the "
+        "model config inside) that training loads with checkpoint.init_from=OUT at any TP/PP/DP. Accepts `solo create` "
+        "output, exports, and the released SOLO-7B layout.",
+    )
+    to_mcore.add_argument("--hf", required=True, help="Hugging Face SOLO checkpoint directory (safetensors)")
+    to_mcore.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+    to_mcore.add_argument("--dtype", choices=dtypes, help="cast the weights (default: keep the checkpoint's dtype)")
+    to_mcore.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                          help="pad embedding rows to a multiple of this (training re-pads for its TP on load)")
+
+    to_hf = directions.add_parser(
+        "mcore-to-hf", help="megatron-core checkpoint (any TP/PP) -> Hugging Face directory",
+        description="Export sharded safetensors, config, tokenizer, chat template and processor that load with "
+        "AutoModelForCausalLM/AutoProcessor (trust_remote_code=True). The tokenizer saved beside the checkpoints is "
+        "used unless --tokenizer; the checkpoint's dtype is kept unless --dtype.",
+    )
+    to_hf.add_argument("--ckpt", required=True, help="a training SAVE_DIR (latest iteration) or an iter_* directory")
+    to_hf.add_argument("--iteration", type=int, help="export this iteration instead of the latest")
+    to_hf.add_argument("--out", required=True, help="output directory (written atomically)")
+    to_hf.add_argument("--tokenizer", help="tokenizer/processor directory (default: CKPT/tokenizer)")
+    to_hf.add_argument("--dtype", choices=dtypes, help="cast the weights (default: keep the checkpoint's dtype)")
+
+    hf_to_hf = directions.add_parser(
+        "hf-to-hf", help="re-lay a SOLO Hugging Face directory out (released SOLO-7B -> native, or back)",
+        description="Copy the weights unchanged and rewrite config/code/processor files: --layout native makes "
+        "AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True) return the SOLO model; --layout solo7b "
+        "writes the released SOLO-7B layout (model_type mistral, no auto_map).",
+    )
+    hf_to_hf.add_argument("--hf", required=True, help="Hugging Face SOLO checkpoint directory")
+    hf_to_hf.add_argument("--out", required=True, help="output directory (written atomically)")
+    hf_to_hf.add_argument("--tokenizer", help="tokenizer/processor directory (default: the --hf directory)")
+    for parser in (to_hf, hf_to_hf):
+        parser.add_argument("--layout", choices=("native", "solo7b"), default="native",
+                            help="native (model_type solo + code, default) or solo7b (the released SOLO-7B layout)")
+    for parser in (to_mcore, to_hf, hf_to_hf):
+        parser.add_argument("--overwrite", action="store_true", help="replace a previous output of the same command")
+        parser.set_defaults(handler=_convert)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     create.set_defaults(handler=_create)
+    _add_convert(commands)
     return parser
 
 

@@ -449,7 +449,7 @@ def test_released_solo_style_checkpoint_directory_loads(model, tmp_path):
 
     loaded, info = SoloForCausalLM.from_pretrained(released, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert loaded.config.vision_patch_size == 32 and loaded.config.sliding_window == 4096
+    assert loaded.config.vision_patch_size == 32 and loaded.config.attention_window == 4096
     with_config = SoloForCausalLM.from_pretrained(released, config=SoloConfig.from_pretrained(released))
 
     batch = collate(mixed_samples())
@@ -471,7 +471,7 @@ def test_text_llm_checkpoint_starts_a_solo_model_with_identical_text_logits(back
     solo_model, info = SoloForCausalLM.from_pretrained(tmp_path / backbone, output_loading_info=True)
     assert sorted(info["missing_keys"]) == ["model.embed_vision_patch.weight"] and not info["unexpected_keys"]
     # Llama attends to the whole causal context: no Mistral sliding window may sneak in.
-    assert solo_model.config.sliding_window == (None if backbone == "llama" else 4096)
+    assert solo_model.config.attention_window == (None if backbone == "llama" else 4096)
 
     text_ids = torch.randint(FIRST_TEXT_ID, VISION, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

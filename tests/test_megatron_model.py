@@ -192,7 +192,7 @@ def test_microbatch_of_two_equals_two_microbatches_of_one(megatron_world):
 
 @pytest.mark.parametrize("segment_tokens", [0, 16, 512], ids=["per-document", "mixed", "one-segment"])
 def test_sliding_window_attention_matches_dense_reference(megatron_world, segment_tokens):
-    cfg = tiny_config(sliding_window=5)  # each query sees itself and 4 earlier keys
+    cfg = tiny_config(sliding_window=5)  # each query sees itself and 5 earlier keys (SOLO-7B's semantics)
     tc = build_transformer_config(cfg.model, cfg.parallel, cfg.training)
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -208,7 +208,7 @@ def test_sliding_window_attention_matches_dense_reference(megatron_world, segmen
     # Dense reference: one t x t mask allowing same-document, causal, within-window pairs.
     doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
-    allowed = (doc[:, None] == doc[None, :]) & (j <= i) & (i - j <= 4)
+    allowed = (doc[:, None] == doc[None, :]) & (j <= i) & (i - j <= 5)
     kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, kk) / math.sqrt(16)
     scores = scores.masked_fill(~allowed, float("-inf"))

@@ -130,3 +130,24 @@ def test_text_only_batch_has_empty_patches(processor):
     assert out["vision_patches"].shape == (0, 3072)
     assert (out["vision_patch_indices"] == -1).all()
     assert out["input_ids"].dtype == torch.long
+
+
+def test_legacy_solo7b_opens_images_as_solo_did(processor):
+    """SOLO-7B saw RGBA images with their alpha dropped and EXIF-rotated photos unrotated."""
+    import io
+
+    rgba = Image.new("RGBA", (64, 32), (10, 200, 30, 0))  # fully transparent green
+    ours = processor("<image>", images=[rgba])["vision_patches"]
+    legacy = processor("<image>", images=[rgba], legacy_solo7b=True)["vision_patches"]
+    assert (ours == 255).all()  # composited on white
+    assert legacy[:, :1024].eq(10).all() and legacy[:, 1024:2048].eq(200).all()  # colour kept, alpha dropped
+
+    photo = Image.new("RGB", (64, 32), (0, 0, 0))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", exif=exif)
+    rotated = processor("<image>", images=[buffer.getvalue()])
+    unrotated = processor("<image>", images=[buffer.getvalue()], legacy_solo7b=True)
+    assert rotated["vision_patches"].shape[0] == unrotated["vision_patches"].shape[0] == 2
+    assert rotated["input_ids"].tolist() != unrotated["input_ids"].tolist()  # 2x1 vs 1x2 patch grid

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import ModelType
@@ -93,8 +93,9 @@ def build_transformer_config(
         raise ValueError(f"training.recompute must be none, selective or full; got {training.recompute!r}")
     window = None
     if model.sliding_window is not None:
-        # HF Mistral: a query sees itself and sliding_window-1 earlier keys; TE's (left, right).
-        window = (model.sliding_window - 1, 0)
+        # SOLO-7B's semantics (its Megatron run passed flash-attn window_size=(W, W) under a causal
+        # mask): a query sees itself and W earlier tokens. TE's convention: (left, right) keys.
+        window = (model.sliding_window, 0)
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -154,6 +155,7 @@ class SoloGPTModel(MegatronModule):
         pre_process: bool = True,
         post_process: bool = True,
         patch_dim: int = PATCH_DIM,
+        real_vocab_size: Optional[int] = None,
     ):
         super().__init__(config=config)
         self.pre_process = pre_process
@@ -179,6 +181,8 @@ class SoloGPTModel(MegatronModule):
         if self.flex_attention:
             self.language_model.rotary_pos_emb = DocumentRotaryEmbedding(self.language_model.rotary_pos_emb)
             self.window_left = _window_left(config)
+        if post_process and real_vocab_size is not None and real_vocab_size < vocab_size:
+            self._mask_padded_vocabulary(real_vocab_size)
         if pre_process:
             # Split along the output (hidden) dim under TP, gathered before the add: each rank
             # holds a 3072 x hidden/TP shard, like SOLO's Megatron layer.
@@ -193,6 +197,28 @@ class SoloGPTModel(MegatronModule):
             )
             # Its input is the micro-batch's patches, not a sequence-sharded activation.
             self.vision_patch_projection.sequence_parallel = False
+
+    def _mask_padded_vocabulary(self, real_vocab_size: int) -> None:
+        """Keep the TP padding rows of the LM head out of the loss's softmax.
+
+        Padding rows exist only so TP shards are equal; no token has their id. Left in the softmax
+        they would change the loss (a zero row still gives logit 0) and be trained, so the model
+        would compute a different function from the exported (trimmed) HF model.
+        """
+        lm = self.language_model
+        local = lm.output_layer.weight.shape[0]  # this TP rank's vocabulary columns
+        first = parallel_state.get_tensor_model_parallel_rank() * local
+        padded_from = max(real_vocab_size - first, 0)
+        if padded_from >= local:
+            return
+        compute_loss = lm.compute_language_model_loss
+
+        def masked_loss(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            # In place: the output layer's backward needs its input and weight, not its output.
+            logits[..., padded_from:].fill_(torch.finfo(logits.dtype).min)
+            return compute_loss(labels, logits)
+
+        lm.compute_language_model_loss = masked_loss
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline stages > 0 receive their input through this hook (schedules call it)."""

@@ -33,6 +33,14 @@ class SoloConfig(MistralConfig):
 
     A Llama backbone is the same network with `sliding_window=None` (full causal attention):
     Llama and Mistral share layer names and maths as long as Llama's optional biases are off.
+
+    Sliding window, SOLO-7B's semantics: `sliding_window=W` in `config.json` and in the constructor
+    means that a token sees itself and the W tokens before it (W+1 keys), as in SOLO's released
+    modeling code and its Megatron pretraining (flash-attn `window_size=(W, W)` under a causal mask).
+    transformers' Mistral code (masks, flash-attention window, sliding caches) reads the attribute
+    `sliding_window` as the number of keys INCLUDING the query, so the attribute holds W+1 and
+    `to_dict` writes W back; `attention_window` gives W. A released SOLO-7B `config.json` with
+    `sliding_window: 4096` therefore gives SOLO-7B's function (4,097 keys).
     """
 
     model_type = "solo"
@@ -42,6 +50,10 @@ class SoloConfig(MistralConfig):
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
+        if self.sliding_window is not None:
+            if not isinstance(self.sliding_window, int) or self.sliding_window < 1:
+                raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
+            self.sliding_window = self.sliding_window + 1  # SOLO's W earlier tokens -> W+1 keys (see class doc)
         if not isinstance(self.vision_patch_size, int) or self.vision_patch_size < 1:
             raise ValueError(f"vision_patch_size must be a positive int, got {self.vision_patch_size!r}")
         if not isinstance(self.num_channels, int) or self.num_channels < 1:
@@ -53,6 +65,23 @@ class SoloConfig(MistralConfig):
                     f"{flag}=True is not supported: SOLO layers are Mistral layers without biases. "
                     "Only bias-free Llama backbones can be used."
                 )
+
+    @property
+    def attention_window(self) -> int | None:
+        """Earlier tokens a query sees (SOLO-7B's `sliding_window` number), None for full attention."""
+        return None if self.sliding_window is None else self.sliding_window - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as `config.json` holds it: SOLO-7B's window number, and `rope_theta` also at the
+        top level (SOLO's released code and transformers < 5 read only that; without it they silently
+        use 10,000)."""
+        output = super().to_dict()
+        if output.get("sliding_window") is not None:
+            output["sliding_window"] = output["sliding_window"] - 1
+        rope = output.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_theta" in rope:
+            output["rope_theta"] = rope["rope_theta"]
+        return output
 
     @property
     def patch_dim(self) -> int:

@@ -84,12 +84,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(
-    source: ImageSource, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: ImageSource, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+    legacy_solo7b: bool = False,
 ) -> Image.Image:
     """Open an image from a path, bytes, a binary file or a PIL image and return it as RGB.
 
     Applies EXIF orientation, takes the first frame of animations, converts every mode to RGB
     deterministically, and refuses images whose decoded size exceeds `max_pixels`.
+    `legacy_solo7b=True` opens images as SOLO-7B was trained on them: EXIF orientation ignored and
+    a plain PIL `convert("RGB")` (transparency dropped, not composited on white).
     Raises `ImageLoadError` (naming the input) for empty, corrupt, truncated or oversized images.
     """
     label = _source_name(source, name)
@@ -137,10 +140,11 @@ def load_image(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image.load()
-                image = ImageOps.exif_transpose(image)
+                if not legacy_solo7b:
+                    image = ImageOps.exif_transpose(image)
                 if getattr(image, "n_frames", 1) > 1:
                     image = image.copy()  # detach from the remaining frames
-                image = _to_rgb(image)
+                image = image.convert("RGB") if legacy_solo7b else _to_rgb(image)
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = previous
     except ImageLoadError:
@@ -296,9 +300,13 @@ class SoloImageProcessor(BaseImageProcessor):
         self.patch_size = patch_size
         self.max_pixels = max_pixels
 
-    def patchify(self, image: ImageSource, name: str | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-        """One image (any source `load_image` accepts) → (uint8 [N, 3072], (rows, cols))."""
-        return image_to_patches(load_image(image, name=name, max_pixels=self.max_pixels), self.resize_mode)
+    def patchify(
+        self, image: ImageSource, name: str | None = None, legacy_solo7b: bool = False
+    ) -> tuple[np.ndarray, tuple[int, int]]:
+        """One image (any source `load_image` accepts) → (uint8 [N, 3072], (rows, cols)).
+        `legacy_solo7b`: open it as SOLO-7B did (see `load_image`)."""
+        loaded = load_image(image, name=name, max_pixels=self.max_pixels, legacy_solo7b=legacy_solo7b)
+        return image_to_patches(loaded, self.resize_mode)
 
     def preprocess(self, images: ImageSource | Iterable[ImageSource], return_tensors=None, **kwargs) -> BatchFeature:
         if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)):

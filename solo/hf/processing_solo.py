@@ -128,7 +128,8 @@ class SoloProcessor(ProcessorMixin):
 
     `legacy_solo7b=True` reproduces SOLO-7B's released prompt form: the images' blocks come first,
     before BOS, each closed by a second `<vision>`, and the placeholders (with an adjacent newline)
-    are removed from the text. Batches are left-padded (what generation needs) unless
+    are removed from the text; images are opened as SOLO did (EXIF orientation ignored,
+    transparency dropped instead of composited on white). Batches are left-padded (what generation needs) unless
     `padding_side="right"` is passed.
     """
 
@@ -224,7 +225,7 @@ class SoloProcessor(ProcessorMixin):
                 patch_flags.append(np.zeros(len(values), dtype=bool))
 
             def add_image(image, close_with_start: bool) -> None:
-                image_patches, (rows, cols) = self.image_processor.patchify(image)
+                image_patches, (rows, cols) = self.image_processor.patchify(image, legacy_solo7b=legacy_solo7b)
                 block = ids.image_block(rows, cols, close_with_start)
                 tokens.append(block)
                 patch_flags.append(block == ids.patch)
