@@ -139,16 +139,20 @@ def load_model(model_dir: str, device: torch.device):
     return model, processor
 
 
-def _chat(processor, prompt: str) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return processor.apply_chat_template(messages)
+def _chat(processor, prompt: str, with_image: bool = True) -> str:
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}])
 
 
 @torch.no_grad()
 def generate_answers(model, processor, prompts: list[str], images: list, max_new_tokens: int) -> list[str]:
-    """Greedy answers for a batch (left padding, KV cache), decoded without special tokens."""
-    texts = [_chat(processor, prompt) for prompt in prompts]
-    inputs = processor(texts, images=[[image] for image in images], padding_side="left").to(model.device)
+    """Greedy answers for a batch (left padding, KV cache), decoded without special tokens.
+
+    ``images[i]`` is the image of prompt i (or None for a text-only prompt).
+    """
+    texts = [_chat(processor, prompt, image is not None) for prompt, image in zip(prompts, images)]
+    inputs = processor(texts, images=[[image] if image is not None else [] for image in images],
+                       padding_side="left").to(model.device)
     tokenizer = processor.tokenizer
     output = model.generate(
         **inputs,
@@ -163,21 +167,22 @@ def generate_answers(model, processor, prompts: list[str], images: list, max_new
 
 
 @torch.no_grad()
-def rank_candidates(model, processor, prompts: list[str], images: list, candidates: list[list[str]]) -> list[list[float]]:
-    """Mean log-probability per token of each candidate reply after its prompt (one row per candidate).
+def score_replies(model, processor, prompts: list[str], images: list, replies: list[str]) -> list[tuple[float, int, bool]]:
+    """For each (prompt, image, reply) row: the reply's summed log-probability, its token count, and
+    whether greedy decoding would produce it.
 
-    The reply is the assistant turn " <candidate>" that the chat template would render; its tokens
-    are scored given the prompt and image. Rows are left-padded so that every reply ends at the last
-    position and only the last few positions' logits are computed.
+    The reply is the assistant turn " <reply>" that the chat template renders after the prompt; its
+    tokens are scored given the prompt and image (None: text only). Rows are left-padded so every
+    reply ends at the last position and only the last few positions' logits are computed.
     """
     tokenizer = processor.tokenizer
-    rows, spans = [], []
-    for prompt, image, options in zip(prompts, images, candidates):
-        encoded = processor(_chat(processor, prompt), images=[image])
-        for option in options:
-            reply = tokenizer(" " + option, add_special_tokens=False)["input_ids"]
-            rows.append((encoded, reply))
-        spans.append(len(options))
+    rows = []
+    for prompt, image, reply in zip(prompts, images, replies):
+        encoded = processor(_chat(processor, prompt, image is not None), images=[image] if image is not None else [])
+        reply_ids = tokenizer(" " + reply.lstrip(), add_special_tokens=False)["input_ids"]
+        if not reply_ids:
+            raise ValueError(f"reply {reply!r} has no tokens to score")
+        rows.append((encoded, reply_ids))
     length = max(enc["input_ids"].shape[1] + len(reply) for enc, reply in rows)
     keep = max(len(reply) for _, reply in rows) + 1
     input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
@@ -203,17 +208,23 @@ def rank_candidates(model, processor, prompts: list[str], images: list, candidat
         logits_to_keep=keep,
     ).logits.float()
     log_probs = torch.log_softmax(logits, dim=-1)
-    scores = []
+    results = []
     for index, (_, reply) in enumerate(rows):
         targets = torch.tensor(reply, device=log_probs.device)
         # The reply's tokens sit at the last len(reply) positions; each is predicted one position earlier.
         predicted_by = log_probs[index, keep - len(reply) - 1 : keep - 1]
-        scores.append(predicted_by.gather(-1, targets[:, None]).mean().item())
-    grouped, start = [], 0
-    for count in spans:
-        grouped.append(scores[start : start + count])
-        start += count
-    return grouped
+        total = predicted_by.gather(-1, targets[:, None]).sum().item()
+        greedy = bool((predicted_by.argmax(-1) == targets).all())
+        results.append((total, len(reply), greedy))
+    return results
+
+
+def rank_candidates(model, processor, prompts: list[str], images: list, candidates: list[list[str]]) -> list[list[float]]:
+    """Mean log-probability per token of each candidate reply to each prompt (the likelihood mode's score:
+    per-token, so longer options are not penalised for their length)."""
+    rows = [(prompt, image, option) for prompt, image, options in zip(prompts, images, candidates) for option in options]
+    scores = iter(score_replies(model, processor, *map(list, zip(*rows))))
+    return [[total / count for total, count, _ in (next(scores) for _ in options)] for options in candidates]
 
 
 # --- one run -------------------------------------------------------------------------------------
