@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -34,6 +35,8 @@ def _eval(args: argparse.Namespace) -> int:
     except (EvalDataError, OutputError, ValueError) as error:
         print(f"solo eval: error: {error}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # data parallel: the main process reports
     metrics = results["metrics"]
     headline = (
         f"perception {metrics['perception']:.2f}, cognition {metrics['cognition']:.2f}"

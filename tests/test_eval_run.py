@@ -238,3 +238,22 @@ def test_output_directory_rules(random_model, task, tmp_path, capsys):
     assert (tmp_path / "other" / "keep.txt").exists()
     assert solo_main(args[:-6] + ["--out", str(Path(random_model) / "eval"), "--limit", "2"]) == 2
     assert "inside the input" in capsys.readouterr().err
+
+
+def test_data_parallel_over_two_processes_gives_the_single_process_predictions(random_model, task, tmp_path):
+    single = tmp_path / "single"
+    run_eval(random_model, "mc", task, single, mode="likelihood", limit=8, progress=False)
+    out = tmp_path / "parallel"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+               "-m", "solo.cli", "eval", "--model", str(random_model), "--benchmark", "mc", "--data", str(task),
+               "--out", str(out), "--mode", "likelihood", "--limit", "8"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Two processes really shared the work (a CPU launch can silently run each rank alone).
+    assert "rank 0: 4 samples" in done.stderr and "rank 1: 4 samples" in done.stderr
+    parallel, alone = _lines(out / "predictions.jsonl"), _lines(single / "predictions.jsonl")
+    assert [r["prediction"] for r in parallel] == [r["prediction"] for r in alone]
+    for one, other in zip(parallel, alone):  # other batch neighbours: equal up to float rounding
+        assert one.pop("scores") == pytest.approx(other.pop("scores"), abs=1e-4) and one == other
+    assert (out / "results.json").read_text() == (single / "results.json").read_text()

@@ -310,10 +310,21 @@ def summarize(benchmark: Benchmark, settings: EvalSettings, records: list[dict])
 def _distributed_state():
     """Accelerate's process state: one process, or the ranks of torchrun / accelerate launch."""
     from accelerate import PartialState
+    from accelerate.utils import DistributedType
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        return PartialState(backend="gloo")  # without it a CPU launch silently runs every rank alone
-    return PartialState()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.cuda.is_available():
+        # Without cpu=True and gloo, Accelerate leaves a CPU launch non-distributed: barriers pass
+        # at once and the main process would merge before the others finish.
+        state = PartialState(cpu=True, backend="gloo")
+    else:
+        state = PartialState()
+    if world > 1 and (state.distributed_type == DistributedType.NO or state.num_processes != world):
+        raise RuntimeError(
+            f"launched with WORLD_SIZE={world} but Accelerate set up {state.num_processes} process(es) "
+            f"({state.distributed_type}); check the launcher's configuration"
+        )
+    return state
 
 
 def run_eval(
