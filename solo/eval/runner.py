@@ -139,8 +139,16 @@ def load_model(model_dir: str, device: torch.device):
     return model, processor
 
 
-def _chat(processor, prompt: str, with_image: bool = True) -> str:
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
+def _images(item) -> list:
+    """A prompt's images: None → none, one image → [it], a list stays a list."""
+    if item is None:
+        return []
+    return list(item) if isinstance(item, (list, tuple)) else [item]
+
+
+def _chat(processor, prompt: str, image_count: int = 1) -> str:
+    """The user turn: the images first, then the text, in the checkpoint's chat template."""
+    content = [{"type": "image"}] * image_count + [{"type": "text", "text": prompt}]
     return processor.apply_chat_template([{"role": "user", "content": content}])
 
 
@@ -148,11 +156,11 @@ def _chat(processor, prompt: str, with_image: bool = True) -> str:
 def generate_answers(model, processor, prompts: list[str], images: list, max_new_tokens: int) -> list[str]:
     """Greedy answers for a batch (left padding, KV cache), decoded without special tokens.
 
-    ``images[i]`` is the image of prompt i (or None for a text-only prompt).
+    ``images[i]`` is the image of prompt i, a list of images, or None for a text-only prompt.
     """
-    texts = [_chat(processor, prompt, image is not None) for prompt, image in zip(prompts, images)]
-    inputs = processor(texts, images=[[image] if image is not None else [] for image in images],
-                       padding_side="left").to(model.device)
+    groups = [_images(item) for item in images]
+    texts = [_chat(processor, prompt, len(group)) for prompt, group in zip(prompts, groups)]
+    inputs = processor(texts, images=groups, padding_side="left").to(model.device)
     tokenizer = processor.tokenizer
     output = model.generate(
         **inputs,
@@ -172,13 +180,14 @@ def score_replies(model, processor, prompts: list[str], images: list, replies: l
     whether greedy decoding would produce it.
 
     The reply is the assistant turn " <reply>" that the chat template renders after the prompt; its
-    tokens are scored given the prompt and image (None: text only). Rows are left-padded so every
+    tokens are scored given the prompt and image (a list of images, or None: text only). Rows are left-padded so every
     reply ends at the last position and only the last few positions' logits are computed.
     """
     tokenizer = processor.tokenizer
     rows = []
     for prompt, image, reply in zip(prompts, images, replies):
-        encoded = processor(_chat(processor, prompt, image is not None), images=[image] if image is not None else [])
+        group = _images(image)
+        encoded = processor(_chat(processor, prompt, len(group)), images=[group])
         reply_ids = tokenizer(" " + reply.lstrip(), add_special_tokens=False)["input_ids"]
         if not reply_ids:
             raise ValueError(f"reply {reply!r} has no tokens to score")
@@ -307,7 +316,7 @@ def summarize(benchmark: Benchmark, settings: EvalSettings, records: list[dict])
     }
 
 
-def _distributed_state():
+def distributed_state():
     """Accelerate's process state: one process, or the ranks of torchrun / accelerate launch."""
     from accelerate import PartialState
     from accelerate.utils import DistributedType
@@ -350,7 +359,7 @@ def run_eval(
     settings = EvalSettings(os.path.abspath(model_dir), benchmark, os.path.abspath(data), mode, limit, max_new_tokens)
     samples = load_samples(benchmark, data)[:limit]
     spec = BENCHMARKS[benchmark]
-    state = _distributed_state()
+    state = distributed_state()
     out = Path(out)
     if state.is_main_process:
         resumed = prepare_output_dir(out, settings, _samples_digest(samples), overwrite)
