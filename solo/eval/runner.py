@@ -361,13 +361,23 @@ def run_eval(
     spec = BENCHMARKS[benchmark]
     state = distributed_state()
     out = Path(out)
+    refusal = None
     if state.is_main_process:
-        resumed = prepare_output_dir(out, settings, _samples_digest(samples), overwrite)
-        done = consolidate_predictions(out) if resumed else []
-        if resumed:
-            print(f"{COMMAND}: resuming in {out}: {len(done)} of {len(samples)} samples already predicted",
-                  file=sys.stderr)
-    state.wait_for_everyone()
+        try:
+            resumed = prepare_output_dir(out, settings, _samples_digest(samples), overwrite)
+        except OutputError as error:
+            refusal = str(error)
+        else:
+            done = consolidate_predictions(out) if resumed else []
+            if resumed:
+                print(f"{COMMAND}: resuming in {out}: {len(done)} of {len(samples)} samples already predicted",
+                      file=sys.stderr)
+    if state.num_processes > 1:  # every rank stops with the main process's refusal instead of waiting for it
+        box = [refusal]
+        torch.distributed.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal:
+        raise OutputError(refusal)
     done_rows = {record["row"] for record in _read_records(out / PREDICTIONS)}
     remaining = [s for s in samples if s.row not in done_rows]
     mine = remaining[state.process_index :: state.num_processes]
