@@ -68,8 +68,11 @@ def image_ref(value: Any, base_dir: Path) -> ImageRef:
     if isinstance(value, str) and value.strip():
         text = value.strip()
         candidate = Path(text) if os.path.isabs(text) else base_dir / text
-        if len(text) < 1024 and candidate.suffix and candidate.exists():
-            return os.fspath(candidate)
+        try:
+            if len(text) < 1024 and candidate.suffix and candidate.exists():
+                return os.fspath(candidate)
+        except OSError:  # e.g. a base64 text whose "path segments" are too long for the filesystem
+            pass
         if len(text) > 64:  # shorter strings are file names or row references, never an image
             try:
                 return base64.b64decode(text, validate=True)
