@@ -38,11 +38,15 @@ setup(
         # megatron_patch/preflight.py checks the same at start-up.
         "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "flash-attn==2.8.3"],
         "test": ["pytest>=7"],
+        # lmms-eval model adapter (solo/eval/lmms_adapter.py). Its torchvision must match torch:
+        # on a CPU machine with torch 2.13.0 install torchvision 0.28.* with it (see README).
+        "lmms": ["lmms-eval==0.7.3"],
     },
     entry_points={
         "console_scripts": [
             "solo=solo.cli:main",
             "solo-data=data_prep.cli:main",
-        ]
+        ],
+        "lmms_eval.models": ["solo=solo.eval.lmms_adapter:lmms_eval_manifest"],
     },
 )

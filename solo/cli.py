@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -100,6 +101,31 @@ def _add_convert(commands) -> None:
         parser.set_defaults(handler=_convert)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from solo.eval import EvalDataError
+    from solo.eval.runner import run_eval
+    from solo.outputs import OutputError
+
+    try:
+        results = run_eval(
+            args.model, args.benchmark, args.data, args.out, mode=args.mode, batch_size=args.batch_size,
+            limit=args.limit, max_new_tokens=args.max_new_tokens, overwrite=args.overwrite,
+        )
+    except (EvalDataError, OutputError, ValueError) as error:
+        print(f"solo eval: error: {error}", file=sys.stderr)
+        return 2
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # data parallel: the main process reports
+    metrics = results["metrics"]
+    headline = (
+        f"perception {metrics['perception']:.2f}, cognition {metrics['cognition']:.2f}"
+        if args.benchmark == "mme" else f"accuracy {metrics['accuracy']:.2f}%"
+    )
+    print(f"solo eval: {args.benchmark} ({args.mode}): {headline} on {results['scored']} samples "
+          f"({results['bad']} bad); results in {args.out}/results.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="solo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -125,6 +151,39 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     create.set_defaults(handler=_create)
     _add_convert(commands)
+
+    from solo.eval.benchmarks import BENCHMARKS  # light: no model code imported
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="score a SOLO checkpoint on MME, MMStar, ScienceQA, AI2D, SEED-Bench or your own multiple-choice JSONL",
+        description=(
+            "Evaluate a Hugging Face SOLO checkpoint on a benchmark read from local files, with the benchmark's "
+            "prompt and scoring rule. Writes predictions.jsonl (appended per batch) and results.json to --out; "
+            "running the same command again resumes. Data parallel: torchrun --nproc-per-node N -m solo.cli eval ..."
+        ),
+    )
+    evaluate.add_argument("--model", required=True, help="SOLO checkpoint directory (Hugging Face format)")
+    evaluate.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS), help="which benchmark --data holds")
+    evaluate.add_argument(
+        "--data", required=True,
+        help="the benchmark's local file or folder as distributed (parquet, VLMEvalKit TSV, original JSON/folders; "
+        "see the README), or a JSONL for --benchmark mc",
+    )
+    evaluate.add_argument("--out", required=True, help="output directory for predictions.jsonl and results.json")
+    evaluate.add_argument(
+        "--mode", choices=("generate", "likelihood"), default="generate",
+        help="generate: greedy answer, parsed with the benchmark's rule (default); likelihood: pick the option "
+        "whose text the model finds most likely (no parsing; for small or early checkpoints)",
+    )
+    evaluate.add_argument("--batch-size", type=int, default=8, help="samples per batch on each process (default 8)")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    evaluate.add_argument("--max-new-tokens", type=int, default=32, help="generation length limit (default 32)")
+    evaluate.add_argument(
+        "--overwrite", action="store_true",
+        help="start afresh in an --out that an earlier `solo eval` wrote (by default the same command resumes)",
+    )
+    evaluate.set_defaults(handler=_eval)
     return parser
 
 
