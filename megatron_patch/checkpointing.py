@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_patch.config import Config
+# Directory naming, the 'latest' pointer, atomic publication and pruning are shared with SFT.
+from solo.checkpoints import (  # noqa: F401  (names kept importable from here)
+    CKPT_PREFIX,
+    LATEST_FILE,
+    iteration_dir as _iter_dir,
+    prepare_tmp_dir,
+    prune_checkpoints as _prune_checkpoints,
+    publish_checkpoint,
+    read_latest,
+)
 
 logger = logging.getLogger("megatron_patch.checkpointing")
-
-CKPT_PREFIX = "iter_"
-LATEST_FILE = "latest_checkpointed_iteration.txt"
 
 
 def unwrap(model):
@@ -31,20 +37,6 @@ def unwrap(model):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: torch_dist (reshardable), atomic "latest", keep-last-N
 # ----------------------------------------------------------------------------------------------
-
-
-def _iter_dir(save: str, iteration: int) -> str:
-    return os.path.join(save, f"{CKPT_PREFIX}{iteration:07d}")
-
-
-def read_latest(save: Optional[str]) -> Optional[int]:
-    if not save:
-        return None
-    path = os.path.join(save, LATEST_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return int(fh.read().strip())
 
 
 def _topology() -> Dict[str, int]:
@@ -97,15 +89,10 @@ def save_checkpoint(cfg: Config, model, optimizer, scheduler, iteration: int, co
     from megatron.core import dist_checkpointing
 
     save = cfg.checkpoint.save
-    final = _iter_dir(save, iteration)
-    tmp = final + ".tmp"
+    tmp = _iter_dir(save, iteration) + ".tmp"
     rank = dist.get_rank()
     if rank == 0:
-        os.makedirs(save, exist_ok=True)
-        for stale in (tmp, final):
-            if os.path.exists(stale):
-                shutil.rmtree(stale)
-        os.makedirs(tmp)
+        prepare_tmp_dir(save, iteration)
     dist.barrier()
     state = _sharded_state(model, optimizer, is_loading=False, with_optimizer=True, with_rng=True)
     state.update(
@@ -118,29 +105,9 @@ def save_checkpoint(cfg: Config, model, optimizer, scheduler, iteration: int, co
     dist_checkpointing.save(state, tmp)
     dist.barrier()
     if rank == 0:
-        os.replace(tmp, final)
-        latest_tmp = os.path.join(save, LATEST_FILE + ".tmp")
-        with open(latest_tmp, "w", encoding="utf-8") as fh:
-            fh.write(str(iteration))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(latest_tmp, os.path.join(save, LATEST_FILE))
-        _prune_checkpoints(save, cfg.checkpoint.keep_last)
+        final = publish_checkpoint(save, iteration, cfg.checkpoint.keep_last)
         logger.info("saved checkpoint %s", final)
     dist.barrier()
-
-
-def _prune_checkpoints(save: str, keep_last: int) -> None:
-    iters = sorted(
-        int(name[len(CKPT_PREFIX):])
-        for name in os.listdir(save)
-        if name.startswith(CKPT_PREFIX) and name[len(CKPT_PREFIX):].isdigit()
-    )
-    for old in iters[:-keep_last]:
-        shutil.rmtree(_iter_dir(save, old), ignore_errors=True)
-    for name in os.listdir(save):  # leftovers of a save that crashed
-        if name.startswith(CKPT_PREFIX) and name.endswith(".tmp"):
-            shutil.rmtree(os.path.join(save, name), ignore_errors=True)
 
 
 def load_checkpoint(cfg: Config, ckpt_dir: str, model, optimizer, *, with_optimizer: bool, restore_rng: bool) -> dict:

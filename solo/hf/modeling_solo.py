@@ -185,6 +185,7 @@ class SoloModel(SoloPreTrainedModel, MistralModel):
         `cache` (the transformers 5 name) is accepted as an alias of `past_key_values`.
         """
         cache = _merge_cache_arguments(past_key_values, kwargs)
+        check_packed_inputs(attention_mask, position_ids)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -361,8 +362,59 @@ class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
         return input_ids, model_kwargs
 
 
+# ----------------------------------------------------------------------------------------------
+# Packed sequences: several documents in one row, each attending only to itself.
+#
+# A packed row is given as `position_ids` that restart at 0 at every document start, with
+# `attention_mask=None`. transformers then derives the documents from the restarts and builds the
+# model's own mask (causal, and the sliding window with the model's semantics) per document: a
+# block-diagonal mask for sdpa/eager, varlen (cu_seqlens) kernels for flash-attention. Rotary
+# positions restart with the position ids. An attention_mask would switch that detection off and
+# let documents attend to each other, so that combination is refused.
+# ----------------------------------------------------------------------------------------------
+
+
+def packed_position_ids(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """(length,) position ids restarting at each boundary of `cu_seqlens` = [0, end_1, ..., end_D].
+
+    Positions from `cu_seqlens[-1]` to `length` (padding) count up from 0 as one more document.
+    """
+    cu_seqlens = cu_seqlens.to(torch.long)
+    ends = cu_seqlens[1:]
+    if int(cu_seqlens[0]) != 0 or bool((ends[1:] < ends[:-1]).any()) or int(cu_seqlens[-1]) > length:
+        raise ValueError(f"cu_seqlens must rise from 0 to at most {length}, got {cu_seqlens.tolist()}")
+    if int(cu_seqlens[-1]) < length:
+        cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([length])])
+    positions = torch.arange(length, dtype=torch.long)
+    starts = cu_seqlens[:-1].repeat_interleave(torch.diff(cu_seqlens))
+    return positions - starts
+
+
+def check_packed_inputs(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> None:
+    """Refuse packed rows (position ids restarting between attended tokens) with an attention_mask."""
+    if attention_mask is None or position_ids is None or attention_mask.dim() != 2:
+        return
+    positions = position_ids.expand(attention_mask.shape[0], -1)
+    attended = attention_mask.bool()
+    restarts = (torch.diff(positions, dim=-1) != 1) & attended[:, 1:] & attended[:, :-1]
+    if bool(restarts.any()):
+        raise ValueError(
+            "position_ids restart inside a row (packed documents) but an attention_mask was given: with a mask, "
+            "documents would attend to each other. Pass attention_mask=None for packed rows; the per-document "
+            "mask is built from position_ids"
+        )
+
+
 # Makes `save_pretrained` copy this file (and its relative imports) next to the weights and write
 # `auto_map`, so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works anywhere.
 SoloForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["SoloForCausalLM", "SoloModel", "SoloPreTrainedModel", "causal_lm_loss", "check_vision_inputs"]
+__all__ = [
+    "SoloForCausalLM",
+    "SoloModel",
+    "SoloPreTrainedModel",
+    "causal_lm_loss",
+    "check_packed_inputs",
+    "check_vision_inputs",
+    "packed_position_ids",
+]
