@@ -185,7 +185,8 @@ class SoloModel(SoloPreTrainedModel, MistralModel):
         `cache` (the transformers 5 name) is accepted as an alias of `past_key_values`.
         """
         cache = _merge_cache_arguments(past_key_values, kwargs)
-        check_packed_inputs(attention_mask, position_ids)
+        if is_packed(attention_mask, position_ids, cache):
+            use_cache = False  # a new cache would switch off the per-document masks (and cannot continue a pack)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -369,8 +370,9 @@ class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
 # `attention_mask=None`. transformers then derives the documents from the restarts and builds the
 # model's own mask (causal, and the sliding window with the model's semantics) per document: a
 # block-diagonal mask for sdpa/eager, varlen (cu_seqlens) kernels for flash-attention. Rotary
-# positions restart with the position ids. An attention_mask would switch that detection off and
-# let documents attend to each other, so that combination is refused.
+# positions restart with the position ids. An attention_mask or a key/value cache would switch that
+# detection off and let documents attend to each other: packed rows run without a cache, and an
+# attention_mask with them is refused.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -390,19 +392,26 @@ def packed_position_ids(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
     return positions - starts
 
 
-def check_packed_inputs(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> None:
-    """Refuse packed rows (position ids restarting between attended tokens) with an attention_mask."""
-    if attention_mask is None or position_ids is None or attention_mask.dim() != 2:
-        return
-    positions = position_ids.expand(attention_mask.shape[0], -1)
-    attended = attention_mask.bool()
-    restarts = (torch.diff(positions, dim=-1) != 1) & attended[:, 1:] & attended[:, :-1]
-    if bool(restarts.any()):
+def is_packed(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, cache: Cache | None) -> bool:
+    """Whether the rows are packed (position ids restart between attended tokens, no cache given).
+
+    Packed rows with an attention_mask are refused: the mask would let documents attend to each other.
+    """
+    if position_ids is None or cache is not None or position_ids.shape[-1] < 2:
+        return False
+    restarts = torch.diff(position_ids, dim=-1) != 1
+    if attention_mask is not None and attention_mask.dim() == 2:
+        attended = attention_mask.bool()
+        restarts = restarts & attended[:, 1:] & attended[:, :-1]
+    if not bool(restarts.any()):
+        return False
+    if attention_mask is not None:
         raise ValueError(
             "position_ids restart inside a row (packed documents) but an attention_mask was given: with a mask, "
             "documents would attend to each other. Pass attention_mask=None for packed rows; the per-document "
             "mask is built from position_ids"
         )
+    return True
 
 
 # Makes `save_pretrained` copy this file (and its relative imports) next to the weights and write
@@ -414,7 +423,7 @@ __all__ = [
     "SoloModel",
     "SoloPreTrainedModel",
     "causal_lm_loss",
-    "check_packed_inputs",
     "check_vision_inputs",
+    "is_packed",
     "packed_position_ids",
 ]

@@ -107,6 +107,6 @@ def validate(cfg: SFTConfig) -> SFTConfig:
 def load_sft_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> SFTConfig:
     """Load and validate a recipe; a bare name (``solo``, ``debug_cpu``) means one of the packaged recipes."""
     candidate = Path(path)
-    if not candidate.exists() and not candidate.suffix and (RECIPES_DIR / f"{path}.yaml").exists():
+    if not candidate.is_file() and not candidate.suffix and (RECIPES_DIR / f"{path}.yaml").exists():
         candidate = RECIPES_DIR / f"{path}.yaml"
     return validate(load_recipe(SFTConfig, candidate, overrides))
