@@ -30,12 +30,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_sft_recipe(args.config, args.overrides)
-        from solo.sft.train import train
-
+        from solo.sft.train import NonFiniteLossError, train
+    except ConfigError as error:
+        print(f"solo.sft: error: {error}", file=sys.stderr)
+        return 2
+    try:
         train(cfg)
     except (ConfigError, DataError) as error:
         print(f"solo.sft: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as error:
+        print(f"solo.sft: stopped: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

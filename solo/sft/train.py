@@ -183,7 +183,8 @@ def train(cfg: SFTConfig) -> dict:
     stop = {"signal": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("signal", True))
     dataset = StepDataset(reader, plan, rank, start_step, last_step, tokenizer.pad_token_id)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=cfg.data.num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=cfg.data.num_workers,
+                                         worker_init_fn=_ignore_sigterm)
     batches = iter(loader)
     order = plan.order()
     device = accelerator.device
@@ -255,6 +256,11 @@ def train(cfg: SFTConfig) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"step": step, "last_step": last_step, "interrupted": interrupted}
+
+
+def _ignore_sigterm(_worker_id: int) -> None:
+    # A scheduler signals the whole process group: data workers must live on while the trainer saves.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _consumed_samples(reader, order, consumed_packs: int) -> int:
