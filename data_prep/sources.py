@@ -572,7 +572,8 @@ def _convert_text(record: Record, options: SourceOptions) -> Document:
     return document
 
 
-def _convert_llava(record: Record, options: SourceOptions, roles: dict[str, str] = LLAVA_ROLES) -> Document:
+def _convert_llava(record: Record, options: SourceOptions, roles: dict[str, str] = LLAVA_ROLES,
+                   expected: str = "human, gpt or system") -> Document:
     entry = _parse_json_record(record)
     if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
         raise RejectedInput("LLaVA record needs a 'conversations' list")
@@ -587,7 +588,7 @@ def _convert_llava(record: Record, options: SourceOptions, roles: dict[str, str]
             raise RejectedInput("conversation turn needs 'from' and a string 'value'")
         role = roles.get(turn["from"])
         if role is None:
-            raise RejectedInput(f"unknown role {turn['from']!r}; expected one of {', '.join(sorted(roles))}")
+            raise RejectedInput(f"unknown role {turn['from']!r}; expected {expected}")
         turns.append((role, turn["value"]))
     placeholders = sum(value.count(IMAGE_PLACEHOLDER) for _, value in turns)
     if placeholders == 0 and image_refs:
@@ -612,7 +613,7 @@ def _convert_llava(record: Record, options: SourceOptions, roles: dict[str, str]
 
 
 def _convert_sharegpt(record: Record, options: SourceOptions) -> Document:
-    return _convert_llava(record, options, SHAREGPT_ROLES)
+    return _convert_llava(record, options, SHAREGPT_ROLES, "human, gpt, chatgpt, bing, bard or system")
 
 
 def _chat_messages(entry: Any) -> list[Any]:

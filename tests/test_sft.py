@@ -190,7 +190,7 @@ def test_each_bad_sample_kind_is_reported_and_the_rest_is_packed(tmp_path, token
     reasons = {item["input"].split("id ")[-1].rstrip(")"): item["reason"] for item in report["rejected"]}
     assert set(reasons) == {"missing-image", "unknown-role", "no-answer", "placeholders", "broken-image"}
     assert "missing image file" in reasons["missing-image"]
-    assert "unknown role 'robot'" in reasons["unknown-role"]
+    assert "unknown role 'robot'; expected human, gpt or system" in reasons["unknown-role"]
     assert "does not end with an assistant turn" in reasons["no-answer"]
     assert "2 <image> placeholders but 1 images" in reasons["placeholders"]
     assert "not a readable image" in reasons["broken-image"]
