@@ -26,6 +26,7 @@ from sft_fixtures import make_instruction_set, make_tiny_solo
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
+RESUME_STEPS = 8  # room for SIGTERM and kill -9 to land mid-run
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +99,12 @@ def test_ddp_two_processes_train_and_export(assets):
 @pytest.fixture(scope="module")
 def zero2_reference(assets):
     save = str(assets["root"] / "zero2")
-    return save, run(assets, "zero2", save, "checkpoint.save_interval=2")
+    return save, run(assets, "zero2", save, "checkpoint.save_interval=2", f"training.max_steps={RESUME_STEPS}")
 
 
 def test_deepspeed_zero2_two_processes_train_and_export(assets, zero2_reference):
     save, records = zero2_reference
-    check_run(records, save)
+    check_run(records, save, RESUME_STEPS)
     with open(os.path.join(save, "hf", "config.json"), encoding="utf-8") as fh:
         assert json.load(fh)["dtype"] == "bfloat16"  # precision from ds_zero2.json
     check_export_generates(os.path.join(save, "hf"), os.path.join(os.path.dirname(assets["data"]), "images", "red.jpg"))
@@ -132,14 +133,14 @@ def _wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 
 def test_resume_after_sigterm_and_after_kill_9_equals_an_uninterrupted_run(assets, zero2_reference):
     _, reference = zero2_reference
     save = str(assets["root"] / "zero2-interrupted")
-    overrides = ("checkpoint.save_interval=1",)
+    overrides = ("checkpoint.save_interval=1", f"training.max_steps={RESUME_STEPS}")
 
     process = launch(assets, "zero2", save, *overrides)
     _wait_for(lambda: len(read_metrics(save)) >= 2, process, "step 2")
     os.killpg(process.pid, signal.SIGTERM)  # as a scheduler does: every process of the job
     process.wait(timeout=300)
     stopped = read_latest(save)
-    assert stopped is not None and 2 <= stopped < STEPS
+    assert stopped is not None and 2 <= stopped < RESUME_STEPS - 1
     assert read_metrics(save)[-1]["step"] == stopped  # finished its step, saved it, stopped
 
     process = launch(assets, "zero2", save, *overrides)
@@ -149,7 +150,9 @@ def test_resume_after_sigterm_and_after_kill_9_equals_an_uninterrupted_run(asset
     process.wait(timeout=60)
 
     records = run(assets, "zero2", save, *overrides)
-    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in records] == list(range(1, RESUME_STEPS + 1))
+    checkpoints = sorted(n for n in os.listdir(save) if n.startswith("iter_"))
+    assert checkpoints == [f"iter_{RESUME_STEPS - 1:07d}", f"iter_{RESUME_STEPS:07d}"]  # keep_last 2, no .tmp
     for got, want in zip(records, reference):
         assert got["packs"] == want["packs"]  # same data at every step: nothing repeated or skipped
         assert got["loss"] == want["loss"], (got["step"], got["loss"], want["loss"])

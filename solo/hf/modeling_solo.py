@@ -399,8 +399,10 @@ def is_packed(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | 
     """
     if position_ids is None or cache is not None or position_ids.shape[-1] < 2:
         return False
+    if attention_mask is not None and attention_mask.dim() != 2:
+        return False  # a caller's own 4-D mask says itself which tokens see each other
     restarts = torch.diff(position_ids, dim=-1) != 1
-    if attention_mask is not None and attention_mask.dim() == 2:
+    if attention_mask is not None:
         attended = attention_mask.bool()
         restarts = restarts & attended[:, 1:] & attended[:, :-1]
     if not bool(restarts.any()):

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from datetime import timedelta
 
@@ -38,11 +37,10 @@ from solo.sft.export import export_hf
 from solo.sft.recipe import SFTConfig
 
 logger = logging.getLogger("solo.sft")
-COMMAND = "python -m solo.sft"
 
 
 class NonFiniteLossError(RuntimeError):
-    """A non-finite loss or gradient norm; the step was not applied."""
+    """A non-finite loss (caught before the step's update) or gradient norm; nothing of the step is saved."""
 
 
 def build_accelerator(cfg: SFTConfig):
@@ -56,7 +54,7 @@ def build_accelerator(cfg: SFTConfig):
     # The main process prepares the data while the others wait in a barrier: allow it hours.
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timedelta(hours=6))])
     if accelerator.num_processes != expected:
-        raise RuntimeError(
+        raise ConfigError(
             f"the launcher started {expected} processes but the Accelerator sees {accelerator.num_processes}: the run "
             "is not really distributed (on CPU: no use_cpu/MULTI_CPU in the accelerate config; DDP needs "
             "ACCELERATE_USE_CPU=1 with a MULTI_GPU-style config, DeepSpeed must not set ACCELERATE_USE_CPU)"
@@ -204,7 +202,7 @@ def train(cfg: SFTConfig) -> dict:
         scale = plan.micro_batches * world / max(loss_tokens, 1.0)
         loss_sum = 0.0
         for batch in micro:
-            batch = {k: (v.to(device) if v is not None else None) for k, v in batch.items()}
+            batch = {k: v.to(device) for k, v in batch.items()}
             with accelerator.accumulate(model):
                 # num_items_in_batch=1: the model returns the summed token loss; the scale normalises it per step.
                 out = model(**batch, num_items_in_batch=1)
@@ -220,7 +218,8 @@ def train(cfg: SFTConfig) -> dict:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.training.clip_grad) \
                         if cfg.training.clip_grad > 0 or is_deepspeed else None
                     if grad_norm is not None and not math.isfinite(float(grad_norm)):
-                        raise NonFiniteLossError(f"non-finite gradient norm at step {step + 1}; the step was not applied")
+                        raise NonFiniteLossError(f"non-finite gradient norm at step {step + 1}; stopped without saving it: "
+                                                 "the same command resumes from the last checkpoint (lower training.lr)")
                     optimizer.step()
                     optimizer.zero_grad()
         loss_total = _all_reduce([loss_sum], device)[0]
