@@ -11,7 +11,7 @@
 #   NPROC              processes (GPUs) on this node (8)
 #   ITERS              optional cap on optimizer steps (the schedule still spans the whole run)
 #   RECIPE             solo (SOLO's hyperparameters) or debug_cpu, or a recipe file (solo)
-#   FORMAT             format of instruction files: llava, sharegpt or chat (llava)
+#   FORMAT             format of instruction files: llava, sharegpt or chat (default: the recipe's, llava)
 # Running the same command again resumes from the newest checkpoint in SAVE.
 # On CPU with ddp.yaml: ACCELERATE_USE_CPU=1 is set for you (a DeepSpeed config must not have it).
 set -euo pipefail
@@ -20,7 +20,8 @@ cd "$(dirname "$0")/.."
 : "${SAVE:?set SAVE to the run directory}"
 export MODEL DATA SAVE
 CONFIG="${ACCELERATE_CONFIG:-launch/accelerate/zero2.yaml}"
-ARGS=(data.format="${FORMAT:-llava}")
+ARGS=()
+[[ -n "${FORMAT:-}" ]] && ARGS+=(data.format="$FORMAT")
 [[ -n "${ITERS:-}" ]] && ARGS+=(training.max_steps="$ITERS")
 EXTRA=()
 if [[ "$CONFIG" == *ddp.yaml ]] && ! "${PYTHON:-python}" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then

@@ -89,9 +89,16 @@ def check_export_generates(export: str, image: str) -> None:
     assert 1 <= len(new_tokens) <= 4 and processor.decode(new_tokens) is not None
 
 
-def test_ddp_two_processes_train_and_export(assets):
+def test_ddp_two_processes_through_the_launcher_train_and_export(assets):
+    """launch/5_sft.sh with ddp.yaml on CPU: the launcher supplies ACCELERATE_USE_CPU and fp32 itself."""
     save = str(assets["root"] / "ddp")
-    records = run(assets, "ddp", save)
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", MODEL=assets["model"], DATA=assets["data"], SAVE=save,
+               ACCELERATE_CONFIG="launch/accelerate/ddp.yaml", NPROC="2", RECIPE="debug_cpu", ITERS=str(STEPS),
+               MASTER_PORT=str(_free_port()), PYTHON=sys.executable)
+    env.pop("ACCELERATE_USE_CPU", None)
+    result = subprocess.run(["launch/5_sft.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = read_metrics(save)
     check_run(records, save)
     check_export_generates(os.path.join(save, "hf"), os.path.join(os.path.dirname(assets["data"]), "images", "red.jpg"))
 

@@ -172,7 +172,7 @@ def train(cfg: SFTConfig) -> dict:
         logger.info("resumed from %s at step %d", iteration_dir(cfg.checkpoint.save, latest), start_step)
     metrics = MetricsWriter(cfg.checkpoint.save, is_main=accelerator.is_main_process, resumed_step=start_step,
                             tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
-                            run_config=cfg.to_dict())
+                            run_config=cfg.to_dict(), world_size=world)
     if accelerator.is_main_process:
         logger.info("%d packs (%d samples, %d rejected), %d packs per step (%d ranks × %d micro-batches × %d), "
                     "%d steps (%d in the schedule)", len(reader), report["pieces"], report["documents_rejected"],
@@ -234,7 +234,6 @@ def train(cfg: SFTConfig) -> dict:
             "loss_tokens": int(loss_tokens),
             "consumed_samples": _consumed_samples(reader, order, step * plan.packs_per_step),
             "packs": [int(i) for i in order[(step - 1) * plan.packs_per_step: step * plan.packs_per_step]],
-            "world_size": world,
         }
         if accelerator.is_main_process and step % cfg.logging.log_interval == 0:
             metrics.write(record)
