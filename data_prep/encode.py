@@ -261,10 +261,7 @@ class DocumentEncoder:
     def _tokenize_runs(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
         if not texts:
             return []
-        # split_special_tokens: text that spells a special token ("</s>", "<vision>") inside a message
-        # stays text; special ids come only from the layout (BOS, EOS, image blocks).
-        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
-                                 split_special_tokens=True)
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
 
     @staticmethod

@@ -22,17 +22,22 @@ def iteration_dir(save: str, iteration: int) -> str:
 
 
 def read_latest(save: Optional[str]) -> Optional[int]:
-    """The iteration ``latest`` points at, or None when ``save`` holds no complete checkpoint."""
+    """The iteration the ``latest`` file names, or None (no file, or not a number: it is a hint only)."""
     if not save:
         return None
-    path = os.path.join(save, LATEST_FILE)
-    if not os.path.exists(path):
+    try:
+        with open(os.path.join(save, LATEST_FILE), encoding="utf-8") as fh:
+            return int(fh.read(64).strip())
+    except (OSError, ValueError):
         return None
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read().strip()
-    if not text.isdigit():
-        raise ValueError(f"{path} holds {text!r}, not an iteration number; restore it or remove {save}")
-    return int(text)
+
+
+def iterations(save: str) -> list[int]:
+    """Iterations of the published checkpoint directories in ``save``, newest first."""
+    if not os.path.isdir(save):
+        return []
+    found = [name[len(CKPT_PREFIX):] for name in os.listdir(save) if name.startswith(CKPT_PREFIX)]
+    return sorted((int(number) for number in found if number.isdigit()), reverse=True)
 
 
 def prepare_tmp_dir(save: str, iteration: int) -> str:
@@ -61,12 +66,7 @@ def publish_checkpoint(save: str, iteration: int, keep_last: int) -> str:
 
 def prune_checkpoints(save: str, keep_last: int) -> None:
     """Keep the newest ``keep_last`` complete checkpoints; remove leftovers of saves that crashed."""
-    iters = sorted(
-        int(name[len(CKPT_PREFIX):])
-        for name in os.listdir(save)
-        if name.startswith(CKPT_PREFIX) and name[len(CKPT_PREFIX):].isdigit()
-    )
-    for old in iters[:-keep_last] if keep_last > 0 else []:
+    for old in iterations(save)[keep_last:] if keep_last > 0 else []:
         shutil.rmtree(iteration_dir(save, old), ignore_errors=True)
     for name in os.listdir(save):
         if name.startswith(CKPT_PREFIX) and name.endswith(TMP_SUFFIX):

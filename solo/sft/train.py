@@ -19,7 +19,7 @@ from datetime import timedelta
 
 import torch
 
-from solo.checkpoints import iteration_dir, read_latest
+from solo.checkpoints import iteration_dir, iterations, read_latest
 from solo.metrics import MetricsWriter
 from solo.recipe import ConfigError
 from solo.sft import checkpoint as ckpt
@@ -166,7 +166,11 @@ def train(cfg: SFTConfig) -> dict:
     is_deepspeed = accelerator.state.deepspeed_plugin is not None
 
     start_step = 0
+    # Published directories are complete by construction (renamed after every rank wrote), so the
+    # newest one stands in for an unreadable `latest` pointer.
     latest = read_latest(cfg.checkpoint.save)
+    if latest is None and iterations(cfg.checkpoint.save):
+        latest = iterations(cfg.checkpoint.save)[0]
     if latest is not None:
         start_step = ckpt.load(accelerator, iteration_dir(cfg.checkpoint.save, latest), plan)
         logger.info("resumed from %s at step %d", iteration_dir(cfg.checkpoint.save, latest), start_step)
