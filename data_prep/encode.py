@@ -9,6 +9,11 @@ Token layout of one document (our rule, fixing SOLO's):
   per turn ``[INST] {system}\\n\\n{user} [/INST]`` and `` {assistant}`` + EOS. The conversation must
   end with an assistant turn.
 
+Text is text: special-token strings in it (``</s>``, ``<vpatch>``, ``<loc_5>``, …) are tokenised as
+ordinary characters (``split_special_tokens``); special and vision ids come only from this layout
+code (BOS/EOS, image blocks). A literal ``<image>`` is text too, except in the ``llava`` format whose
+``<image>`` placeholders the converter turns into images (as ``SoloProcessor`` does with a prompt).
+
 Tokenisation: adjacent text is tokenised as one string — with ``mistral`` everything between two
 images or special ids (exactly what the inference processor does with the rendered chat), with
 ``plain`` each stretch of one loss value (user and assistant text apart, as SOLO did).
@@ -261,7 +266,9 @@ class DocumentEncoder:
     def _tokenize_runs(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
         if not texts:
             return []
-        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        # split_special_tokens: text is text; special and vision ids come only from the layout code.
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                                 split_special_tokens=True)
         return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
 
     @staticmethod
