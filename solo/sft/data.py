@@ -1,6 +1,6 @@
 """SFT data: instruction files → packed rows (through data preparation), their order, and collation.
 
-* `prepare_packed_data`: instruction files (LLaVA / ShareGPT / OpenAI-chat) go through
+* `pack_instruction_files`: instruction files (LLaVA / ShareGPT / OpenAI-chat) go through
   `solo-data pack`'s pipeline — the same converters, the `mistral` chat template and image layout
   as `SoloProcessor`, best-fit-decreasing packing to `data.max_length` — into `SAVE/data`, once,
   on the main process, before training. Every rejected sample is listed with its reason in
