@@ -11,7 +11,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["solo", "solo.*", "megatron_patch", "megatron_patch.*", "data_prep", "data_prep.*"]),
-    package_data={"megatron_patch": ["recipes/*.yaml"]},
+    package_data={"megatron_patch": ["recipes/*.yaml"], "solo.sft": ["recipes/*.yaml"]},
     install_requires=[
         # torch is a range on purpose: GPU users bring their own CUDA build; CPU machines
         # install torch==2.13.0 first (see README).

@@ -22,6 +22,7 @@ formats:
   text         JSONL(.gz/.zst/.lz4)/parquet {"text": ...}; --exclude-subset drops SlimPajama subsets
                (e.g. --exclude-subset RedPajamaCommonCrawl --exclude-subset RedPajamaC4)
   llava        LLaVA JSON/JSONL {"image", "conversations": [{"from": "human"|"gpt", "value"}]}
+  sharegpt     ShareGPT JSON/JSONL {"conversations": [{"from": "human"|"gpt"|"chatgpt"|"system", "value"}]}
   chat         OpenAI-chat JSONL, SOLO's interchange format (base64 data-URL or path images)
 
 Relative image paths resolve against --image-root (default: the input file's folder).

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 ROLES = ("system", "user", "assistant")
 # Source formats (converters in data_prep.sources) and text templates (data_prep.encode). Kept here,
 # in a module that imports nothing heavy, so that `solo-data --help` builds its parser instantly.
-FORMATS = ("imagenet", "caption", "interleaved", "text", "llava", "chat")
+FORMATS = ("imagenet", "caption", "interleaved", "text", "llava", "sharegpt", "chat")
 TEMPLATES = ("plain", "mistral")
 
 

@@ -26,6 +26,8 @@ text           text-only JSONL/parquet (`text` field), with subset filtering
                `meta.redpajama_set_name`).
 llava          LLaVA instruction JSON/JSONL (`image`, `conversations` of human/gpt turns with
                `<image>` placeholders).
+sharegpt       ShareGPT JSON/JSONL (`conversations` of `from`/`value` turns; `from` is
+               human/user, gpt/chatgpt/bing/bard/assistant or system; an optional `image` as LLaVA).
 chat           OpenAI-chat JSONL (SOLO's interchange format): a list of messages,
                `{"messages"|"conversations": [...]}` or one message; content a string or items
                `text` / `image_url` (base64 data URL or a local path) / `image` (a local path).
@@ -52,6 +54,8 @@ from .schema import FORMATS, Document, RejectedInput, check_role
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# ShareGPT dumps name the assistant after the service the conversation came from.
+SHAREGPT_ROLES = {**LLAVA_ROLES, "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 SYNSET_PATTERN = re.compile(r"n\d{8}")
 
 
@@ -653,7 +657,8 @@ def _convert_text(record: Record, options: SourceOptions) -> Document:
     return document
 
 
-def _convert_llava(record: Record, options: SourceOptions) -> Document:
+def _convert_llava(record: Record, options: SourceOptions, roles: dict[str, str] = LLAVA_ROLES,
+                   expected: str = "human, gpt or system") -> Document:
     entry = _parse_json_record(record)
     if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
         raise RejectedInput("LLaVA record needs a 'conversations' list")
@@ -666,9 +671,9 @@ def _convert_llava(record: Record, options: SourceOptions) -> Document:
     for turn in entry["conversations"]:
         if not isinstance(turn, dict) or "from" not in turn or not isinstance(turn.get("value"), str):
             raise RejectedInput("conversation turn needs 'from' and a string 'value'")
-        role = LLAVA_ROLES.get(turn["from"])
+        role = roles.get(turn["from"])
         if role is None:
-            raise RejectedInput(f"unknown role {turn['from']!r}; expected human, gpt or system")
+            raise RejectedInput(f"unknown role {turn['from']!r}; expected {expected}")
         turns.append((role, turn["value"]))
     placeholders = sum(value.count(IMAGE_PLACEHOLDER) for _, value in turns)
     if placeholders == 0 and image_refs:
@@ -690,6 +695,10 @@ def _convert_llava(record: Record, options: SourceOptions) -> Document:
                 part = part[1:] if part.startswith("\n") else part
             document.add_text(role, part)
     return document
+
+
+def _convert_sharegpt(record: Record, options: SourceOptions) -> Document:
+    return _convert_llava(record, options, SHAREGPT_ROLES, "human, gpt, chatgpt, bing, bard or system")
 
 
 def _chat_messages(entry: Any) -> list[Any]:
@@ -743,5 +752,6 @@ _CONVERTERS = {
     "interleaved": _convert_interleaved,
     "text": _convert_text,
     "llava": _convert_llava,
+    "sharegpt": _convert_sharegpt,
     "chat": _convert_chat,
 }

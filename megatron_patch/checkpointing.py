@@ -44,16 +44,22 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch.config import Config, ConfigError
+# Directory naming, the 'latest' pointer, atomic publication and pruning are shared with SFT.
+from solo.checkpoints import (  # noqa: F401  (names kept importable from here)
+    CKPT_PREFIX,
+    LATEST_FILE,
+    iteration_dir as _iter_dir,
+    iterations as _iterations,
+    prepare_tmp_dir,
+    publish_checkpoint,
+    read_latest,
+)
 from solo.hf_checkpoint import CheckpointError  # noqa: F401  (one error type for every checkpoint problem)
 
 logger = logging.getLogger("megatron_patch.checkpointing")
 
-CKPT_PREFIX = "iter_"
-LATEST_FILE = "latest_checkpointed_iteration.txt"
 COMPLETE_FILE = "solo_complete.json"
 LOCK_FILE = ".solo-train.lock"
-
-
 TOKENIZER_DIR = "tokenizer"  # beside the iter_* directories, in converted and training SAVE_DIRs
 
 
@@ -65,30 +71,6 @@ def unwrap(model):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: torch_dist (reshardable), atomic "latest", keep-last-N
 # ----------------------------------------------------------------------------------------------
-
-
-def _iter_dir(save: str, iteration: int) -> str:
-    return os.path.join(save, f"{CKPT_PREFIX}{iteration:07d}")
-
-
-def read_latest(save: Optional[str]) -> Optional[int]:
-    """The iteration the ``latest`` file names, or None (no file, or not a number: it is a hint only)."""
-    if not save:
-        return None
-    path = os.path.join(save, LATEST_FILE)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return int(fh.read(64).strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _iterations(save: str) -> list[int]:
-    """Iterations of the finished checkpoint directories in ``save``, newest first."""
-    if not os.path.isdir(save):
-        return []
-    found = [name[len(CKPT_PREFIX):] for name in os.listdir(save) if name.startswith(CKPT_PREFIX)]
-    return sorted((int(number) for number in found if number.isdigit()), reverse=True)
 
 
 def write_complete_marker(ckpt_dir: str) -> None:
@@ -333,15 +315,10 @@ def save_checkpoint(cfg: Config, model, optimizer, scheduler, iteration: int, co
     if async_saves is not None:
         async_saves.wait()  # one save in flight at a time; keeps keep_last and 'latest' ordered
     save = cfg.checkpoint.save
-    final = _iter_dir(save, iteration)
-    tmp = final + ".tmp"
+    tmp = _iter_dir(save, iteration) + ".tmp"
     rank = dist.get_rank()
     if rank == 0:
-        os.makedirs(save, exist_ok=True)
-        for stale in (tmp, final):
-            if os.path.exists(stale):
-                shutil.rmtree(stale)
-        os.makedirs(tmp)
+        prepare_tmp_dir(save, iteration)
     dist.barrier()
     optimizer_format = FULLY_RESHARDABLE if cfg.checkpoint.fully_reshardable else DP_RESHARDABLE
     state = _sharded_state(model, optimizer, is_loading=False, with_optimizer=True, with_rng=True,
@@ -357,7 +334,7 @@ def save_checkpoint(cfg: Config, model, optimizer, scheduler, iteration: int, co
     request = dist_checkpointing.save(
         state, tmp, sharded_strategy=_save_strategy(), async_sharded_save=async_saves is not None
     )
-    finalize = lambda: _publish(cfg, tmp, final, iteration)  # noqa: E731
+    finalize = lambda: _publish(cfg, tmp, iteration)  # noqa: E731
     if async_saves is not None:
         request.add_finalize_fn(finalize)
         async_saves.schedule(request)
@@ -367,20 +344,12 @@ def save_checkpoint(cfg: Config, model, optimizer, scheduler, iteration: int, co
     dist.barrier()
 
 
-def _publish(cfg: Config, tmp: str, final: str, iteration: int) -> None:
-    """Rank 0: move a complete checkpoint into place, point 'latest' at it, prune old ones."""
-    save = cfg.checkpoint.save
+def _publish(cfg: Config, tmp: str, iteration: int) -> None:
+    """Rank 0: mark a complete checkpoint, move it into place, point 'latest' at it, prune old ones."""
     if dist.get_rank() == 0:
         write_complete_marker(tmp)
-        os.replace(tmp, final)
-        latest_tmp = os.path.join(save, LATEST_FILE + ".tmp")
-        with open(latest_tmp, "w", encoding="utf-8") as fh:
-            fh.write(str(iteration))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(latest_tmp, os.path.join(save, LATEST_FILE))
+        final = publish_checkpoint(cfg.checkpoint.save, iteration, cfg.checkpoint.keep_last)
         _keep_tokenizer(cfg)
-        _prune_checkpoints(save, cfg.checkpoint.keep_last)
         logger.info("saved checkpoint %s", final)
 
 
@@ -406,19 +375,6 @@ def _keep_tokenizer(cfg: Config) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     copy_tokenizer_files(source, staging)
     os.replace(staging, target)
-
-
-def _prune_checkpoints(save: str, keep_last: int) -> None:
-    iters = sorted(
-        int(name[len(CKPT_PREFIX):])
-        for name in os.listdir(save)
-        if name.startswith(CKPT_PREFIX) and name[len(CKPT_PREFIX):].isdigit()
-    )
-    for old in iters[:-keep_last]:
-        shutil.rmtree(_iter_dir(save, old), ignore_errors=True)
-    for name in os.listdir(save):  # leftovers of a save that crashed
-        if name.startswith(CKPT_PREFIX) and name.endswith(".tmp"):
-            shutil.rmtree(os.path.join(save, name), ignore_errors=True)
 
 
 def load_checkpoint(cfg: Config, ckpt_dir: str, model, optimizer, *, with_optimizer: bool, restore_rng: bool) -> dict:

@@ -24,7 +24,10 @@ class MetricsWriter:
         tensorboard: bool = False,
         wandb_project: Optional[str] = None,
         run_config: Optional[dict[str, Any]] = None,
+        world_size: Optional[int] = None,
     ):
+        # Recorded in every line when given: a run that silently fell back to one process shows it.
+        self.world_size = world_size
         self.path = self.tb = self.wandb = None
         if not is_main:
             return
@@ -52,6 +55,8 @@ class MetricsWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one step's record (it must have ``step``)."""
+        if self.world_size is not None:
+            record = {**record, "world_size": self.world_size}
         if self.path:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")

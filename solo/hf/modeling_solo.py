@@ -188,6 +188,8 @@ class SoloModel(SoloPreTrainedModel, MistralModel):
         `return_dict=False` gives a tuple, as Mistral does.
         """
         cache = _merge_cache_arguments(past_key_values, cache)
+        if is_packed(attention_mask, position_ids, cache):
+            use_cache = False  # a new cache would switch off the per-document masks (and cannot continue a pack)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -371,8 +373,69 @@ class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
         return input_ids, model_kwargs
 
 
+# ----------------------------------------------------------------------------------------------
+# Packed sequences: several documents in one row, each attending only to itself.
+#
+# A packed row is given as `position_ids` that restart at 0 at every document start, with
+# `attention_mask=None`. transformers then derives the documents from the restarts and builds the
+# model's own mask (causal, and the sliding window with the model's semantics) per document: a
+# block-diagonal mask for sdpa/eager, varlen (cu_seqlens) kernels for flash-attention. Rotary
+# positions restart with the position ids. An attention_mask or a key/value cache would switch that
+# detection off and let documents attend to each other: packed rows run without a cache, and an
+# attention_mask with them is refused.
+# ----------------------------------------------------------------------------------------------
+
+
+def packed_position_ids(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """(length,) position ids restarting at each boundary of `cu_seqlens` = [0, end_1, ..., end_D].
+
+    Positions from `cu_seqlens[-1]` to `length` (padding) count up from 0 as one more document.
+    """
+    cu_seqlens = cu_seqlens.to(torch.long)
+    ends = cu_seqlens[1:]
+    if int(cu_seqlens[0]) != 0 or bool((ends[1:] < ends[:-1]).any()) or int(cu_seqlens[-1]) > length:
+        raise ValueError(f"cu_seqlens must rise from 0 to at most {length}, got {cu_seqlens.tolist()}")
+    if int(cu_seqlens[-1]) < length:
+        cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([length])])
+    positions = torch.arange(length, dtype=torch.long)
+    starts = cu_seqlens[:-1].repeat_interleave(torch.diff(cu_seqlens))
+    return positions - starts
+
+
+def is_packed(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, cache: Cache | None) -> bool:
+    """Whether the rows are packed (position ids restart between attended tokens, no cache given).
+
+    Packed rows with an attention_mask are refused: the mask would let documents attend to each other.
+    """
+    if position_ids is None or cache is not None or position_ids.shape[-1] < 2:
+        return False
+    if attention_mask is not None and attention_mask.dim() != 2:
+        return False  # a caller's own 4-D mask says itself which tokens see each other
+    restarts = torch.diff(position_ids, dim=-1) != 1
+    if attention_mask is not None:
+        attended = attention_mask.bool()
+        restarts = restarts & attended[:, 1:] & attended[:, :-1]
+    if not bool(restarts.any()):
+        return False
+    if attention_mask is not None:
+        raise ValueError(
+            "position_ids restart inside a row (packed documents) but an attention_mask was given: with a mask, "
+            "documents would attend to each other. Pass attention_mask=None for packed rows; the per-document "
+            "mask is built from position_ids"
+        )
+    return True
+
+
 # Makes `save_pretrained` copy this file (and its relative imports) next to the weights and write
 # `auto_map`, so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works anywhere.
 SoloForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["SoloForCausalLM", "SoloModel", "SoloPreTrainedModel", "causal_lm_loss", "check_vision_inputs"]
+__all__ = [
+    "SoloForCausalLM",
+    "SoloModel",
+    "SoloPreTrainedModel",
+    "causal_lm_loss",
+    "check_vision_inputs",
+    "is_packed",
+    "packed_position_ids",
+]
