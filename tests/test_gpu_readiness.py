@@ -50,7 +50,7 @@ LENGTHS = {
 @pytest.mark.parametrize("window", [None, 5, 130], ids=["no-window", "window-5", "window-130"])
 @pytest.mark.parametrize("lengths", list(LENGTHS.values()), ids=list(LENGTHS))
 def test_flex_attention_forward_equals_per_document_path(megatron_world, lengths, window):
-    cfg = tiny_config(sliding_window=window + 1 if window is not None else None)
+    cfg = tiny_config(sliding_window=window)  # SOLO-7B semantics: window_size = (W, 0)
     tc = build_transformer_config(cfg.model, cfg.parallel, cfg.training)
     reference = PackedDotProductAttention(tc, 1, AttnMaskType.causal, "self")
     flex = FlexPackedAttention(tc, 1, AttnMaskType.causal, "self")

@@ -41,7 +41,7 @@ def test_stage_recipe_matches_the_paper(solo_env, stage, iters):
     assert all(p.startswith(str(solo_env / "data" / "packed")) for p in paths)
     # The model section is a valid megatron-core TransformerConfig (7B, TP=2) without building it.
     tc = build_transformer_config(cfg.model, cfg.parallel, cfg.training)
-    assert tc.window_size == (4095, 0) and tc.recompute_granularity == "full"
+    assert tc.window_size == (4096, 0) and tc.recompute_granularity == "full"  # SOLO-7B: itself + 4096 earlier
     assert tc.calculate_per_token_loss and not tc.add_bias_linear and tc.gated_linear_unit
 
 
