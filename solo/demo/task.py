@@ -160,12 +160,12 @@ def balanced_questions(count: int, rng: np.random.Generator) -> list[tuple[str, 
 class TaskSizes:
     """How many pictures each raw source holds."""
 
-    labels: int = 4000  # stage 1
-    captions: int = 4000  # stage 2
-    instructions: int = 8000  # stage 3 and SFT (one question per picture)
+    pretrain: int = 3000  # pictures with a label (stage 1) and a caption (stage 2)
+    instructions: int = 6000  # stage 3 and SFT (one question per picture)
     heldout: int = 400  # evaluation
 
 
+SPLITS = ("instructions", "heldout")  # question sets (LLaVA-style JSON)
 SOURCE_FILES = {
     "labels": "labels.jsonl",
     "captions": "captions.jsonl",
@@ -176,7 +176,7 @@ SOURCE_FILES = {
 
 def _save(image: Image.Image, root: Path, relative: str) -> str:
     path = root / relative
-    image.save(path, format="PNG", optimize=False)
+    image.save(path, format="PNG", compress_level=1)  # fast: writing, not size, is what costs here
     return relative
 
 
@@ -184,8 +184,9 @@ def write_sources(out_dir: str | os.PathLike, sizes: TaskSizes = TaskSizes(), se
                   blank_images: bool = False) -> dict[str, str]:
     """Write the raw sources into `out_dir` (images/ plus the four files of SOURCE_FILES).
 
-    Every source uses its own random stream (seeded by `seed` and the source name), so sizes of one
-    source do not change the pictures of another, and the held-out pictures never appear in training.
+    The labels and captions describe the same pretraining pictures. The pretraining pictures, the
+    instructions and the held-out set each use their own random stream (seeded by `seed` and the
+    set), so the size of one set does not change the pictures of another.
     `blank_images=True` writes the same files with every picture replaced by the empty background
     (the text-only control: the questions and answers are unchanged). Returns name -> file path.
     """
@@ -197,18 +198,18 @@ def write_sources(out_dir: str | os.PathLike, sizes: TaskSizes = TaskSizes(), se
         drawn = render(scene, rng)  # drawn even when blanked, so the random streams stay aligned
         return blank if blank_images else drawn
 
-    streams = {name: np.random.default_rng([seed, index]) for index, name in enumerate(SOURCE_FILES)}
+    streams = {name: np.random.default_rng([seed, index]) for index, name in enumerate(("pretrain", *SPLITS))}
     paths = {name: str(root / file) for name, file in SOURCE_FILES.items()}
 
-    for name, text_of in (("labels", Scene.label), ("captions", Scene.caption)):
-        rng = streams[name]
-        with open(paths[name], "w", encoding="utf-8") as handle:
-            for index in range(getattr(sizes, name)):
-                scene = random_scene(rng)
-                image = _save(picture(scene, rng), root, f"images/{name}_{index:06d}.png")
-                handle.write(json.dumps({"image": image, "caption": text_of(scene)}) + "\n")
+    rng = streams["pretrain"]
+    with open(paths["labels"], "w", encoding="utf-8") as labels, open(paths["captions"], "w", encoding="utf-8") as captions:
+        for index in range(sizes.pretrain):
+            scene = random_scene(rng)
+            image = _save(picture(scene, rng), root, f"images/pretrain_{index:06d}.png")
+            labels.write(json.dumps({"image": image, "caption": scene.label()}) + "\n")
+            captions.write(json.dumps({"image": image, "caption": scene.caption()}) + "\n")
 
-    for name in ("instructions", "heldout"):
+    for name in SPLITS:
         rng = streams[name]
         records = []
         for index, (question_type, answer) in enumerate(balanced_questions(getattr(sizes, name), rng)):
