@@ -120,7 +120,7 @@ def test_fast_demo_runs_resumes_and_reports_a_failing_stage(tmp_path):
     first = _demo(out, "--until", "eval_pretrain")
     # Progress: one line per stage and per training step; the held-out accuracy next to chance.
     for number in (1, 2, 3):
-        assert f"stage{number}: step 3/3 | loss" in first.stdout
+        assert f"stage{number}: step 3/3 loss" in first.stdout
     assert "[11/11] eval_pretrain: finished" in first.stdout
     line = [ln for ln in first.stdout.splitlines() if ln.startswith("held-out")][-1]
     assert "accuracy" in line and "chance 0.250" in line

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from solo.demo.task import TaskSizes, vocabulary_texts, write_sources
+from solo.metrics import METRICS_FILE
 from solo.outputs import write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -95,8 +96,12 @@ class Stage:
     command: Optional[list[str]] = None
     function: Optional[Callable[[], None]] = None
     cpu_env: dict = field(default_factory=dict)  # extra environment when there is no GPU
+    # A training stage's metrics.jsonl (pretraining and SFT share the format) and its step count:
+    # the console gets one line per step from it.
+    metrics: Optional[Path] = None
+    steps: Optional[int] = None
     # Output lines echoed to the console (the rest goes to the stage's log only).
-    echo: str = r"(step \d+/\d+|^accuracy |^  images/)"
+    echo: str = r"(^accuracy |^  images/)"
 
 
 class StageFailed(RuntimeError):
@@ -158,7 +163,8 @@ def build_stages(out: Path, config: DemoConfig) -> list[Stage]:
                       f"data.global_batch_size={config.global_batch}", f"training.train_iters={stage.iters}",
                       f"optimizer.lr={stage.lr}", f"optimizer.min_lr={stage.lr / 10}",
                       f"optimizer.warmup_iters={stage.warmup}", f"training.seed={1234 + config.seed}",
-                      f"checkpoint.save={save}", f"checkpoint.init_from={previous}")))
+                      f"checkpoint.save={save}", f"checkpoint.init_from={previous}"),
+            metrics=save / METRICS_FILE, steps=stage.iters))
         previous = str(save)
     stages.append(Stage(
         "eval_pretrain", "held-out accuracy of the stage-3 megatron-core checkpoint",
@@ -182,6 +188,7 @@ def build_stages(out: Path, config: DemoConfig) -> list[Stage]:
         _python(*launch, "-m", "solo.sft", "--config", SFT_RECIPE, f"model.path={export_hf}",
                 f"data.path={packed / 'sft'}", f"data.max_length={config.seq_length}",
                 f"training.max_steps={config.sft_steps}", f"checkpoint.save={sft_save}"),
+        metrics=sft_save / METRICS_FILE, steps=config.sft_steps,
         # accelerate runs its multi-process DDP config without CUDA only with this (CPU_NOTES.md).
         cpu_env={"ACCELERATE_USE_CPU": "1"}))
     stages.append(Stage(
@@ -211,6 +218,7 @@ def _run_command(stage: Stage, log_path: Path) -> None:
     # Children import this checkout of the code, wherever the demo is started from.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     echo = re.compile(stage.echo)
+    follower = _MetricsFollower(stage) if stage.metrics is not None else None
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(stage.command)}\n")
         log.flush()
@@ -223,15 +231,56 @@ def _run_command(stage: Stage, log_path: Path) -> None:
             if echo.search(line):
                 print(f"  {stage.name}: {_compact(line)}", flush=True)
         code = process.wait()
+    if follower is not None:
+        follower.stop()
     if code != 0:
         raise StageFailed(f"exit code {code}")
 
 
 def _compact(line: str) -> str:
-    """A training log line without its timestamp/logger prefix."""
-    line = line.rstrip()
-    match = re.search(r"(step \d+/\d+.*)", line)
-    return match.group(1) if match else line.strip()
+    """An output line without its timestamp/logger prefix."""
+    return line.strip()
+
+
+class _MetricsFollower:
+    """Prints one console line per step record that a training stage appends to its metrics.jsonl."""
+
+    def __init__(self, stage: Stage, interval: float = 0.5):
+        import threading
+
+        self.stage, self.interval = stage, interval
+        self.last_step, self.offset = 0, 0
+        self.finished = threading.Event()
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        path = self.stage.metrics
+        if path is None or not path.exists():
+            return
+        if path.stat().st_size < self.offset:  # rewritten on resume (records after the checkpoint dropped)
+            self.offset = 0
+        with open(path, encoding="utf-8") as handle:
+            handle.seek(self.offset)
+            for line in handle:
+                if not line.endswith("\n"):  # a record still being written
+                    break
+                self.offset += len(line.encode("utf-8"))
+                record = json.loads(line)
+                if record["step"] > self.last_step:
+                    self.last_step = record["step"]
+                    seconds = record.get("step_time_s")
+                    print(f"  {self.stage.name}: step {record['step']}/{self.stage.steps} loss {record['loss']:.4f}"
+                          + (f" ({seconds:.2f} s/step)" if seconds else ""), flush=True)
+
+    def _follow(self) -> None:
+        while not self.finished.wait(self.interval):
+            self._poll()
+
+    def stop(self) -> None:
+        self.finished.set()
+        self.thread.join()
+        self._poll()  # the records written since the last poll
 
 
 def _cpu_seconds() -> float:
