@@ -67,6 +67,8 @@ class DemoConfig:
     global_batch: int = 8
     nproc: int = 2  # torchrun / accelerate processes: DP = 2 (the recipe's TP = PP = 1)
     sft_steps: int = 30
+    sft_samples_per_step: int = 32
+    sft_lr: float = 1e-3
     model: dict = field(default_factory=lambda: dict(
         hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=352, vocab_size=1024))
@@ -186,8 +188,10 @@ def build_stages(out: Path, config: DemoConfig) -> list[Stage]:
     stages.append(Stage(
         "sft", f"instruction tuning (Accelerate, {config.nproc} processes, {config.sft_steps} steps)",
         _python(*launch, "-m", "solo.sft", "--config", SFT_RECIPE, f"model.path={export_hf}",
-                f"data.path={packed / 'sft'}", f"data.max_length={config.seq_length}",
-                f"training.max_steps={config.sft_steps}", f"checkpoint.save={sft_save}"),
+                f"data.path={packed / 'sft'}", f"data.max_length={config.seq_length}", "training.epochs=1",
+                f"training.samples_per_step={config.sft_samples_per_step}", f"training.max_steps={config.sft_steps}",
+                f"training.lr={config.sft_lr}", f"training.min_lr={config.sft_lr / 10}", "training.warmup_steps=3",
+                f"checkpoint.save={sft_save}"),
         metrics=sft_save / METRICS_FILE, steps=config.sft_steps,
         # accelerate runs its multi-process DDP config without CUDA only with this (CPU_NOTES.md).
         cpu_env={"ACCELERATE_USE_CPU": "1"}))
