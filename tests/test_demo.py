@@ -108,7 +108,7 @@ def test_sources_are_deterministic_by_seed_and_blanking_keeps_the_text(tmp_path,
 def _demo(out, *args, check=True):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "solo.cli", "demo", "--fast", "--out", str(out), *args],
-                            capture_output=True, text=True, env=env, cwd=REPO, timeout=1200)
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=3600)  # a hang guard only
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

@@ -206,7 +206,7 @@ def evaluate_hf(model_dir: str, records: list[dict], image_root: str, batch_size
             {"type": "image"}, {"type": "text", "text": r["conversations"][0]["value"].replace("<image>\n", "")}]}])
             for r in batch]
         images = [[os.path.join(image_root, r["image"])] for r in batch]
-        inputs = processor(texts, images=images)
+        inputs = processor(texts, images=images, padding_side="left")  # generation continues on the right
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=MAX_ANSWER_TOKENS, do_sample=False)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]

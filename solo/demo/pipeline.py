@@ -69,9 +69,7 @@ class DemoConfig:
     sft_steps: int = 30
     sft_samples_per_step: int = 32
     sft_lr: float = 1e-3
-    model: dict = field(default_factory=lambda: dict(
-        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=352, vocab_size=1024))
+    base_vocab_size: int = 1024  # the tiny base's tokenizer (the model's shape comes from DEMO_RECIPE)
     seed: int = 0
     blank_images: bool = False
 
@@ -203,9 +201,17 @@ def build_stages(out: Path, config: DemoConfig) -> list[Stage]:
 
 
 def _make_base(directory: Path, config: DemoConfig) -> None:
+    """The tiny base LLM, shaped like the pretraining recipe's model (one source for both)."""
+    from megatron_patch.config import Config
+    from solo.recipe import load_recipe
     from solo.tiny import make_base_checkpoint
 
-    make_base_checkpoint(directory, seed=config.seed, extra_texts=vocabulary_texts(), **config.model)
+    model = load_recipe(Config, DEMO_RECIPE).model
+    make_base_checkpoint(
+        directory, hidden_size=model.hidden_size, num_hidden_layers=model.num_layers,
+        num_attention_heads=model.num_attention_heads, num_key_value_heads=model.num_query_groups,
+        intermediate_size=model.ffn_hidden_size, sliding_window=model.sliding_window,
+        vocab_size=config.base_vocab_size, seed=config.seed, extra_texts=vocabulary_texts())
 
 
 # ----------------------------------------------------------------------------------------------
