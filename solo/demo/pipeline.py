@@ -239,17 +239,12 @@ def _run_command(stage: Stage, log_path: Path) -> None:
             log.write(line)
             log.flush()
             if echo.search(line):
-                print(f"  {stage.name}: {_compact(line)}", flush=True)
+                print(f"  {stage.name}: {line.strip()}", flush=True)
         code = process.wait()
     if follower is not None:
         follower.stop()
     if code != 0:
         raise StageFailed(f"exit code {code}")
-
-
-def _compact(line: str) -> str:
-    """An output line without its timestamp/logger prefix."""
-    return line.strip()
 
 
 class _MetricsFollower:
@@ -363,7 +358,7 @@ def run_demo(out: str | os.PathLike, config: DemoConfig, until: Optional[str] = 
                     _run_command(stage, log_path)
                 else:
                     stage.function()
-            except (StageFailed, Exception) as error:  # any failure: name the stage and how to go on
+            except Exception as error:  # any failure (StageFailed included): name the stage and how to go on
                 print(f"\nsolo demo: stage '{stage.name}' failed ({error}).", file=sys.stderr)
                 if stage.command is not None:
                     print(f"--- last lines of {log_path} ---\n{_tail(log_path)}---\n"
