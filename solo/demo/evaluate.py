@@ -4,9 +4,9 @@
     python -m solo.demo.evaluate hf --model HF_DIR --questions heldout.json --out R.json
 
 ``megatron`` reads a megatron-core pretraining checkpoint (any TP/PP it was saved at; evaluated on
-one process) and the held-out set as `solo-data pack` laid it out (plain template): the prompt of a
-question is its document up to the first token with loss (picture block and question), and the
-answer is generated greedily until EOS. All prompts of the set share one packed row per decoding
+one process) and the held-out set as `solo-data pack` laid it out (any template; the demo packs it
+in the chat layout): the prompt of a question is its document up to the first token with loss
+(picture block and question), and the answer is generated greedily until EOS. All prompts of the set share one packed row per decoding
 step, so a step is one forward pass. ``hf`` runs a Hugging Face SOLO checkpoint with
 ``model.generate`` on the chat template (the instruction-tuned model).
 

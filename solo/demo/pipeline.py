@@ -9,9 +9,8 @@ make the demo's own inputs):
     pack_*        solo-data pack                   -> packed pretraining data and the packed held-out set
     convert_init  solo convert hf-to-mcore         -> megatron-core checkpoint of `create`'s output
     stage1..3     torchrun -m megatron_patch.train -> pretraining stages 1 -> 2 -> 3 (DP=2 on 2 processes)
-    eval_pretrain held-out accuracy of the stage-3 megatron-core checkpoint (greedy answers)
+    eval_pretrain held-out accuracy of the stage-3 megatron-core checkpoint (greedy answers, chat layout)
     export        solo convert mcore-to-hf         -> Hugging Face checkpoint of stage 3
-    pack_sft      solo-data pack --template mistral
     sft           accelerate launch -m solo.sft    -> instruction-tuned model
     eval          held-out accuracy of the SFT model with HF generate
 
@@ -68,7 +67,7 @@ class DemoConfig:
     nproc: int = 2  # torchrun / accelerate processes: DP = 2 (the recipe's TP = PP = 1)
     sft_steps: int = 30
     sft_samples_per_step: int = 32
-    sft_lr: float = 1e-3
+    sft_lr: float = 1e-4
     base_vocab_size: int = 1024  # the tiny base's tokenizer (the model's shape comes from DEMO_RECIPE)
     seed: int = 0
     blank_images: bool = False
@@ -140,13 +139,16 @@ def build_stages(out: Path, config: DemoConfig) -> list[Stage]:
               _python("-m", "solo.cli", "create", "--base", str(out / "base"), "--out", str(init_hf),
                       "--seed", str(config.seed), "--overwrite")),
     ]
-    for source, fmt, file in (("labels", "caption", "labels.jsonl"), ("captions", "caption", "captions.jsonl"),
-                              ("instructions", "llava", "instructions.json"), ("heldout", "llava", "heldout.json")):
+    # Questions are packed in the Mistral chat layout ([INST] picture question [/INST] answer</s>), the form
+    # SFT and HF inference use, so stage 3 (instruction-like data, as SOLO's stage 3) and SFT agree.
+    for source, fmt, file, template in (
+            ("labels", "caption", "labels.jsonl", "plain"), ("captions", "caption", "captions.jsonl", "plain"),
+            ("instructions", "llava", "instructions.json", "mistral"), ("heldout", "llava", "heldout.json", "mistral")):
         stages.append(Stage(
-            f"pack_{source}", f"solo-data pack: {file} ({fmt} format)",
-            _python("-m", "data_prep.cli", "pack", str(raw / file), "--format", fmt, "--tokenizer", str(init_hf),
-                    "--seq-length", str(config.seq_length), "--output", str(packed / source), "--workers", "2",
-                    "--no-progress")))
+            f"pack_{source}", f"solo-data pack: {file} ({fmt} format, {template} template)",
+            _python("-m", "data_prep.cli", "pack", str(raw / file), "--format", fmt, "--template", template,
+                    "--tokenizer", str(init_hf), "--seq-length", str(config.seq_length), "--output",
+                    str(packed / source), "--workers", "2", "--no-progress")))
     init_mcore = out / "init_mcore"
     if INIT_FROM_CONVERTED:
         stages.append(Stage("convert_init", "solo convert hf-to-mcore: the created model for megatron-core",
@@ -174,11 +176,6 @@ def build_stages(out: Path, config: DemoConfig) -> list[Stage]:
     stages.append(Stage("export", "solo convert mcore-to-hf: stage 3 as a Hugging Face checkpoint",
                         _python("-m", "solo.cli", "convert", "mcore-to-hf", "--ckpt", previous, "--tokenizer",
                                 str(init_hf), "--out", str(export_hf))))
-    stages.append(Stage(
-        "pack_sft", "solo-data pack: instructions.json for SFT (Mistral chat template)",
-        _python("-m", "data_prep.cli", "pack", str(raw / "instructions.json"), "--format", "llava", "--template",
-                "mistral", "--tokenizer", str(init_hf), "--seq-length", str(config.seq_length),
-                "--output", str(packed / "sft"), "--workers", "2", "--no-progress")))
     sft_save = runs / "sft"
     # fp32: the demo's model is tiny, and CPUs have no bf16 autocast worth using.
     launch = ["-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
@@ -186,7 +183,7 @@ def build_stages(out: Path, config: DemoConfig) -> list[Stage]:
     stages.append(Stage(
         "sft", f"instruction tuning (Accelerate, {config.nproc} processes, {config.sft_steps} steps)",
         _python(*launch, "-m", "solo.sft", "--config", SFT_RECIPE, f"model.path={export_hf}",
-                f"data.path={packed / 'sft'}", f"data.max_length={config.seq_length}", "training.epochs=1",
+                f"data.path={packed / 'instructions'}", f"data.max_length={config.seq_length}", "training.epochs=1",
                 f"training.samples_per_step={config.sft_samples_per_step}", f"training.max_steps={config.sft_steps}",
                 f"training.lr={config.sft_lr}", f"training.min_lr={config.sft_lr / 10}", "training.warmup_steps=3",
                 f"checkpoint.save={sft_save}"),
