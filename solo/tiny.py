@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Sequence
 
 BASE_VOCAB_SIZE = 32000
 
 
-def make_base_tokenizer(vocab_size: int = BASE_VOCAB_SIZE):
+def make_base_tokenizer(vocab_size: int = BASE_VOCAB_SIZE, extra_texts: Sequence[str] = ()):
     """A byte-level BPE tokenizer with `<unk>`, `<s>`, `</s>` at ids 0, 1, 2 and `vocab_size` entries.
 
     Every byte has its own token and a few hundred common English merges are learned from a
-    built-in text, so real sentences tokenise and decode losslessly; the rest of the 32,000 ids
-    are filler entries that mimic the size of a Llama/Mistral vocabulary.
+    built-in text (plus `extra_texts`, e.g. a task's words, so they become whole tokens), so real
+    sentences tokenise and decode losslessly; the rest of the ids are filler entries that mimic
+    the size of a Llama/Mistral vocabulary.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -29,7 +31,7 @@ def make_base_tokenizer(vocab_size: int = BASE_VOCAB_SIZE):
         "what is in the image? describe the picture in one sentence please",
         "there are two dogs playing in the park with a yellow ball and a child",
         "the answer is yes. the chart shows that sales grew in every quarter of the year",
-    ] * 4
+    ] * 4 + list(extra_texts)
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -65,12 +67,19 @@ def make_base_checkpoint(
     sliding_window: int | None = 4096,
     architecture: str = "mistral",
     seed: int = 0,
+    vocab_size: int = BASE_VOCAB_SIZE,
+    extra_texts: Sequence[str] = (),
 ) -> str:
-    """Save a tiny random Mistral (or Llama) checkpoint plus the 32,000-entry tokenizer to `out_dir`."""
+    """Save a tiny random Mistral (or Llama) checkpoint plus its tokenizer to `out_dir`.
+
+    The tokenizer has 32,000 entries by default (SOLO-7B's token ids); a smaller `vocab_size` (at
+    least 600, the learned byte-level entries) makes the output layer, which dominates the cost of
+    a tiny model, proportionally cheaper. `extra_texts` join the tokenizer's training text.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-    tokenizer = make_base_tokenizer()
+    tokenizer = make_base_tokenizer(vocab_size, extra_texts)
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

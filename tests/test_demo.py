@@ -1,0 +1,152 @@
+"""`solo demo`: the generated task needs the pixels (balanced answers, text-only at chance, pictures
+that carry the answer, deterministic by seed), and the pipeline runs, resumes and fails clearly."""
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from solo.demo.pipeline import FAST, stage_names
+from solo.demo.task import (
+    ANSWERS,
+    BACKGROUND,
+    COLOURS,
+    COUNT_WORDS,
+    POSITIONS,
+    QUADRANT,
+    QUESTION_TYPES,
+    TaskSizes,
+    chance_accuracy,
+    text_only_accuracy,
+    write_sources,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = TaskSizes(pretrain=16, instructions=128, heldout=64)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw")
+    write_sources(root, SIZES, seed=3)
+    return root
+
+
+def _records(root, name):
+    with open(root / f"{name}.json", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _answer(record):
+    return record["conversations"][1]["value"]
+
+
+def test_answers_are_balanced_within_every_question_type(sources):
+    for name, size in (("instructions", SIZES.instructions), ("heldout", SIZES.heldout)):
+        records = _records(sources, name)
+        assert len(records) == size
+        for question_type in QUESTION_TYPES:
+            counts = Counter(_answer(r) for r in records if r["question_type"] == question_type)
+            assert set(counts) == set(ANSWERS[question_type])
+            assert len(set(counts.values())) == 1, (name, question_type, counts)  # exactly balanced
+
+
+def test_a_text_only_model_is_at_chance(sources):
+    train, heldout = _records(sources, "instructions"), _records(sources, "heldout")
+    assert chance_accuracy(heldout) == pytest.approx(0.25)
+    # The best answer per question text, learned from the training questions, scores chance.
+    assert text_only_accuracy(train, heldout) == pytest.approx(0.25)
+    # Each question type is asked in one wording whatever the answer: the text carries no hint.
+    for question_type in QUESTION_TYPES:
+        assert len({r["conversations"][0]["value"] for r in heldout if r["question_type"] == question_type}) == 1
+
+
+def _shape_pixels(path):
+    pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.int32)
+    return np.abs(pixels - np.asarray(BACKGROUND)).sum(-1) > 90  # far from the background: a shape
+
+
+def test_the_pictures_carry_the_answers(sources):
+    for record in _records(sources, "heldout"):
+        path = sources / record["image"]
+        mask = _shape_pixels(path)
+        occupied = [q for q in range(4) if mask[(q // 2) * QUADRANT:(q // 2 + 1) * QUADRANT,
+                                                 (q % 2) * QUADRANT:(q % 2 + 1) * QUADRANT].sum() > 40]
+        answer, kind = _answer(record), record["question_type"]
+        if kind == "count":
+            assert COUNT_WORDS[len(occupied) - 1] == answer
+        elif kind == "position":
+            assert [POSITIONS[q] for q in occupied] == [answer]
+        elif kind == "colour":
+            mean = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)[mask].mean(0)
+            nearest = min(COLOURS, key=lambda c: np.abs(np.asarray(COLOURS[c]) - mean).sum())
+            assert nearest == answer
+
+
+def test_sources_are_deterministic_by_seed_and_blanking_keeps_the_text(tmp_path, sources):
+    write_sources(tmp_path / "same", SIZES, seed=3)
+    write_sources(tmp_path / "other", SIZES, seed=4)
+    write_sources(tmp_path / "blank", SIZES, seed=3, blank_images=True)
+    names = sorted(os.listdir(sources / "images"))
+    assert names == sorted(os.listdir(tmp_path / "same" / "images"))
+    for name in names:
+        assert (sources / "images" / name).read_bytes() == (tmp_path / "same" / "images" / name).read_bytes()
+    for file in ("labels.jsonl", "captions.jsonl", "instructions.json", "heldout.json"):
+        assert (sources / file).read_bytes() == (tmp_path / "same" / file).read_bytes()
+        assert (sources / file).read_bytes() == (tmp_path / "blank" / file).read_bytes()
+    assert (sources / "heldout.json").read_bytes() != (tmp_path / "other" / "heldout.json").read_bytes()
+    blank = {(tmp_path / "blank" / "images" / n).read_bytes() for n in names}
+    assert len(blank) == 1 and not _shape_pixels(tmp_path / "blank" / "images" / names[0]).any()
+
+
+def _demo(out, *args, check=True):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "solo.cli", "demo", "--fast", "--out", str(out), *args],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=3600)  # a hang guard only
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_fast_demo_runs_resumes_and_reports_a_failing_stage(tmp_path):
+    out = tmp_path / "demo"
+    stages = stage_names().index("eval_pretrain") + 1  # one more once stage 1 starts from convert_init
+    first = _demo(out, "--until", "eval_pretrain")
+    # Progress: one line per stage and per training step; the held-out accuracy next to chance.
+    for number in (1, 2, 3):
+        assert f"stage{number}: step 3/3 loss" in first.stdout
+    assert f"[{stages}/{stages}] eval_pretrain: finished" in first.stdout
+    line = [ln for ln in first.stdout.splitlines() if ln.startswith("held-out")][-1]
+    assert "accuracy" in line and "chance 0.250" in line
+    result = json.loads((out / "eval_pretrain.json").read_text())
+    assert result["total"] == FAST.sizes.heldout and len(result["answers"]) == result["total"]
+    report = (out / "report.html").read_text()
+    assert report.count("<polyline") == 3 and report.count("data:image/png;base64") == 12
+    # Three chained pretraining stages on 2 processes, each starting from the previous one.
+    stage2_log = (out / "logs" / "stage2.log").read_text()
+    assert "--nproc_per_node 2" in stage2_log and f"initialised from {out / 'runs' / 'stage1'}" in stage2_log
+
+    # A rerun reuses every finished stage.
+    again = _demo(out, "--until", "eval_pretrain")
+    assert again.stdout.count("reused") == stages
+
+    # Another variant in the same directory is refused, not mixed in.
+    mixed = _demo(out, "--until", "eval_pretrain", "--blank-images", check=False)
+    assert mixed.returncode != 0 and "other settings" in mixed.stderr
+
+    # A failing stage: its name, its log, how to rerun; the finished stages are kept.
+    (out / "done" / "eval_pretrain.json").unlink()
+    (out / "raw" / "heldout.json").write_text("{not json")
+    failed = _demo(out, "--until", "eval_pretrain", check=False)
+    assert failed.returncode == 1
+    assert "stage 'eval_pretrain' failed" in failed.stderr
+    assert str(out / "logs" / "eval_pretrain.log") in failed.stderr
+    assert "cannot read the held-out questions" in failed.stderr
+    assert f"--out {out}" in failed.stderr and f"{stages - 1} finished stages are reused" in failed.stderr
