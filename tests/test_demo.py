@@ -117,25 +117,30 @@ def _demo(out, *args, check=True):
 @pytest.mark.slow
 def test_fast_demo_runs_resumes_and_reports_a_failing_stage(tmp_path):
     out = tmp_path / "demo"
-    stages = stage_names().index("eval_pretrain") + 1  # one more once stage 1 starts from convert_init
-    first = _demo(out, "--until", "eval_pretrain")
+    stages = len(stage_names())
+    first = _demo(out)  # the whole pipeline: ... convert_init, stages 1-3, export, SFT, HF eval
     # Progress: one line per stage and per training step; the held-out accuracy next to chance.
     for number in (1, 2, 3):
         assert f"stage{number}: step 3/3 loss" in first.stdout
-    assert f"[{stages}/{stages}] eval_pretrain: finished" in first.stdout
+    assert "sft: step" in first.stdout
+    assert f"[{stages}/{stages}] eval: finished" in first.stdout
     line = [ln for ln in first.stdout.splitlines() if ln.startswith("held-out")][-1]
     assert "accuracy" in line and "chance 0.250" in line
-    result = json.loads((out / "eval_pretrain.json").read_text())
-    assert result["total"] == FAST.sizes.heldout and len(result["answers"]) == result["total"]
+    for name in ("eval_pretrain.json", "eval.json"):  # megatron-core checkpoint, then the SFT'd HF export
+        result = json.loads((out / name).read_text())
+        assert result["total"] == FAST.sizes.heldout and len(result["answers"]) == result["total"]
     report = (out / "report.html").read_text()
-    assert report.count("<polyline") == 3 and report.count("data:image/png;base64") == 12
-    # Three chained pretraining stages on 2 processes, each starting from the previous one.
+    assert report.count("<polyline") == 4 and report.count("data:image/png;base64") == 12  # stages 1-3 + SFT
+    # Three chained pretraining stages on 2 processes, stage 1 from the converted `solo create` output.
+    assert f"initialised from {out / 'init_mcore'}" in (out / "logs" / "stage1.log").read_text()
     stage2_log = (out / "logs" / "stage2.log").read_text()
     assert "--nproc_per_node 2" in stage2_log and f"initialised from {out / 'runs' / 'stage1'}" in stage2_log
+    assert (out / "runs" / "sft" / "hf" / "config.json").is_file()
 
     # A rerun reuses every finished stage.
-    again = _demo(out, "--until", "eval_pretrain")
+    again = _demo(out)
     assert again.stdout.count("reused") == stages
+    stages = stage_names().index("eval_pretrain") + 1  # the checks below stop there
 
     # Another variant in the same directory is refused, not mixed in.
     mixed = _demo(out, "--until", "eval_pretrain", "--blank-images", check=False)
