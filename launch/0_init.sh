@@ -8,7 +8,9 @@
 #   SOLO_RUNS  root of the run's outputs (default: runs)
 # Extra arguments go to `solo create` (e.g. --seed 1 --resize-mode solo).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# Paths are the caller's (no change of directory); the code is this checkout's.
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 BASE="${BASE:?set BASE to a local Hugging Face Mistral/Llama checkpoint directory}"
 SOLO_RUNS="${SOLO_RUNS:-runs}"
 SOLO_HF="${SOLO_HF:-$SOLO_RUNS/solo-init-hf}"

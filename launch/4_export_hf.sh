@@ -8,7 +8,9 @@
 #   SOLO_RUNS  root of the run's outputs (default: runs)
 # Extra arguments go to `solo convert mcore-to-hf` (e.g. --dtype bfloat16 --overwrite).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# Paths are the caller's (no change of directory); the code is this checkout's.
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 SOLO_RUNS="${SOLO_RUNS:-runs}"
 CKPT="${CKPT:-$SOLO_RUNS/stage3}"
 OUT="${OUT:-$SOLO_RUNS/solo-hf}"

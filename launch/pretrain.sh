@@ -3,7 +3,7 @@
 #
 #   launch/pretrain.sh RECIPE [section.key=value ...]
 #
-#   NPROC_PER_NODE  GPUs on this node (8)     NNODES     nodes in the job (1)
+#   NPROC_PER_NODE  GPUs on this node (GPUS_PER_NODE, 8)   NNODES     nodes in the job (1)
 #   NODE_RANK       this node's rank (0)      MASTER_ADDR / MASTER_PORT  rendezvous (localhost / 29500)
 #   SOLO_INIT, SOLO_DATA, SOLO_RUNS           paths the stage recipes read (see each recipe's header)
 # Running the same command again resumes from the recipe's checkpoint.save directory.
@@ -26,6 +26,6 @@ fi
 source "$ROOT/launch/torchrun_graceful.sh"
 
 run_torchrun \
-  --nproc_per_node "${NPROC_PER_NODE:-8}" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
+  --nproc_per_node "${NPROC_PER_NODE:-${GPUS_PER_NODE:-8}}" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
   --master_addr "${MASTER_ADDR:-localhost}" --master_port "${MASTER_PORT:-29500}" \
   -m megatron_patch.train --config "$RECIPE" "$@"
