@@ -22,22 +22,6 @@ from data_prep.cli import main as solo_data
 from data_prep.encode import plan_pieces
 from data_prep.reader import PackedReader
 from solo.hf.image_processing_solo import fit_grid
-from solo.tiny import make_base_tokenizer
-from solo.tokenizer import extend_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tokenizer")
-    extend_tokenizer(make_base_tokenizer()).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 def image_bytes(width, height, seed, fmt="JPEG"):

@@ -12,8 +12,7 @@ import pytest
 from data_prep.cli import main as solo_data
 from data_prep.synthetic import jpeg_bytes, photo_like
 from solo.cli import main as solo_main
-from solo.tiny import make_base_checkpoint, make_base_tokenizer
-from solo.tokenizer import extend_tokenizer
+from solo.tiny import make_base_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,13 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     return make_base_checkpoint(tmp_path_factory.mktemp("base") / "mistral")
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "tokenizer"
-    extend_tokenizer(make_base_tokenizer()).save_pretrained(path)
-    return path
 
 
 def caption_source(folder: Path, count: int = 3) -> Path:

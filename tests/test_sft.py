@@ -24,23 +24,6 @@ from sft_fixtures import make_instruction_set
 PATCH_DIM = 3072
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    from solo.tiny import make_base_tokenizer
-    from solo.tokenizer import extend_tokenizer
-
-    path = tmp_path_factory.mktemp("tok")
-    extend_tokenizer(make_base_tokenizer()).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
-
-
 def pack(tmp_path, tokenizer_dir, samples, fmt="sharegpt", max_length=256, name="sft.json"):
     path = os.path.join(tmp_path, name)
     with open(path, "w", encoding="utf-8") as fh:
