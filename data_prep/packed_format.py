@@ -24,8 +24,11 @@ version, `seq_length`, the tokenizer (`dir`: its folder relative to the packed d
 checked when it is loaded, `source_dir` it was copied from, vocabulary size, bos/eos/pad and
 vision token ids), the image `resize_mode`, the template and loss rule, and the run's input fingerprint.
 `report.json` holds the run's accounting. Patches are not stored: the reader decodes each image
-and patchifies it with the shared processor at the recorded grid, so the `<vpatch>` tokens of an
-image at offset o with C columns sit at o + 1 + r·(C + 1) + c, numbered in raster order.
+and patchifies it with the shared processor at the recorded grid. An image at offset o with R rows
+and C columns spans `image_span(R, C)` tokens (`<vision>`, R rows of C `<vpatch>` with a `<vrow_sep>`
+after each row but the last, `</vision>`); its `<vpatch>` tokens sit at o + 1 + r·(C + 1) + c,
+numbered in raster order. This module needs only numpy (the readers of `solo-data stats` and `plan`
+start without torch); a test holds `image_span` equal to the processor's `image_tokens_count`.
 """
 
 from __future__ import annotations
@@ -56,6 +59,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
                getattr(tokenizer, "chat_template", None)]
     digest.update(json.dumps(special).encode())
     return digest.hexdigest()[:32]
+
+
+def image_span(rows, cols):
+    """Tokens an image of rows × cols patches spans in a pack; elementwise on numpy arrays."""
+    return rows * (cols + 1) + 1
+
+
+def vpatch_positions(offset: int, rows: int, cols: int) -> np.ndarray:
+    """Positions of an image's `<vpatch>` tokens in its pack, in raster order."""
+    return (offset + 1 + np.arange(rows)[:, None] * (cols + 1) + np.arange(cols)[None, :]).reshape(-1)
 
 
 def token_dtype(vocab_size: int) -> type:

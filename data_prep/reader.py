@@ -10,16 +10,19 @@ L <= r.seq_length (no padding is stored). `loss_mask[t] = 1` means token t is a 
 that is not a `<vpatch>`, else the row of `patches` holding that patch. Patches are decoded from
 the stored image bytes and cut by the shared image processor at the recorded grid. The format is
 described in `data_prep.packed_format`.
+
+The files are megatron-core IndexedDatasets, read here with numpy (`IndexedFile`): megatron-core's
+own reader imports torch and all of megatron.core (about 6 s of CPU), which `solo-data stats` and
+`plan` must not pay. The image processor (torch, transformers) loads on the first decoded image.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 
 import numpy as np
-
-from solo.hf.image_processing_solo import PATCH_DIM, SoloImageProcessor
 
 from .packed_format import (
     FORMAT_NAME,
@@ -27,18 +30,60 @@ from .packed_format import (
     IMAGES_PREFIX,
     METADATA_FILE,
     PER_PACK_PREFIXES,
-    import_indexed_dataset,
     tokenizer_fingerprint,
+    vpatch_positions,
 )
 
 
-def _open_indexed(prefix: str):
-    import logging
+class IndexedFile:
+    """One megatron-core IndexedDataset (`PREFIX.idx` + `PREFIX.bin`, index version 1), read-only.
 
-    indexed_dataset = import_indexed_dataset()
-    logging.getLogger(indexed_dataset.__name__).setLevel(logging.WARNING)
-    # numpy cannot memory-map an empty file (a text-only source has no image bytes at all).
-    return indexed_dataset.IndexedDataset(prefix, mmap=os.path.getsize(prefix + ".bin") > 0)
+    The `.idx` holds a 9-byte magic, `<Q` version, `<B` dtype code, `<Q` item count, `<Q` document
+    count, then int32 item lengths, int64 item byte offsets into `.bin` and int64 document indices.
+    Item i is `.bin[offset_i : offset_i + length_i * itemsize]` as that dtype. Checked against
+    megatron-core's `IndexedDataset` item for item in the tests.
+    """
+
+    MAGIC = b"MMIDIDX\x00\x00"
+    HEADER = struct.Struct("<9sQBQQ")
+    DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+              8: np.uint16}
+
+    def __init__(self, prefix: str):
+        index_path, data_path = prefix + ".idx", prefix + ".bin"
+        for path in (index_path, data_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} is missing: the packed directory is incomplete; repack it")
+        index_size = os.path.getsize(index_path)
+        with open(index_path, "rb") as handle:
+            header = handle.read(self.HEADER.size)
+        if len(header) < self.HEADER.size or header[:9] != self.MAGIC:
+            raise ValueError(f"{index_path} is not a megatron-core index file (bad header); repack the directory")
+        _, version, code, items, documents = self.HEADER.unpack(header)
+        if version != 1 or code not in self.DTYPES:
+            raise ValueError(f"{index_path}: unsupported index version {version} or dtype code {code}")
+        if index_size < self.HEADER.size + items * 12 + documents * 8:
+            raise ValueError(f"{index_path} is truncated ({index_size} bytes for {items} items); repack the directory")
+        self.dtype = np.dtype(self.DTYPES[code])
+        index = np.memmap(index_path, mode="r", dtype=np.uint8)
+        offset = self.HEADER.size
+        self.sequence_lengths = np.frombuffer(index, np.int32, items, offset)
+        self.sequence_pointers = np.frombuffer(index, np.int64, items, offset + items * 4)
+        self.document_indices = np.frombuffer(index, np.int64, documents, offset + items * 12)
+        data_size = os.path.getsize(data_path)
+        end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if items else 0
+        if end > data_size:
+            raise ValueError(f"{data_path} is truncated ({data_size} bytes, the index needs {end}); repack the directory")
+        # numpy cannot memory-map an empty file (a text-only source has no image bytes at all).
+        self._data = np.memmap(data_path, mode="r", dtype=np.uint8) if data_size else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.sequence_lengths)
+
+    def __getitem__(self, item: int) -> np.ndarray:
+        """Item `item` as a read-only view of the mapped file."""
+        start = int(self.sequence_pointers[item])
+        return self._data[start:start + int(self.sequence_lengths[item]) * self.dtype.itemsize].view(self.dtype)
 
 
 class PackedReader:
@@ -67,9 +112,16 @@ class PackedReader:
         self.resize_mode: str = self.metadata["resize_mode"]
         # The decoded-pixel cap the images were accepted under: a larger --max-image-pixels must read back.
         self.max_pixels: int = self.metadata["max_pixels"]
-        self.image_processor = SoloImageProcessor(resize_mode=self.resize_mode, max_pixels=self.max_pixels)
         self.vision_patch_id: int = self.tokenizer_info["vision_patch_id"]
-        self._datasets = None
+        self._datasets = self._image_processor = None
+
+    @property
+    def image_processor(self):
+        if self._image_processor is None:
+            from solo.hf.image_processing_solo import SoloImageProcessor
+
+            self._image_processor = SoloImageProcessor(resize_mode=self.resize_mode, max_pixels=self.max_pixels)
+        return self._image_processor
 
     def load_tokenizer(self):
         """The tokenizer the packs were made with, checked against the digest recorded at packing."""
@@ -93,7 +145,7 @@ class PackedReader:
     def datasets(self) -> dict:
         if self._datasets is None:  # opened lazily, so a reader pickles cheaply into workers
             names = PER_PACK_PREFIXES + (IMAGES_PREFIX,)
-            self._datasets = {name: _open_indexed(os.path.join(self.directory, name)) for name in names}
+            self._datasets = {name: IndexedFile(os.path.join(self.directory, name)) for name in names}
             if len(self._datasets["tokens"]) != self.metadata["packs"]:
                 raise ValueError(f"{self.directory}: tokens has {len(self._datasets['tokens'])} packs, "
                                  f"metadata says {self.metadata['packs']}")
@@ -101,7 +153,7 @@ class PackedReader:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_datasets"] = None
+        state["_datasets"] = state["_image_processor"] = None
         return state
 
     def __len__(self) -> int:
@@ -149,9 +201,11 @@ class PackedReader:
         return np.array(self.datasets["doc_origin"][self._check(index)], dtype=np.int64).reshape(-1, 3)
 
     def get(self, index: int, decode_images: bool = True) -> dict[str, np.ndarray]:
+        from solo.hf.image_processing_solo import PATCH_DIM  # torch: only where packs are decoded
+
         index = self._check(index)
         data = self.datasets
-        # Copies, never views: megatron's readers unmap their files when they are released.
+        # Copies, never views of the mapped files.
         tokens = np.array(data["tokens"][index], dtype=np.int32)
         loss_mask = np.array(data["loss_mask"][index], dtype=np.uint8)
         cu_seqlens = np.array(data["cu_seqlens"][index], dtype=np.int32)
@@ -161,7 +215,7 @@ class PackedReader:
         next_patch = 0
         blobs = self.image_bytes(index) if decode_images else [None] * len(layout)
         for image_number, ((offset, rows, cols), blob) in enumerate(zip(layout.tolist(), blobs)):
-            positions = (offset + 1 + np.arange(rows)[:, None] * (cols + 1) + np.arange(cols)[None, :]).reshape(-1)
+            positions = vpatch_positions(offset, rows, cols)
             if positions[-1] >= len(tokens) or np.any(tokens[positions] != self.vision_patch_id):
                 raise ValueError(f"{self.directory}: pack {index} image {image_number} layout does not match its tokens")
             indices[positions] = np.arange(next_patch, next_patch + rows * cols)

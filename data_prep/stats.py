@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from solo.hf.image_processing_solo import image_tokens_count
-
+from .packed_format import image_span
 from .reader import PackedReader
 
 FILL_EDGES = (0.0, 0.5, 0.9, 0.95, 0.99, 0.999, 1.0)
@@ -28,7 +27,7 @@ def compute_stats(directory: str) -> dict[str, Any]:
         loss_per_doc = np.add.reduceat(np.asarray(datasets["loss_mask"][index], dtype=np.int64), cu[:-1])
         layout = reader.image_layout(index).astype(np.int64)
         doc_of_image = np.searchsorted(cu, layout[:, 0], side="right") - 1
-        image_tokens = image_tokens_count(layout[:, 1], layout[:, 2])  # elementwise on the numpy columns
+        image_tokens = image_span(layout[:, 1], layout[:, 2])
         for doc, (input_index, _, piece) in enumerate(reader.doc_origin(index)):
             entry = per_source.setdefault(int(input_index), dict(documents=0, pieces=0, tokens=0, loss_tokens=0,
                                                                  vision_tokens=0, images=0, patches=0))

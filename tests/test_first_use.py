@@ -1,4 +1,4 @@
-"""What a new user meets first: fast `--help`, packs that can move, a wrong --format that fails,
+"""What a new user meets first: fast `--help`, `stats` and `plan`, packs that can move, a wrong --format that fails,
 and launchers that take the caller's relative paths."""
 
 from __future__ import annotations
@@ -71,6 +71,25 @@ def test_help_starts_without_the_model_stack():
     help_text = subprocess.run([sys.executable, "-m", "data_prep.cli", "pack", "--help"], env=python_env(),
                                capture_output=True, text=True, timeout=120).stdout
     assert "imagenet" in help_text and "--resize-mode" in help_text
+
+
+def test_stats_and_plan_start_without_the_model_stack(workspace, tmp_path):
+    assert solo_data(pack_args(workspace, tmp_path / "packed")) == 0
+    (tmp_path / "mixture.yaml").write_text("datasets:\n  - {path: packed, weight: 1}\n")
+    script = (
+        "import sys\n"
+        "from data_prep.cli import main\n"
+        f"assert main(['stats', {str(tmp_path / 'packed')!r}]) == 0\n"
+        f"assert main(['plan', {str(tmp_path / 'mixture.yaml')!r}, '--global-batch', '2', '--epochs', '1']) == 0\n"
+        f"print(sorted({{name.split('.')[0] for name in sys.modules}} & set({HEAVY!r})))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], env=python_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout.splitlines()
+    assert printed[-1] == "[]", f"stats/plan import {printed[-1]}"
+    assert "12 images" in result.stdout and "per source" in result.stdout  # stats
+    assert "iterations" in result.stdout and (tmp_path / "mixture.plan.json").exists()  # plan
 
 
 def test_help_states_the_image_processor_defaults():
