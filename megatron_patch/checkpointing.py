@@ -416,21 +416,36 @@ def load_checkpoint(cfg: Config, ckpt_dir: str, model, optimizer, *, with_optimi
     return common
 
 
-def resolve_checkpoint_dir(path: str) -> str:
-    """A SAVE_DIR (its newest verifying checkpoint) or an iter_* directory (verified)."""
-    if os.path.isdir(path) and _iterations(path):
+def resolve_checkpoint_dir(path: str, iteration: Optional[int] = None) -> str:
+    """A verified checkpoint: of a SAVE_DIR its newest verifying one (or ``iteration``), else ``path``
+    itself as an iter_* directory (which must be ``iteration`` when that is given)."""
+    path = os.fspath(path)
+    available = _iterations(path) if os.path.isdir(path) else []
+    if available and iteration is None:
         iteration, skipped = _newest_valid(path)
         for item in skipped:
             logger.warning("skipping checkpoint %s", item)
         if iteration is None:
             raise CheckpointError(f"no valid checkpoint in {path} (" + "; ".join(skipped) + ")")
         return _iter_dir(path, iteration)
+    if available:
+        if iteration not in available:
+            raise CheckpointError(f"{path} has no complete iteration {iteration}; available: {sorted(available)}")
+        chosen = _iter_dir(path, iteration)
+        reason = verify_checkpoint(chosen)
+        if reason is not None:
+            raise CheckpointError(f"{chosen} does not verify: {reason}; pick another iteration "
+                                  f"(available: {sorted(available)})")
+        return chosen
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     reason = verify_checkpoint(path)
     if reason is not None:
-        raise CheckpointError(f"{path} is neither a SAVE_DIR with iter_* checkpoints nor a valid checkpoint "
-                              f"directory: {reason}")
+        raise CheckpointError(f"{path} is not a megatron-core checkpoint: neither a SAVE_DIR with iter_* "
+                              f"checkpoints nor a valid checkpoint directory ({reason})")
+    name = os.path.basename(os.path.normpath(path))
+    if iteration is not None and name != f"{CKPT_PREFIX}{iteration:07d}":
+        raise CheckpointError(f"{path} is {name}, not iteration {iteration}")
     return path
 
 

@@ -34,7 +34,7 @@ from megatron_patch.checkpointing import (
     CKPT_PREFIX as ITER_PREFIX,
     LATEST_FILE,
     TOKENIZER_DIR,
-    verify_checkpoint,
+    resolve_checkpoint_dir,
     write_complete_marker,
 )
 from megatron_patch.model.state_dict_mapping import MAPPINGS, Architecture, expected_shapes
@@ -202,33 +202,6 @@ def _check_hf_shapes(weights: HFWeights, config: Dict[str, Any], arch: Architect
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_iteration(ckpt: str | os.PathLike, iteration: Optional[int] = None) -> Tuple[Path, Path]:
-    """(iter_* directory, SAVE_DIR) of a SAVE_DIR (latest unless ``iteration``) or an iter_* directory."""
-    path = Path(ckpt)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {ckpt} is not a directory")
-    if path.name.startswith(ITER_PREFIX) and (path / "metadata.json").is_file():
-        if iteration is not None and int(path.name[len(ITER_PREFIX):]) != iteration:
-            raise CheckpointError(f"{ckpt} is iteration {int(path.name[len(ITER_PREFIX):])}, not --iteration {iteration}")
-        return path, path.parent
-    available = sorted(int(p.name[len(ITER_PREFIX):]) for p in path.iterdir()
-                       if p.name.startswith(ITER_PREFIX) and p.name[len(ITER_PREFIX):].isdigit())
-    if iteration is None:
-        latest = path / LATEST_FILE
-        if not latest.is_file():
-            raise CheckpointError(
-                f"{ckpt} is not a megatron-core checkpoint directory (no {LATEST_FILE}, no iter_* with metadata.json)"
-            )
-        iteration = int(latest.read_text(encoding="utf-8").strip())
-    chosen = path / f"{ITER_PREFIX}{iteration:07d}"
-    if not (chosen / "metadata.json").is_file():
-        raise CheckpointError(f"{ckpt} has no complete iteration {iteration}; available: {available or 'none'}")
-    reason = verify_checkpoint(str(chosen))
-    if reason is not None:
-        raise CheckpointError(f"{chosen} does not verify: {reason}; pick another --iteration (available: {available})")
-    return chosen, path
-
-
 class CheckpointReader:
     """Reads slices of a ``torch_dist`` checkpoint's global tensors (e.g. one layer of a layer-stacked
     tensor) straight from its files with torch.distributed.checkpoint, whatever TP/PP wrote it.
@@ -289,7 +262,8 @@ def convert_mcore_to_hf(
     """Export a megatron-core SOLO checkpoint (any TP/PP) as a Hugging Face directory (atomic)."""
     from megatron.core import dist_checkpointing
 
-    iter_dir, save_dir = resolve_iteration(ckpt, iteration)
+    iter_dir = Path(resolve_checkpoint_dir(ckpt, iteration))
+    save_dir = iter_dir.parent
     try:
         common = dist_checkpointing.load_common_state_dict(str(iter_dir))
     except Exception as error:  # noqa: BLE001 - any unreadable common state means the same to the user

@@ -10,7 +10,7 @@ import pytest
 
 from test_megatron_train import REPO, env, latest, metrics, run, train_cmd
 
-from megatron_patch.checkpointing import _newest_valid, verify_checkpoint
+from megatron_patch.checkpointing import CheckpointError, _newest_valid, resolve_checkpoint_dir, verify_checkpoint
 
 TWO_CHECKPOINTS = ["training.train_iters=4", "checkpoint.save_interval=2", "checkpoint.keep_last=3"]
 
@@ -58,6 +58,25 @@ def test_garbage_latest_file_and_missing_iteration_dir_are_skipped(saved, tmp_pa
     (save / "latest_checkpointed_iteration.txt").write_text("6")  # names a directory that is gone
     iteration, skipped = _newest_valid(str(save))
     assert iteration == 4 and "iter_0000006" in skipped[0] and "missing" in skipped[0]
+
+
+def test_one_resolver_for_init_from_eval_and_export(saved, tmp_path):
+    """init_from, the demo's evaluation and `solo convert mcore-to-hf [--iteration N]` resolve alike."""
+    save = tmp_path / "save"
+    shutil.copytree(saved, save)
+    assert resolve_checkpoint_dir(str(save)) == str(save / "iter_0000004")
+    assert resolve_checkpoint_dir(str(save), 2) == str(save / "iter_0000002")
+    assert resolve_checkpoint_dir(str(save / "iter_0000002"), 2) == str(save / "iter_0000002")
+    with pytest.raises(CheckpointError, match=r"no complete iteration 3; available: \[2, 4\]"):
+        resolve_checkpoint_dir(str(save), 3)
+    with pytest.raises(CheckpointError, match="is iter_0000002, not iteration 4"):
+        resolve_checkpoint_dir(str(save / "iter_0000002"), 4)
+    CORRUPTIONS["truncated common.pt"](save / "iter_0000004")
+    assert resolve_checkpoint_dir(str(save)) == str(save / "iter_0000002")  # the newest that verifies
+    with pytest.raises(CheckpointError, match="iter_0000004 does not verify"):
+        resolve_checkpoint_dir(str(save), 4)  # asked for by number: refused, never swapped silently
+    with pytest.raises(CheckpointError, match="not a megatron-core checkpoint"):
+        resolve_checkpoint_dir(str(save / "iter_0000004"))
 
 
 def test_resume_falls_back_with_a_warning_and_fails_cleanly_when_nothing_is_valid(saved, tmp_path):
