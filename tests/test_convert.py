@@ -1,6 +1,8 @@
 """`solo convert`: HF <-> megatron-core (bitwise, any TP/PP through the training loader), the
 released SOLO-7B layout, the SOLO-7B window semantics, and clear errors on bad inputs."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -15,6 +17,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from run_together import free_ports, run_together
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "megatron_patch" / "recipes" / "debug_cpu.yaml")
 TINY_ARCH = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
@@ -27,12 +31,28 @@ def env():
     return e
 
 
-def solo(*args, expect_rc=0):
-    proc = subprocess.run([sys.executable, "-m", "solo.cli", "convert", *map(str, args)], cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=300)
+def _check(proc, expect_rc):
     if expect_rc is not None and proc.returncode != expect_rc:
         raise AssertionError(f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def solo_process(*args, expect_rc=0):
+    """`python -m solo.cli convert ARGS` in a process of its own."""
+    return _check(subprocess.run([sys.executable, "-m", "solo.cli", "convert", *map(str, args)], cwd=REPO,
+                                 env=env(), capture_output=True, text=True, timeout=300), expect_rc)
+
+
+def solo(*args, expect_rc=0):
+    """`solo convert ARGS` through the command's own entry point (`solo.cli.main`) in this process: the
+    same parsing, conversion and exit status as `solo_process`, without the ~7 s a fresh interpreter
+    spends importing torch, transformers and megatron-core (the `mcore` fixture runs it as a process)."""
+    from solo.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["convert", *map(str, args)])
+    return _check(subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue()), expect_rc)
 
 
 def _free_port() -> int:
@@ -41,14 +61,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(save, *overrides, nproc=1, expect_rc=0):
+def train_cmd(save, *overrides, nproc=1):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                 str(_free_port())] if nproc > 1 else [sys.executable]  # torchrun reports every failure as rc 1
-    cmd = launcher + ["-m", "megatron_patch.train", "--config", RECIPE, f"checkpoint.save={save}", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
-    if expect_rc is not None and proc.returncode != expect_rc:
-        raise AssertionError(f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+    return launcher + ["-m", "megatron_patch.train", "--config", RECIPE, f"checkpoint.save={save}", *overrides]
+
+
+def train(save, *overrides, nproc=1, expect_rc=0):
+    proc = subprocess.run(train_cmd(save, *overrides, nproc=nproc), cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=600)
+    return _check(proc, expect_rc)
 
 
 def tensors(directory):
@@ -83,7 +105,7 @@ def solo_hf(work):
 
 @pytest.fixture(scope="module")
 def mcore(work, solo_hf):
-    solo("hf-to-mcore", "--hf", solo_hf, "--out", work / "mcore")
+    solo_process("hf-to-mcore", "--hf", solo_hf, "--out", work / "mcore")
     return work / "mcore"
 
 
@@ -218,11 +240,14 @@ def test_converted_checkpoint_trains_and_trained_model_exports(work, solo_hf, mc
 
 
 def test_training_refuses_hf_directory_and_other_architecture(work, solo_hf, mcore):
-    proc = train(work / "refused_hf", *TINY_ARCH, f"checkpoint.init_from={solo_hf}", expect_rc=2)
-    assert "solo convert hf-to-mcore --hf" in proc.stderr
     other = [a for a in TINY_ARCH if "ffn" not in a] + ["model.ffn_hidden_size=96"]
-    proc = train(work / "refused_arch", *other, f"checkpoint.init_from={mcore}", expect_rc=2)
-    assert "model.ffn_hidden_size=96" in proc.stderr and "ffn_hidden_size=128" in proc.stderr
+    # Two independent single-process runs, started together (each is mostly start-up on one core).
+    commands = [train_cmd(work / "refused_hf", *TINY_ARCH, f"checkpoint.init_from={solo_hf}"),
+                train_cmd(work / "refused_arch", *other, f"checkpoint.init_from={mcore}")]
+    envs = [dict(env(), MASTER_PORT=str(port)) for port in free_ports(2)]
+    hf_dir, arch = [_check(proc, 2) for proc in run_together(commands, envs, cwd=REPO)]
+    assert "solo convert hf-to-mcore --hf" in hf_dir.stderr
+    assert "model.ffn_hidden_size=96" in arch.stderr and "ffn_hidden_size=128" in arch.stderr
 
 
 def _released_layout(work, solo_hf, rope_theta=1e6):
@@ -268,7 +293,7 @@ def test_bad_inputs_give_clear_errors(work, solo_hf, mcore):
     from solo.hf_checkpoint import CheckpointError
     from solo.outputs import OutputError
 
-    # Through the CLI once: exit status 2 and the message; then the same functions in-process.
+    # Through the command line once (its main: exit status 2 and the message); then the functions themselves.
     (work / "occupied").mkdir(exist_ok=True)
     (work / "occupied" / "x").write_text("x")
     assert "not empty" in solo("hf-to-mcore", "--hf", solo_hf, "--out", work / "occupied", expect_rc=2).stderr

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from run_together import run_together
 from test_megatron_train import REPO, env, latest, metrics, run, train_cmd
 
 from megatron_patch.checkpointing import CheckpointError, _newest_valid, resolve_checkpoint_dir, verify_checkpoint
@@ -83,19 +84,24 @@ def test_resume_falls_back_with_a_warning_and_fails_cleanly_when_nothing_is_vali
     save = tmp_path / "save"
     shutil.copytree(saved, save)
     CORRUPTIONS["truncated .distcp"](save / "iter_0000004")
-    proc = run(save, "training.train_iters=5", "checkpoint.save_interval=100")
-    out = proc.stdout + proc.stderr
-    assert "skipping checkpoint" in out and "iter_0000004" in out
-    assert "resumed from" in out and "at iteration 2" in out
-    assert [r["step"] for r in metrics(save)] == [1, 2, 3, 4, 5] and latest(save) == 5
-
     broken = tmp_path / "broken"
     shutil.copytree(saved, broken)
     for ckpt in broken.glob("iter_*"):
         (ckpt / "common.pt").unlink()
-    proc = run(broken, *TWO_CHECKPOINTS, expect_rc=2)
-    assert "no valid checkpoint in" in proc.stderr and "iter_0000002" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    # Two independent single-process runs, started together (each is mostly start-up on one core).
+    commands = [train_cmd(save, "training.train_iters=5", "checkpoint.save_interval=100"),
+                train_cmd(broken, *TWO_CHECKPOINTS)]
+    resumed, refused = run_together(commands, [env(), env()], cwd=REPO, timeout=300)
+
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out[-4000:]
+    assert "skipping checkpoint" in out and "iter_0000004" in out
+    assert "resumed from" in out and "at iteration 2" in out
+    assert [r["step"] for r in metrics(save)] == [1, 2, 3, 4, 5] and latest(save) == 5
+
+    assert refused.returncode == 2, (refused.stdout + refused.stderr)[-4000:]
+    assert "no valid checkpoint in" in refused.stderr and "iter_0000002" in refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 def test_a_second_run_on_the_same_save_directory_is_refused_and_a_dead_runs_lock_does_not_block(tmp_path):

@@ -14,6 +14,8 @@ from data_prep.synthetic import jpeg_bytes, photo_like
 from solo.cli import main as solo_main
 from solo.tiny import make_base_checkpoint
 
+from run_together import free_ports, run_together
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -156,11 +158,13 @@ def test_plan_refuses_infinite_epochs(tokenizer_dir, tmp_path, capsys):
 def test_training_names_a_missing_data_path_and_a_broken_mixture(tmp_path):
     broken = tmp_path / "mix.yaml"
     broken.write_text("datasets:\n  - {path: somewhere, weight: .inf}\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for data, message in ((tmp_path / "no_such_packs", "does not exist"), (broken, "finite number > 0, got inf")):
-        proc = subprocess.run([sys.executable, "-m", "megatron_patch.train", "--config",
-                               str(REPO / "megatron_patch" / "recipes" / "debug_cpu.yaml"), f"data.path={data}",
-                               "data.pad_token_id=", f"checkpoint.save={tmp_path / 'run'}"],
-                              capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    cases = ((tmp_path / "no_such_packs", "does not exist"), (broken, "finite number > 0, got inf"))
+    commands = [[sys.executable, "-m", "megatron_patch.train", "--config",
+                 str(REPO / "megatron_patch" / "recipes" / "debug_cpu.yaml"), f"data.path={data}",
+                 "data.pad_token_id=", f"checkpoint.save={tmp_path / f'run{number}'}"]
+                for number, (data, _) in enumerate(cases)]
+    envs = [dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_PORT=str(port)) for port in free_ports(2)]
+    # Independent single-process runs, started together (each is mostly start-up on one core).
+    for proc, (_, message) in zip(run_together(commands, envs, cwd=REPO, timeout=300), cases):
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -12,7 +12,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pytest
@@ -23,10 +25,20 @@ ITERS = 4
 BASE = [f"training.train_iters={ITERS}", "checkpoint.save_interval=2", "checkpoint.keep_last=2"]
 
 
+_PORTS_GIVEN: set = set()
+_PORTS_LOCK = threading.Lock()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free local port, never one this module handed out before (runs overlap, see `runs`)."""
+    with _PORTS_LOCK:
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _PORTS_GIVEN:
+                _PORTS_GIVEN.add(port)
+                return port
 
 
 def train_cmd(save, *overrides, nproc=1):
@@ -77,11 +89,87 @@ def init_ckpt(workdir):
     return save
 
 
+# Dropout from the recipe, warm-up of one step so that the 4-step cosine decays within the run (the
+# schedule test below reads its LRs). Used by the chunked run that three tests check.
+DROPOUT = ["model.hidden_dropout=0.2", "model.attention_dropout=0.2", "training.train_iters=4",
+           "checkpoint.save_interval=1000", "optimizer.warmup_iters=1"]
+
+
+def _chunked_dropout_run(workdir, init_ckpt):
+    """training.exit_after_iters=2 of a 4-step run with dropout, then the same command again; and the
+    checkpoint of the first chunk resumed with training.train_iters=6 (a copy, taken between the two)."""
+    args = [*DROPOUT, f"checkpoint.init_from={init_ckpt}", "training.exit_after_iters=2"]
+    save, longer = workdir / "dropout_chunks", workdir / "schedule"
+    run(save, *args)
+    first = {"latest": latest(save), "metrics": metrics(save)}
+    shutil.copytree(save, longer)
+    run(save, *args)
+    resumed = run(longer, *[a for a in args if "exit_after" not in a], "training.train_iters=6")
+    return {"first_chunk": first, "save": save, "longer": longer, "longer_output": resumed.stdout + resumed.stderr}
+
+
+class Runs:
+    """The module's independent single-process training runs, started ahead of the tests that check
+    them, two at a time. Most of such a run is start-up on one CPU core (imports, process group, the
+    first checkpoint save), so on a 2-core machine two of them take the time of one. A test waits for
+    its own run with `result(name)`; the timing-sensitive tests (a kill at a given moment) call
+    `quiet()` first so that nothing else runs beside them."""
+
+    def __init__(self, jobs):
+        self.jobs, self.futures = jobs, {}
+        self.executor = ThreadPoolExecutor(max_workers=2)
+
+    def start(self, name):
+        if name not in self.futures:
+            self.futures[name] = self.executor.submit(self.jobs[name])
+        return self.futures[name]
+
+    def result(self, name):
+        return self.start(name).result()
+
+    def quiet(self):
+        wait(list(self.futures.values()))
+
+
 @pytest.fixture(scope="module")
-def reference(workdir, init_ckpt):
-    save = workdir / "ref"
-    run(save, *BASE, f"checkpoint.init_from={init_ckpt}")
-    m = metrics(save)
+def runs(request, workdir, init_ckpt):
+    init = f"checkpoint.init_from={init_ckpt}"
+    nan = [*BASE, init, "training.inject_nan_at_step=2"]
+
+    def next_stage():  # waits inside the pool for "reference", which is always submitted first
+        pool.result("reference")
+        return run(workdir / "next_stage", "training.train_iters=2", "checkpoint.save_interval=1000",
+                   f"checkpoint.init_from={workdir / 'ref'}", "checkpoint.init_load_optimizer=true")
+
+    dropout_tests = "test_resume_with_dropout_is_bitwise test_resume_with_another_train_iters_keeps_the_schedule"
+    jobs = {  # name: (the tests that check it, the run)
+        "reference": (None, lambda: run(workdir / "ref", *BASE, init)),
+        "mbs2": ("test_micro_batch_2_matches_2x1",
+                 lambda: run(workdir / "mbs2", *BASE, init, "data.micro_batch_size=2")),
+        "nan_stop": ("test_nonfinite_loss_stops_or_skips", lambda: run(workdir / "nan_stop", *nan, expect_rc=3)),
+        "nan_skip": ("test_nonfinite_loss_stops_or_skips",
+                     lambda: run(workdir / "nan_skip", *nan, "training.on_nonfinite=skip")),
+        "learn": ("test_loss_falls_on_synthetic_image_task",
+                  lambda: run(workdir / "learn", "training.train_iters=60", "checkpoint.save_interval=1000")),
+        "dropout_straight": (dropout_tests, lambda: run(workdir / "dropout_straight", *DROPOUT, init)),
+        "dropout_chunks": (dropout_tests + " test_exit_after_iters_saves_and_the_same_command_continues",
+                           lambda: _chunked_dropout_run(workdir, init_ckpt)),
+        "next_stage": ("test_next_stage_starts_from_previous_with_schedule_reset", next_stage),
+    }
+    pool = Runs({name: job for name, (_, job) in jobs.items()})
+    selected = {item.originalname for item in request.session.items if item.module is request.module}
+    for name, (tests, _) in jobs.items():  # only the runs the selected tests check
+        if tests is None or selected & set(tests.split()):
+            pool.start(name)
+    yield pool
+    pool.quiet()
+    pool.executor.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(workdir, runs):
+    runs.result("reference")
+    m = metrics(workdir / "ref")
     assert [r["step"] for r in m] == list(range(1, ITERS + 1))
     return m
 
@@ -128,18 +216,18 @@ def test_data_parallel_2_matches_1(workdir, init_ckpt, reference):
     assert_same_losses(metrics(save), reference)
 
 
-def test_micro_batch_2_matches_2x1(workdir, init_ckpt, reference):
-    save = workdir / "mbs2"
-    run(save, *BASE, f"checkpoint.init_from={init_ckpt}", "data.micro_batch_size=2")
-    got = metrics(save)
+def test_micro_batch_2_matches_2x1(workdir, runs, reference):
+    runs.result("mbs2")
+    got = metrics(workdir / "mbs2")
     assert_same_losses(got, reference)
     for g, r in zip(got, reference):
         assert g["sample_ids"] == r["sample_ids"], "same samples in the same order"
 
 
-def test_resume_after_kill_9_is_bitwise(workdir, init_ckpt, reference):
+def test_resume_after_kill_9_is_bitwise(workdir, init_ckpt, reference, runs):
     """Killed in the middle of writing checkpoint 4: the save goes through iter_N.tmp, so `latest`
     stays on checkpoint 2 and the same command resumes from it bitwise."""
+    runs.quiet()  # nothing beside this run: the kill must land while the save is in progress
     save = workdir / "killed"
     args = [*BASE, f"checkpoint.init_from={init_ckpt}", "training.step_sleep_s=0.4"]
     in_progress = save / "iter_0000004.tmp"
@@ -180,7 +268,8 @@ def test_tp2_checkpoint_resumes_at_tp1(workdir, tp2_run, reference):
         assert g["sample_ids"] == r["sample_ids"]
 
 
-def test_sigterm_saves_a_resumable_checkpoint(workdir):
+def test_sigterm_saves_a_resumable_checkpoint(workdir, runs):
+    runs.quiet()
     save = workdir / "sigterm"
     # One DataLoader worker per rank: it gets the SIGTERM too and must not take the step down.
     args = ["training.train_iters=500", "checkpoint.save_interval=1000", "training.step_sleep_s=0.2",
@@ -206,15 +295,14 @@ def test_sigterm_saves_a_resumable_checkpoint(workdir):
     assert latest(save) == stopped + 1
 
 
-def test_nonfinite_loss_stops_or_skips(workdir, init_ckpt, reference):
+def test_nonfinite_loss_stops_or_skips(workdir, runs, reference):
     save = workdir / "nan_stop"
-    proc = run(save, *BASE, f"checkpoint.init_from={init_ckpt}", "training.inject_nan_at_step=2", expect_rc=3)
+    proc = runs.result("nan_stop")  # training.inject_nan_at_step=2, rc 3
     assert "non-finite loss or gradient at step 2" in proc.stdout + proc.stderr
     assert [r["step"] for r in metrics(save)] == [1]
     assert latest(save) is None  # nothing saved from the poisoned step
-    save = workdir / "nan_skip"
-    run(save, *BASE, f"checkpoint.init_from={init_ckpt}", "training.inject_nan_at_step=2", "training.on_nonfinite=skip")
-    m = metrics(save)
+    runs.result("nan_skip")  # the same with training.on_nonfinite=skip
+    m = metrics(workdir / "nan_skip")
     assert [r["skipped"] for r in m] == [False, True, False, False]
     assert m[0]["loss"] == reference[0]["loss"] and m[0]["grad_norm"] == reference[0]["grad_norm"]
     assert m[1]["loss"] != m[1]["loss"] and m[1]["grad_norm"] is None  # the poisoned step: NaN, no update
@@ -224,10 +312,9 @@ def test_nonfinite_loss_stops_or_skips(workdir, init_ckpt, reference):
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in (m[0], m[2], m[3]))
 
 
-def test_loss_falls_on_synthetic_image_task(workdir):
-    save = workdir / "learn"
-    run(save, "training.train_iters=60", "checkpoint.save_interval=1000")
-    m = metrics(save)
+def test_loss_falls_on_synthetic_image_task(workdir, runs):
+    runs.result("learn")  # 60 iterations from scratch
+    m = metrics(workdir / "learn")
     first, last = m[0], m[-5:]
     mean = lambda key: sum(r[key] for r in last) / len(last)  # noqa: E731
     assert mean("loss") < 0.6 * first["loss"], (first["loss"], mean("loss"))
@@ -314,13 +401,11 @@ def test_trains_on_real_packed_mixture(workdir):
     assert saved["data"]["pad_token_id"] == tok.pad_token_id
 
 
-def test_next_stage_starts_from_previous_with_schedule_reset(workdir, reference):
+def test_next_stage_starts_from_previous_with_schedule_reset(workdir, runs, reference):
     """Stage chaining: init_from a previous SAVE_DIR restarts iteration, LR schedule and data,
     keeping the trained weights (and here the optimizer state, init_load_optimizer=true)."""
-    save = workdir / "next_stage"
-    run(save, "training.train_iters=2", "checkpoint.save_interval=1000",
-        f"checkpoint.init_from={workdir / 'ref'}", "checkpoint.init_load_optimizer=true")
-    m = metrics(save)
+    runs.result("next_stage")  # 2 steps from the reference run's SAVE_DIR
+    m = metrics(workdir / "next_stage")
     assert [r["step"] for r in m] == [1, 2]
     assert [r["consumed_samples"] for r in m] == [4, 8]
     assert [r["lr"] for r in m] == [r["lr"] for r in reference[:2]]  # warm-up restarted
@@ -329,51 +414,41 @@ def test_next_stage_starts_from_previous_with_schedule_reset(workdir, reference)
     assert m[0]["loss"] < reference[0]["loss"]  # but the weights are the trained ones
 
 
-def test_exit_after_iters_saves_and_the_same_command_continues(workdir):
+def test_exit_after_iters_saves_and_the_same_command_continues(runs):
     """For time-limited allocations: stop after N iterations of this run, with a checkpoint."""
-    save = workdir / "chunks"
-    args = ["training.train_iters=4", "training.exit_after_iters=2", "checkpoint.save_interval=1000"]
-    run(save, *args)
-    assert latest(save) == 2 and [r["step"] for r in metrics(save)] == [1, 2]
-    run(save, *args)
+    chunks = runs.result("dropout_chunks")  # training.train_iters=4 training.exit_after_iters=2, run twice
+    first = chunks["first_chunk"]
+    assert first["latest"] == 2 and [r["step"] for r in first["metrics"]] == [1, 2]
+    save = chunks["save"]
     assert latest(save) == 4 and [r["step"] for r in metrics(save)] == [1, 2, 3, 4]
 
 
-def test_resume_with_another_train_iters_keeps_the_schedule(workdir, init_ckpt):
-    """Resuming with a longer training.train_iters must not re-stretch the cosine (the LR would jump)."""
-    short = ["checkpoint.save_interval=2", "optimizer.warmup_iters=1", f"checkpoint.init_from={init_ckpt}"]
-    save = workdir / "schedule"
-    run(save, "training.train_iters=4", *short)
-    first = metrics(save)
-    shutil.rmtree(save / "iter_0000004")
-    (save / "latest_checkpointed_iteration.txt").write_text("2")
-    (save / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first[:2]))
-    proc = run(save, "training.train_iters=6", *short)
+def test_resume_with_another_train_iters_keeps_the_schedule(workdir, runs):
+    """Resuming with a longer training.train_iters must not re-stretch the cosine (the LR would jump):
+    the checkpoint of a 4-step run stopped at 2 (exit_after_iters) resumed with train_iters=6."""
+    runs.result("dropout_straight")
+    first = metrics(workdir / "dropout_straight")  # the 4-step run, uninterrupted
+    chunks = runs.result("dropout_chunks")
+    save = chunks["longer"]
     resumed = metrics(save)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     # Steps 3-4 follow the schedule the run started with, bit for bit; after its end, min_lr.
     assert [r["lr"] for r in resumed[2:4]] == [r["lr"] for r in first[2:4]]
     assert resumed[2]["lr"] > resumed[3]["lr"] > 3.0e-4
     assert [r["lr"] for r in resumed[4:]] == [3.0e-4, 3.0e-4]
-    output = proc.stdout + proc.stderr
+    output = chunks["longer_output"]
     assert "keeps the schedule this run started with: lr_decay_steps=4 iterations (recipe now 6)" in output
     assert f"checkpoint.init_from={save}" in output
 
 
-def test_resume_with_dropout_is_bitwise(workdir, init_ckpt):
+def test_resume_with_dropout_is_bitwise(workdir, runs, reference):
     """Dropout from the recipe; the RNG state saved with the checkpoint makes resume exact."""
-    dropout = ["model.hidden_dropout=0.2", "model.attention_dropout=0.2", f"checkpoint.init_from={init_ckpt}",
-               "training.train_iters=4", "checkpoint.save_interval=1000"]
-    straight = workdir / "dropout_straight"
-    run(straight, *dropout)
-    expected = metrics(straight)
-    no_dropout = workdir / "no_dropout"
-    run(no_dropout, *dropout[2:], "training.train_iters=1")
-    assert expected[0]["loss"] != metrics(no_dropout)[0]["loss"], "dropout is applied"
-    resumed = workdir / "dropout_resumed"
-    run(resumed, *dropout, "training.exit_after_iters=2")
-    assert latest(resumed) == 2
-    run(resumed, *dropout, "training.exit_after_iters=2")
-    got = metrics(resumed)
+    runs.result("dropout_straight")
+    expected = metrics(workdir / "dropout_straight")
+    # The reference run starts from the same weights and data without dropout.
+    assert expected[0]["loss"] != reference[0]["loss"], "dropout is applied"
+    chunks = runs.result("dropout_chunks")  # the same command, stopped after 2 steps, then run again
+    assert chunks["first_chunk"]["latest"] == 2
+    got = metrics(chunks["save"])
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     assert [(r["loss"], r["grad_norm"]) for r in got] == [(r["loss"], r["grad_norm"]) for r in expected]
