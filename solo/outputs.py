@@ -9,7 +9,7 @@ exports, `solo-data pack`, checkpoints):
 - ``write_json_atomic`` / ``write_text_atomic``: one file replaced atomically.
 - ``read_capped`` / ``read_file_capped``: read at most ``limit`` bytes (+1 to detect more), never an
   unbounded read; ``open_regular_file`` opens only regular files (a FIFO hangs, /dev/zero never ends).
-- ``no_space_message``: disk-full errors turned into what the user should do.
+- ``is_disk_full`` / ``no_space_message``: disk-full errors recognised and turned into what the user should do.
 """
 
 from __future__ import annotations
@@ -123,14 +123,18 @@ def atomic_output_dir(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, target)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
+        if is_disk_full(exc):
             raise OutputError(no_space_message(target.parent)) from exc
         raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC, also as writers outside Python's I/O report it (safetensors: "... (os error 28)")."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    return type(exc).__name__ == "SafetensorError" and f"(os error {errno.ENOSPC})" in str(exc)
 
 
 def no_space_message(path: str | os.PathLike) -> str:

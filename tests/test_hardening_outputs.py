@@ -102,16 +102,21 @@ def small_disk(tmp_path):
 
 def test_disk_full_gives_the_same_message_in_pack_and_create(base_dir, tokenizer_dir, small_disk, tmp_path):
     source = caption_source(tmp_path / "data", count=40)
-    (small_disk / "filler").write_bytes(b"\0" * (3 * 1024 * 1024 - 64 * 1024))  # leave 64 KiB
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    for command in ([sys.executable, "-m", "data_prep.cli", *pack_args(source, tokenizer_dir, small_disk / "packed")],
-                    [sys.executable, "-m", "solo.cli", "create", "--base", str(base_dir), "--out",
-                     str(small_disk / "solo")]):
+    filler = small_disk / "filler"
+    # create fills the disk while safetensors writes the weights (1000 KiB free; the tiny model is larger);
+    # pack while it writes its packs (64 KiB free).
+    for free, command in ((1000, [sys.executable, "-m", "solo.cli", "create", "--base", str(base_dir), "--out",
+                                  str(small_disk / "solo")]),
+                          (64, [sys.executable, "-m", "data_prep.cli",
+                                *pack_args(source, tokenizer_dir, small_disk / "packed")])):
+        filler.write_bytes(b"\0" * (3 * 1024 * 1024 - free * 1024))
         proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
         assert proc.returncode == 2, proc.stderr[-2000:]
-        assert "no space left on" in proc.stderr and "free space and run the same command again" in proc.stderr
+        assert f"no space left on {small_disk}" in proc.stderr and "free space and run the same command again" in proc.stderr
         assert "Traceback" not in proc.stderr
     assert not (small_disk / "solo").exists()  # nothing half-written looks like a checkpoint
+    assert not [name for name in os.listdir(small_disk) if name.startswith(".solo")]  # its staging is gone
 
 
 def test_corrupt_safetensors_is_named(base_dir, tmp_path, capsys):
