@@ -8,7 +8,18 @@ import os
 import sys
 
 
+def _without_deepspeed() -> None:
+    """For commands that never use DeepSpeed (create, convert, eval): transformers imports accelerate,
+    which imports DeepSpeed when it is installed, and without a GPU DeepSpeed warns that it falls back to
+    its CPU accelerator. Naming that same accelerator keeps the warning, which a user cannot act on, away."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def _create(args: argparse.Namespace) -> int:
+    _without_deepspeed()
     from solo.create import CreateError, create_solo_checkpoint
     from solo.outputs import OutputError
 
@@ -26,6 +37,7 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    _without_deepspeed()
     from solo.hf_checkpoint import CheckpointError
     from solo.outputs import OutputError
 
@@ -103,6 +115,7 @@ def _add_convert(commands) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    _without_deepspeed()
     from solo.eval import EvalDataError
     from solo.eval.runner import run_eval
     from solo.outputs import OutputError
