@@ -91,7 +91,8 @@ def _add_convert(commands) -> None:
         "AutoModelForCausalLM/AutoProcessor (trust_remote_code=True). The tokenizer saved beside the checkpoints is "
         "used unless --tokenizer; the checkpoint's dtype is kept unless --dtype.",
     )
-    to_hf.add_argument("--ckpt", required=True, help="a training SAVE_DIR (its newest checkpoint that verifies) or an iter_* directory")
+    to_hf.add_argument("--ckpt", required=True,
+                       help="a training SAVE_DIR (its newest checkpoint that verifies) or an iter_* directory")
     to_hf.add_argument("--iteration", type=int, help="export this iteration instead of the newest")
     to_hf.add_argument("--out", required=True, help="output directory (written atomically)")
     to_hf.add_argument("--tokenizer", help="tokenizer/processor directory (default: CKPT/tokenizer)")
