@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 
 # Only light imports here: the model stack (torch, transformers, megatron-core) loads inside the
@@ -145,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"solo-data {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `solo-data stats DIR | head`: the reader has stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit fails again
+        return 1
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise

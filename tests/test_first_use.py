@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -90,6 +91,10 @@ def test_stats_and_plan_start_without_the_model_stack(workspace, tmp_path):
     assert printed[-1] == "[]", f"stats/plan import {printed[-1]}"
     assert "12 images" in result.stdout and "per source" in result.stdout  # stats
     assert "iterations" in result.stdout and (tmp_path / "mixture.plan.json").exists()  # plan
+    # Piped into a reader that stops reading (`| head`): no traceback.
+    piped = subprocess.run(f"{shlex.quote(sys.executable)} -m data_prep.cli stats {shlex.quote(str(tmp_path / 'packed'))} | true", shell=True,
+                           env=python_env(), capture_output=True, text=True, timeout=120)
+    assert piped.stderr == ""
 
 
 def test_help_states_the_image_processor_defaults():
