@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import socket
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
@@ -48,6 +47,7 @@ from solo.hf_checkpoint import (
     write_processor,
 )
 from solo.outputs import atomic_output_dir, write_text_atomic
+from solo.processes import free_local_port
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # ModelConfig fields that define the architecture (what the checkpoint carries and training checks).
@@ -67,10 +67,7 @@ def single_process_group() -> Iterator[None]:
     if dist.is_initialized():
         yield
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    store = dist.TCPStore("127.0.0.1", port, 1, is_master=True)
+    store = dist.TCPStore("127.0.0.1", free_local_port(), 1, is_master=True)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         yield

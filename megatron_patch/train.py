@@ -14,12 +14,10 @@ lr, grad_norm, tokens_per_s, consumed_samples, sample_ids, mfu on GPU).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -57,7 +55,10 @@ def init_distributed(cfg: Config) -> None:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_PORT" not in os.environ:  # a process of its own (no launcher): any free port
+            from solo.processes import free_local_port
+
+            os.environ["MASTER_PORT"] = str(free_local_port())
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")

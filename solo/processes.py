@@ -1,8 +1,16 @@
-"""Process liveness, for helpers that must not outlive the process that started them."""
+"""Process helpers: liveness (for helpers that must not outlive their starter) and a free local port."""
 
 from __future__ import annotations
 
 import os
+import socket
+
+
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a process group of one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def process_gone(pid: int) -> bool:

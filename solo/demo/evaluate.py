@@ -75,17 +75,8 @@ def _load_questions(path: str) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _megatron_model(ckpt: str):
     """The trained SoloGPTModel of a SAVE_DIR (or iter_* dir), on one process (TP=PP=1)."""
-    import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     from megatron_patch import compat
@@ -96,8 +87,6 @@ def _megatron_model(ckpt: str):
 
     ckpt_dir = resolve_checkpoint_dir(ckpt)
     compat.apply()
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)
     cfg = build_dataclass(Config, common["config"])
     cfg.parallel.tensor_model_parallel_size = cfg.parallel.pipeline_model_parallel_size = 1
@@ -160,13 +149,12 @@ def greedy_answers_megatron(model, vocab_size: int, eos_id: int, prompts: list, 
 def evaluate_megatron(ckpt: str, packed: str, records: list[dict]) -> dict:
     """Accuracy of the checkpoint on the packed held-out set (documents mapped back to `records`)."""
     import numpy as np
-    from transformers import AutoTokenizer
 
     from data_prep.reader import PackedReader
 
     model, cfg = _megatron_model(ckpt)
     reader = PackedReader(packed)
-    tokenizer = AutoTokenizer.from_pretrained(reader.tokenizer_dir)
+    tokenizer = reader.load_tokenizer()
     prompts, ids = [], []
     for pack_index in range(len(reader)):
         pack = reader[pack_index]
