@@ -344,3 +344,38 @@ def test_gpu_benchmark_code_runs_tiny_on_cpu(tmp_path):
     assert local["tokens_per_s"] > 0 and local["mfu"] > 0
     assert 0.95 <= local["real_token_fraction"] < 1.0  # padding is not counted as work
     assert set(report["goals"]) == {"flex_mfu_at_least_40pct", "flex_at_least_3x_per_document"}
+
+
+def test_trainer_runs_in_one_process_resume_exactly(tmp_path):
+    """tests/train_in_one_process.py, with which the GPU check compiles once for all its trainer runs:
+    the GPU test's save/resume sequence on CPU in ONE process. Every run after the first starts
+    cleanly, and the runs resumed from each checkpoint format give the uninterrupted run's losses
+    exactly (fp32 on CPU)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from train_in_one_process import resume_sequence
+
+    repo = Path(__file__).resolve().parents[1]
+    runs = resume_sequence(tmp_path, str(repo / "megatron_patch" / "recipes" / "debug_cpu.yaml"),
+                           "checkpoint.keep_last=3")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.run([sys.executable, str(repo / "tests" / "train_in_one_process.py"),
+                           json.dumps(runs["full"] + runs["split"])], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [line for line in proc.stdout.splitlines() if line.startswith("RUN ")] == [
+        "RUN 0 rc=0", "RUN 1 rc=0", "RUN 2 rc=0", "RUN 3 rc=0"]
+
+    def records(name):
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    full, split = records("full"), records("split")
+    assert [r["step"] for r in full] == [r["step"] for r in split] == [1, 2, 3]
+    assert [(r["loss"], r["sample_ids"]) for r in split] == [(r["loss"], r["sample_ids"]) for r in full]
+    assert full[0]["loss"] != full[2]["loss"]  # the steps really train
