@@ -166,6 +166,34 @@ def test_transformer_engine_bf16_matches_per_document_fp32(gpu_world):
     _compare("te", bf16=True, loss_tol=6e-2, grad_tol=5e-2)
 
 
+def test_local_masked_attention_runs_the_memory_efficient_kernel(gpu_world):
+    """The per-document path's masked calls (a segment of short documents; a document longer than
+    the window) repeat the K/V heads, so PyTorch's memory-efficient kernel takes them: with
+    ``enable_gqa`` only the math kernel would, building the full L x L scores. With the math kernel
+    ruled out they still run, in bf16, and match the fp32 result."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from megatron_patch.model import PackedDotProductAttention, build_transformer_config
+
+    cfg = _config("local", bf16=True)
+    tc = build_transformer_config(cfg.model, cfg.parallel, cfg.training)
+    attention = PackedDotProductAttention(tc, 1, AttnMaskType.causal, "self")
+    lengths = [3, 7, 20, 300, 30]  # one segment of three, one past the window (alone: > 256 tokens), one causal
+    assert lengths[3] > attention.segment_tokens and lengths[3] > WINDOW + 1
+    t = sum(lengths)
+    cu = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(t, h, 64, device="cuda", generator=gen) for h in (4, 2, 2))
+    thd = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=t, max_seqlen_kv=t)
+    expected = attention(q, k, v, None, packed_seq_params=thd)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, packed_seq_params=thd)
+    error = ((out.float() - expected).norm() / expected.norm()).item()
+    assert error < 2e-2, error
+
+
 def test_auto_backend_on_gpu():
     from megatron_patch.model.layer_specs import HAVE_TE, resolve_backend
 
