@@ -234,9 +234,13 @@ def _leg(cmd: list, env: dict, timeout: float) -> tuple[Optional[dict], Optional
         try:
             problem = None if proc.wait(timeout=timeout) == 0 else f"rc={proc.returncode}"
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             problem = f"stopped at its time limit ({timeout:.0f} s)"
+        finally:  # also when this process is interrupted: no leg goes on running on the GPU
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
         out.seek(0)
         text = out.read()
     lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
