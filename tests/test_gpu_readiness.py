@@ -231,12 +231,13 @@ def test_preflight_names_the_missing_piece():
     check_attention(cfg)  # plain PyTorch: nothing to check
 
 
-def _memory_plan_module():
+def _bench_script(name):
+    """A script of bench/ (not a package) as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "memory_plan.py"
-    spec = importlib.util.spec_from_file_location("memory_plan", path)
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -269,7 +270,7 @@ def _saved_activation_bytes(cfg, seq):
 def test_memory_plan_recompute_accounting_matches_the_built_model(megatron_world, recompute, method, n):
     """What the plan says each recompute setting keeps through the forward equals what megatron-core
     really saves in the built model (per-layer bytes measured here with recompute off)."""
-    plan = _memory_plan_module()
+    plan = _bench_script("memory_plan")
     seq, layers = 128, 4
     cfg = tiny_config()
     cfg.data.seq_length = seq
@@ -290,7 +291,7 @@ def test_recipes_use_the_fastest_setting_the_memory_plan_fits(monkeypatch):
 
     from megatron_patch.config import load_config
 
-    plan = _memory_plan_module()
+    plan = _bench_script("memory_plan")
     for var in ("SOLO_DATA", "SOLO_RUNS", "SOLO_INIT"):
         monkeypatch.setenv(var, "/unused")
     for stage in (1, 2, 3):
@@ -341,21 +342,10 @@ def test_launchers_set_the_device_queue_and_slurm_uses_c10d_rendezvous(tmp_path)
     assert slurm.endswith(f"-m megatron_patch.train --config {recipe} training.train_iters=2")
 
 
-def _bench_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_train_gpu.py"
-    spec = importlib.util.spec_from_file_location("bench_train_gpu", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_packs_time_the_window():
     """Every 32K benchmark pack holds one document of 8-16K tokens (2-4 windows) beside short ones,
     and decodes as a valid pack: documents tile it, patch indices are the pack's patches in order."""
-    bench = _bench_module()
+    bench = _bench_script("bench_train_gpu")
     rng = np.random.default_rng(1)
     for _ in range(3):
         pack = bench.realistic_pack(rng)
@@ -375,7 +365,7 @@ def test_benchmark_leg_stopped_at_its_limit_keeps_its_figures(tmp_path):
     import sys
     import time
 
-    bench = _bench_module()
+    bench = _bench_script("bench_train_gpu")
     child = (
         "import json, subprocess, sys, time\n"
         "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
