@@ -1,6 +1,6 @@
 """GPU training throughput of a ~1B-parameter SOLO proxy on 32K packs: flex vs per-document attention.
 
-    python bench/bench_train_gpu.py [--out gpu_bench.json] [--steps 2] [--backends flex,local] [--leg-timeout 70]
+    python bench/bench_train_gpu.py [--out gpu_bench.json] [--steps 2] [--backends flex,local] [--leg-timeout 65]
     python bench/bench_train_gpu.py --tiny --backends local     # CPU smoke run of the same code (tests)
 
 One GPU. The model is SOLO's architecture at ~1B parameters (20 layers, hidden 2048, 16 query / 4 KV
@@ -272,7 +272,7 @@ def main() -> int:
     ap.add_argument("--micro-batches", type=int, default=2, help="32K packs per step")
     ap.add_argument("--packs", type=int, default=4, help="distinct packs generated (cycled)")
     ap.add_argument("--backends", default="flex,local")
-    ap.add_argument("--leg-timeout", type=float, default=70.0,
+    ap.add_argument("--leg-timeout", type=float, default=65.0,
                     help="seconds per backend (compile included); a leg stopped by it keeps its timed steps")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one backend, print its figures
     ap.add_argument("--recompute", default="plan", choices=("plan", "full"), help=argparse.SUPPRESS)
