@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for a bare single-GPU machine: a CUDA build of PyTorch, no package index.
 #
-#   bench/gpu_check.sh              # from anywhere; about 4 minutes on one H100 (limits below: 5)
+#   bench/gpu_check.sh              # from anywhere; planned at ~4 minutes on one H100, limits add up to 5
 #   bench/gpu_check.sh --dry-run    # the same script on a CPU machine: everything but the CUDA parts
 #
 # 0. Smoke (about 10 s, bench/gpu_smoke.py): a bf16 matrix product, torch.compile of a tiny function,
