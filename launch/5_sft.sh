@@ -25,6 +25,8 @@ IFS=, read -ra PARTS <<< "$DATA"
 DATA="$(for part in "${PARTS[@]}"; do realpath -m "$part"; done | paste -sd, -)"
 cd "$(dirname "$0")/.."
 export MODEL DATA SAVE
+# Batches of varying length: expandable segments keep the CUDA allocator from fragmenting.
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 CONFIG="${ACCELERATE_CONFIG:-launch/accelerate/zero2.yaml}"
 ARGS=()
 [[ -n "${FORMAT:-}" ]] && ARGS+=(data.format="$FORMAT")

@@ -19,6 +19,9 @@ shift
 # Sequence parallelism and the overlapped gradient/parameter collectives need the kernels queued in
 # issue order on one hardware queue (what megatron-core asserts for TP communication overlap).
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+# The patch count, hence the size of every activation, changes each micro-batch: expandable
+# segments keep the allocator from fragmenting the ~68 of 80 GiB the recipes plan for.
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 if [[ ! -f "$RECIPE" && -f "$ROOT/$RECIPE" ]]; then
   RECIPE="$ROOT/$RECIPE"

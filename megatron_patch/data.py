@@ -172,8 +172,8 @@ def make_training_sample(pack: Dict[str, np.ndarray], seq_length: int, pad_token
     out_tokens[:length] = tokens
     out_vpi = np.full(seq_length, -1, dtype=np.int64)
     out_vpi[:length] = vpi
-    # Causal attention work of the real documents (the MFU's Σ L_i²), before padding joins as a document.
-    doc_len_sq = float((np.diff(cu).astype(np.float64) ** 2).sum())
+    # The real documents (the MFU's attention work), before padding joins as a document.
+    doc_lengths = np.diff(cu).tolist()
     real_tokens = int(length)
     if length < seq_length:
         cu = np.append(cu, seq_length)
@@ -185,7 +185,7 @@ def make_training_sample(pack: Dict[str, np.ndarray], seq_length: int, pad_token
         cu_seqlens=cu.astype(np.int32),
         patches=patches,
         vision_patch_indices=out_vpi,
-        doc_len_sq=doc_len_sq,
+        doc_lengths=doc_lengths,
         real_tokens=real_tokens,
     )
 
@@ -195,7 +195,8 @@ def collate_packed(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
 
     Also computed here, on the loader's CPU workers rather than on the GPU: ``patch_positions``
     (the row positions of patch tokens, so the model needs no ``torch.nonzero`` host sync) and
-    ``real_tokens`` (tokens that are not padding, for tokens/s and MFU)."""
+    ``real_tokens`` and ``doc_lengths`` (tokens that are not padding and the real documents' lengths,
+    for tokens/s and MFU)."""
     tokens, labels, loss_mask, image_doc, vpi, patches, cu = [], [], [], [], [], [], [0]
     offset_tokens = offset_patches = 0
     for s in samples:
@@ -224,7 +225,7 @@ def collate_packed(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         cu_seqlens=cu_t,
         max_seqlen=int((cu_t[1:] - cu_t[:-1]).max()),
         sample_ids=[str(s["sample_id"]) for s in samples],
-        doc_len_sq=sum(float(s["doc_len_sq"]) for s in samples),
+        doc_lengths=[n for s in samples for n in s["doc_lengths"]],
         real_tokens=sum(int(s.get("real_tokens", len(s["tokens"]))) for s in samples),
     )
 

@@ -278,11 +278,21 @@ def count_parameters(model, exclude: Optional[str] = None) -> int:
     return int(t.item())
 
 
-def step_flops(cfg: Config, n_matmul_params: int, tokens: int, sum_doc_len_sq: float) -> float:
-    """Megatron convention: 6·N per token plus causal attention over Σ L_i² (fwd+bwd)."""
+def attention_pairs(doc_lengths, window: Optional[int]) -> float:
+    """Query-key pairs that causal attention computes over documents of these lengths, each query
+    seeing itself and at most ``window`` earlier keys of its own document (None: all of them)."""
+    n = np.asarray(doc_lengths, dtype=np.float64)
+    span = n if window is None else np.minimum(n, window + 1)  # keys of the queries past the first span
+    return float((span * (span + 1) / 2 + (n - span) * span).sum())
+
+
+def step_flops(cfg: Config, n_matmul_params: int, n_projection_params: int, tokens: int, patches: int,
+               pairs: float) -> float:
+    """Megatron convention, forward + backward = 3 x forward: 2 FLOPs per weight per token (the patch
+    projection's per patch), and per layer 2·2·h per query-key pair (QKᵀ and PV; ``attention_pairs``)."""
     m = cfg.model
-    attention = 6.0 * m.num_layers * m.hidden_size * sum_doc_len_sq  # 3 × (2·2·L²·h / 2)
-    return 6.0 * n_matmul_params * tokens + attention
+    attention = 12.0 * m.num_layers * m.hidden_size * pairs
+    return 6.0 * (n_matmul_params * tokens + n_projection_params * patches) + attention
 
 
 def peak_flops_per_device(cfg: Config) -> Optional[float]:
@@ -438,24 +448,27 @@ def any_true(flag: bool) -> bool:
     return not all_true(not flag)
 
 
-def gather_step_samples(batches: list) -> tuple[list, float, int]:
-    """Sample ids of the whole global batch (DP-rank order), Σ L_i² of its real documents and its
-    real (non-padding) token count."""
+def gather_step_samples(batches: list, window: Optional[int]) -> tuple[list, float, int, int]:
+    """Sample ids of the whole global batch (DP-rank order), the causal query-key pairs of its real
+    documents under the sliding ``window`` (``attention_pairs``), its real (non-padding) token count
+    and its image patches."""
     from megatron.core import parallel_state as ps
 
     ids = [s for b in batches for s in b["sample_ids"]]
-    doc_sq = sum(b["doc_len_sq"] for b in batches)
+    pairs = sum(attention_pairs(b["doc_lengths"], window) for b in batches)
     real = sum(b["real_tokens"] for b in batches)
+    patches = sum(int(b["patches"].shape[0]) for b in batches)
     gathered: List[Any] = [None] * dist.get_world_size()
     first_of_dp_replica = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
-    dist.all_gather_object(gathered, (first_of_dp_replica, ps.get_data_parallel_rank(), ids, doc_sq, real))
-    all_ids, total_sq, total_real = [], 0.0, 0
-    for first, _, rank_ids, sq, rank_real in sorted(gathered, key=lambda g: g[1]):
+    dist.all_gather_object(gathered, (first_of_dp_replica, ps.get_data_parallel_rank(), ids, pairs, real, patches))
+    all_ids, total_pairs, total_real, total_patches = [], 0.0, 0, 0
+    for first, _, rank_ids, rank_pairs, rank_real, rank_patches in sorted(gathered, key=lambda g: g[1]):
         if first:
             all_ids.extend(rank_ids)
-            total_sq += sq
+            total_pairs += rank_pairs
             total_real += rank_real
-    return all_ids, total_sq, total_real
+            total_patches += rank_patches
+    return all_ids, total_pairs, total_real, total_patches
 
 
 def log_step(record: dict, train_iters: int) -> None:
@@ -509,7 +522,8 @@ def train(cfg: Config) -> int:
         tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project, run_config=cfg.to_dict(),
     )
     n_params = count_parameters(model)
-    n_matmul = count_parameters(model, exclude="word_embeddings")  # lookups are not matmuls
+    n_projection = n_params - count_parameters(model, exclude="vision_patch_projection")  # runs on patches only
+    n_matmul = count_parameters(model, exclude="word_embeddings") - n_projection  # lookups are not matmuls
     peak = peak_flops_per_device(cfg)
     if rank == 0:
         logger.info("model: %.2fM parameters; %d micro-batches per step", n_params / 1e6, num_microbatches)
@@ -566,7 +580,7 @@ def train(cfg: Config) -> int:
             time.sleep(t.step_sleep_s)
 
         elapsed = time.perf_counter() - step_start
-        sample_ids, doc_len_sq, tokens = gather_step_samples(state["batches"])  # real tokens, not padding
+        sample_ids, pairs, tokens, patches = gather_step_samples(state["batches"], cfg.model.sliding_window)
         n_loss = report[1].item()
         record = dict(
             step=iteration,
@@ -583,7 +597,7 @@ def train(cfg: Config) -> int:
             sample_ids=sample_ids,
         )
         if peak:
-            flops = step_flops(cfg, n_matmul, tokens, doc_len_sq)
+            flops = step_flops(cfg, n_matmul, n_projection, tokens, patches, pairs)  # real tokens, not padding
             record["mfu"] = flops / elapsed / (peak * dist.get_world_size())
         metrics.write(record)
         if rank == 0 and iteration % t.log_interval == 0:

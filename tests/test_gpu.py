@@ -166,6 +166,34 @@ def test_transformer_engine_bf16_matches_per_document_fp32(gpu_world):
     _compare("te", bf16=True, loss_tol=6e-2, grad_tol=5e-2)
 
 
+def test_local_masked_attention_runs_the_memory_efficient_kernel(gpu_world):
+    """The per-document path's masked calls (a segment of short documents; a document longer than
+    the window) repeat the K/V heads, so PyTorch's memory-efficient kernel takes them: with
+    ``enable_gqa`` only the math kernel would, building the full L x L scores. With the math kernel
+    ruled out they still run, in bf16, and match the fp32 result."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from megatron_patch.model import PackedDotProductAttention, build_transformer_config
+
+    cfg = _config("local", bf16=True)
+    tc = build_transformer_config(cfg.model, cfg.parallel, cfg.training)
+    attention = PackedDotProductAttention(tc, 1, AttnMaskType.causal, "self")
+    lengths = [3, 7, 20, 300, 30]  # one segment of three, one past the window (alone: > 256 tokens), one causal
+    assert lengths[3] > attention.segment_tokens and lengths[3] > WINDOW + 1
+    t = sum(lengths)
+    cu = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(t, h, 64, device="cuda", generator=gen) for h in (4, 2, 2))
+    thd = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=t, max_seqlen_kv=t)
+    expected = attention(q, k, v, None, packed_seq_params=thd)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, packed_seq_params=thd)
+    error = ((out.float() - expected).norm() / expected.norm()).item()
+    assert error < 2e-2, error
+
+
 def test_auto_backend_on_gpu():
     from megatron_patch.model.layer_specs import HAVE_TE, resolve_backend
 
@@ -179,14 +207,24 @@ def test_auto_backend_on_gpu():
 GPU_RUN = ["model.backend=flex", "training.bf16=true", "model.hidden_size=256", "model.ffn_hidden_size=512",
            "model.num_attention_heads=4", "model.num_query_groups=2", "data.seq_length=256",
            "parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true",
-           "optimizer.use_distributed_optimizer=true", "training.train_iters=4", "checkpoint.save_interval=2",
-           "checkpoint.keep_last=2", "training.recompute=full", "training.recompute_method=block",
-           "training.recompute_num_layers=1"]
+           "optimizer.use_distributed_optimizer=true", "checkpoint.keep_last=3", "training.recompute=full",
+           "training.recompute_method=block", "training.recompute_num_layers=1"]
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               MASTER_ADDR="127.0.0.1", CUDA_DEVICE_MAX_CONNECTIONS="1")
+    env.pop("MASTER_PORT", None)
+    return env
+
+
+def _metrics(save):
+    lines = (Path(save) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def _train(save, *overrides, nproc=1):
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), CUDA_DEVICE_MAX_CONNECTIONS="1")
+    env = dict(_env(), MASTER_PORT=str(_free_port()))
     if nproc == 1:
         launcher = [sys.executable, "-m", "megatron_patch.train"]
     else:
@@ -195,37 +233,35 @@ def _train(save, *overrides, nproc=1):
     proc = subprocess.run(launcher + ["--config", RECIPE, f"checkpoint.save={save}", *overrides], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    lines = (Path(save) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return _metrics(save)
 
 
 def test_trainer_steps_saves_async_and_resumes(tmp_path):
-    """Distributed optimizer with both overlaps, block recompute, async dp_reshardable checkpoints:
-    4 steps in one run equal 2 + resume + 2 (flex backward accumulates dQ with atomics, so the
-    comparison allows bf16-level noise); then a fully_reshardable save loads back by itself."""
+    """Distributed optimizer with both overlaps, block recompute, async saves: 3 steps in one run
+    equal 1 + resume from dp_reshardable + 1 + resume from fully_reshardable + 1 (flex backward
+    accumulates dQ with atomics, so the comparison allows bf16-level noise). All runs share one
+    process (tests/train_in_one_process.py): flex attention and the fusions compile once."""
     from megatron.core import dist_checkpointing
 
-    full = _train(tmp_path / "full", *GPU_RUN)
-    assert [r["step"] for r in full] == [1, 2, 3, 4]
+    from solo.checkpoints import iteration_dir
+    from train_in_one_process import resume_sequence
+
+    runs = resume_sequence(tmp_path, RECIPE, *GPU_RUN)
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "train_in_one_process.py"),
+                           json.dumps(runs["full"] + runs["split"])], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    full, split = _metrics(tmp_path / "full"), _metrics(tmp_path / "split")
+    assert [r["step"] for r in full] == [r["step"] for r in split] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in full)
     assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 for r in full)
-    split = tmp_path / "split"
-    _train(split, *GPU_RUN, "training.exit_after_iters=2")
-    assert (split / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
-    common = dist_checkpointing.load_common_state_dict(str(split / "iter_0000002"))
-    assert common["optimizer_format"] == "dp_reshardable"
-    resumed = _train(split, *GPU_RUN)
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
-    for a, b in zip(full[2:], resumed[2:]):
-        assert abs(a["loss"] - b["loss"]) <= 2e-3 * max(1.0, abs(a["loss"])), (a["loss"], b["loss"])
-    assert resumed[2]["sample_ids"] == full[2]["sample_ids"]
-
-    reshard = tmp_path / "reshard"
-    _train(reshard, *GPU_RUN, "training.exit_after_iters=2", "checkpoint.fully_reshardable=true")
-    common = dist_checkpointing.load_common_state_dict(str(reshard / "iter_0000002"))
-    assert common["optimizer_format"] == "fully_reshardable"
-    again = _train(reshard, *GPU_RUN)
-    assert abs(again[2]["loss"] - full[2]["loss"]) <= 2e-3 * max(1.0, abs(full[2]["loss"]))
+    for a, b in zip(full[1:], split[1:]):
+        assert b["sample_ids"] == a["sample_ids"]
+        assert abs(a["loss"] - b["loss"]) <= 2e-3 * max(1.0, abs(a["loss"])), (a["step"], a["loss"], b["loss"])
+    # The resumed runs read one format each: iter 1 dp_reshardable, iter 2 fully_reshardable.
+    formats = {i: dist_checkpointing.load_common_state_dict(iteration_dir(str(tmp_path / "split"), i))
+               ["optimizer_format"] for i in (1, 2, 3)}
+    assert formats == {1: "dp_reshardable", 2: "fully_reshardable", 3: "dp_reshardable"}
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="sequence parallelism needs two GPUs (TP=2)")

@@ -28,6 +28,7 @@ from megatron_patch.model.layer_specs import (  # noqa: E402
     document_mask_params,
     resolve_backend,
 )
+from megatron_patch.train import attention_pairs  # noqa: E402
 from test_megatron_model import PAD, VOCAB, documents, make_pack, megatron_world, text_document, tiny_config  # noqa: E402,F401
 
 
@@ -90,6 +91,8 @@ def test_flex_block_mask_is_exactly_the_document_window_mask(window):
     computed = (per_token == 2) | ((per_token == 1) & mask_mod)
     assert torch.equal(computed, allowed)
     assert not (allowed.logical_not() & (per_token == 2)).any(), "a full tile holds a masked pair"
+    # The MFU's attention FLOPs count exactly these pairs (one long document and many short ones).
+    assert allowed.sum().item() == attention_pairs(lengths, window)
     # Positions restart in every document (RoPE).
     assert torch.equal(params.position_ids, torch.cat([torch.arange(n) for n in lengths]))
 
@@ -116,6 +119,18 @@ def test_flex_model_equals_local_model_on_a_packed_multimodal_row(megatron_world
         expected = local(packed_seq_params=packed_seq_params(batch), **kwargs)
         out = flex(packed_seq_params=packed_seq_params(batch), **kwargs)
     assert (out - expected).abs().max().item() < 1e-5
+
+
+def test_fused_cross_entropy_only_in_bf16_runs(monkeypatch):
+    """On a GPU megatron-core's fused cross-entropy rounds the logits' gradient to bf16: bf16 runs
+    use it, fp32 runs keep the exact loss (the GPU is stood in for: only the config is built)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for bf16 in (True, False):
+        cfg = tiny_config()
+        cfg.training.bf16 = bf16
+        tc = build_transformer_config(cfg.model, cfg.parallel, cfg.training)
+        assert tc.cross_entropy_loss_fusion is bf16
+        assert tc.bias_activation_fusion  # the GPU's other fusion, in both
 
 
 def test_auto_backend_keeps_the_cpu_path_on_cpu():
@@ -216,12 +231,13 @@ def test_preflight_names_the_missing_piece():
     check_attention(cfg)  # plain PyTorch: nothing to check
 
 
-def _memory_plan_module():
+def _bench_script(name):
+    """A script of bench/ (not a package) as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "memory_plan.py"
-    spec = importlib.util.spec_from_file_location("memory_plan", path)
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -254,7 +270,7 @@ def _saved_activation_bytes(cfg, seq):
 def test_memory_plan_recompute_accounting_matches_the_built_model(megatron_world, recompute, method, n):
     """What the plan says each recompute setting keeps through the forward equals what megatron-core
     really saves in the built model (per-layer bytes measured here with recompute off)."""
-    plan = _memory_plan_module()
+    plan = _bench_script("memory_plan")
     seq, layers = 128, 4
     cfg = tiny_config()
     cfg.data.seq_length = seq
@@ -275,7 +291,7 @@ def test_recipes_use_the_fastest_setting_the_memory_plan_fits(monkeypatch):
 
     from megatron_patch.config import load_config
 
-    plan = _memory_plan_module()
+    plan = _bench_script("memory_plan")
     for var in ("SOLO_DATA", "SOLO_RUNS", "SOLO_INIT"):
         monkeypatch.setenv(var, "/unused")
     for stage in (1, 2, 3):
@@ -295,8 +311,9 @@ def _fake_command(directory, name, body):
 
 
 def test_launchers_set_the_device_queue_and_slurm_uses_c10d_rendezvous(tmp_path):
-    """launch/pretrain.sh and launch/slurm.sbatch run the same trainer line; the SLURM one with one
-    torchrun per node, c10d rendezvous on the first node and elastic restarts (srun/scontrol faked)."""
+    """launch/pretrain.sh and launch/slurm.sbatch run the same trainer line, with one device queue and
+    the CUDA allocator's expandable segments; the SLURM one with one torchrun per node, c10d
+    rendezvous on the first node and elastic restarts (srun/scontrol faked)."""
     import os
     import subprocess
     from pathlib import Path
@@ -305,27 +322,74 @@ def test_launchers_set_the_device_queue_and_slurm_uses_c10d_rendezvous(tmp_path)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     record = tmp_path / "record"
-    _fake_command(bin_dir, "fakepython", f'echo "CDMC=$CUDA_DEVICE_MAX_CONNECTIONS $*" >> {record}\n')
+    _fake_command(bin_dir, "fakepython",
+                  f'echo "CDMC=$CUDA_DEVICE_MAX_CONNECTIONS ALLOC=$PYTORCH_CUDA_ALLOC_CONF $*" >> {record}\n')
     _fake_command(bin_dir, "scontrol", 'printf "gpu-a\\ngpu-b\\n"\n')
     _fake_command(bin_dir, "srun", f'echo "srun $*" >> {record}\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "fakepython"),
                SLURM_JOB_NODELIST="gpu-[a-b]", SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="77")
     env.pop("CUDA_DEVICE_MAX_CONNECTIONS", None)
+    env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
     recipe = "megatron_patch/recipes/stage1.yaml"
     subprocess.run(["bash", str(repo / "launch" / "pretrain.sh"), recipe, "training.train_iters=2"], env=env, check=True)
     subprocess.run(["bash", str(repo / "launch" / "slurm.sbatch"), recipe, "training.train_iters=2"], env=env, check=True)
     local, srun, slurm = record.read_text().splitlines()
-    assert local.startswith("CDMC=1 -m torch.distributed.run --nproc_per_node 8 --nnodes 1")
+    assert local.startswith("CDMC=1 ALLOC=expandable_segments:True -m torch.distributed.run --nproc_per_node 8 --nnodes 1")
     assert local.endswith(f"-m megatron_patch.train --config {recipe} training.train_iters=2")
     assert srun.startswith("srun --kill-on-bad-exit=1")
-    assert slurm.startswith("CDMC=1 -m torch.distributed.run --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d "
+    assert slurm.startswith("CDMC=1 ALLOC=expandable_segments:True -m torch.distributed.run --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d "
                             "--rdzv_endpoint gpu-a:29500 --rdzv_id 77 --max-restarts 3")
     assert slurm.endswith(f"-m megatron_patch.train --config {recipe} training.train_iters=2")
 
 
-def test_gpu_benchmark_code_runs_tiny_on_cpu(tmp_path):
-    """bench/bench_train_gpu.py cannot run its 1B proxy here; its --tiny mode runs the same code
-    (realistic packs, the trainer's step, real-token MFU, the JSON) on the per-document path."""
+def test_benchmark_packs_time_the_window():
+    """Every 32K benchmark pack holds one document of 8-16K tokens (2-4 windows) beside short ones,
+    and decodes as a valid pack: documents tile it, patch indices are the pack's patches in order."""
+    bench = _bench_script("bench_train_gpu")
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        pack = bench.realistic_pack(rng)
+        lengths = np.diff(pack["cu_seqlens"])
+        assert 8192 <= lengths[0] <= 16384 and lengths[0] > bench.WINDOW + 1
+        assert len(lengths) >= 10 and np.median(lengths) < 2048
+        assert pack["cu_seqlens"][-1] == len(pack["tokens"]) >= 0.99 * bench.SEQ
+        vpi = pack["vision_patch_indices"]
+        assert np.array_equal(vpi[vpi >= 0], np.arange(len(pack["patches"])))
+        assert np.array_equal(np.nonzero(vpi >= 0)[0], np.nonzero(pack["tokens"] == bench.VPATCH)[0])
+
+
+def test_benchmark_leg_stopped_at_its_limit_keeps_its_figures(tmp_path):
+    """A benchmark leg cut off by its time limit keeps the figures of the steps it timed, and the
+    stop reaches a worker it started (which would otherwise hold the output open)."""
+    import json
+    import sys
+    import time
+
+    bench = _bench_script("bench_train_gpu")
+    child = (
+        "import json, subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print('RESULT ' + json.dumps(dict(tokens_per_s=1.0, timed_steps=1)), flush=True)\n"
+        "print('RESULT ' + json.dumps(dict(tokens_per_s=2.0, timed_steps=2)), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    start = time.monotonic()
+    figures, problem = bench._leg([sys.executable, "-c", child], {}, timeout=3)
+    assert time.monotonic() - start < 20
+    assert figures == dict(tokens_per_s=2.0, timed_steps=2, incomplete="stopped at its time limit (3 s)")
+    assert problem.startswith("stopped at its time limit")
+    report = {"flex": figures}
+    bench.write_report(report, str(tmp_path / "bench.json"))
+    assert json.loads((tmp_path / "bench.json").read_text())["flex"]["timed_steps"] == 2
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """bench/gpu_check.sh --dry-run on this CPU machine: the same script up to the CUDA parts. The
+    smoke step imports, the GPU tests are collected and reported skipped, the benchmark's tiny CPU
+    variant (its packs, the trainer's step, windowed real-token MFU, the JSON) runs, and the summary
+    JSON says what was skipped. (No wheels here: this environment has megatron-core already; README
+    "GPU check" has the command that proves the wheels in a Python 3.12 / torch 2.11 environment.)"""
     import json
     import os
     import subprocess
@@ -333,14 +397,57 @@ def test_gpu_benchmark_code_runs_tiny_on_cpu(tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    out = tmp_path / "bench.json"
+    (tmp_path / "wheels").mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, OUT=str(tmp_path / "out"),
+               WHEELS=str(tmp_path / "wheels"))
+    proc = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), "--dry-run"], env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["mode"] == "dry-run" and report["ok"] and report["stopped_at"] is None
+    assert report["install"]["status"].startswith("skipped: no wheels")
+    assert report["smoke"]["steps"]["imports"]["status"] == "ok"
+    assert {report["smoke"]["steps"][s]["status"] for s in ("matmul", "compile", "flex")} == {"skipped"}
+    tests = report["tests"]
+    assert tests["rc"] == 0 and tests["tests"] == tests["skipped"] >= 5 and tests["failures"] == tests["errors"] == 0
+    local = report["benchmark"]["local"]
+    assert local["tokens_per_s"] > 0 and local["mfu"] > 0 and local["timed_steps"] == 1
+    assert 0.95 <= local["real_token_fraction"] < 1.0  # padding is not counted as work
+    assert local["longest_document"] > local["sliding_window"] + 1 and local["documents_longer_than_window"] >= 1
+    assert set(report["benchmark"]["goals"]) == {"flex_mfu_at_least_40pct", "flex_at_least_3x_per_document"}
+    assert len(report["skipped"]) == 3 and "GPU tests" in report["skipped"][1]
+
+
+def test_trainer_runs_in_one_process_resume_exactly(tmp_path):
+    """tests/train_in_one_process.py, with which the GPU check compiles once for all its trainer runs:
+    the GPU test's save/resume sequence on CPU in ONE process. Every run after the first starts
+    cleanly, and the runs resumed from each checkpoint format give the uninterrupted run's losses
+    exactly (fp32 on CPU)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from train_in_one_process import resume_sequence
+
+    repo = Path(__file__).resolve().parents[1]
+    runs = resume_sequence(tmp_path, str(repo / "megatron_patch" / "recipes" / "debug_cpu.yaml"),
+                           "checkpoint.keep_last=3")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
                PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    subprocess.run([sys.executable, str(repo / "bench" / "bench_train_gpu.py"), "--tiny", "--backends", "local",
-                    "--steps", "1", "--warmup", "0", "--micro-batches", "1", "--packs", "1", "--out", str(out)],
-                   env=env, check=True, capture_output=True, timeout=300)
-    report = json.loads(out.read_text())
-    local = report["local"]
-    assert local["tokens_per_s"] > 0 and local["mfu"] > 0
-    assert 0.95 <= local["real_token_fraction"] < 1.0  # padding is not counted as work
-    assert set(report["goals"]) == {"flex_mfu_at_least_40pct", "flex_at_least_3x_per_document"}
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.run([sys.executable, str(repo / "tests" / "train_in_one_process.py"),
+                           json.dumps(runs["full"] + runs["split"])], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [line for line in proc.stdout.splitlines() if line.startswith("RUN ")] == [
+        "RUN 0 rc=0", "RUN 1 rc=0", "RUN 2 rc=0", "RUN 3 rc=0"]
+
+    def records(name):
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    full, split = records("full"), records("split")
+    assert [r["step"] for r in full] == [r["step"] for r in split] == [1, 2, 3]
+    assert [(r["loss"], r["sample_ids"]) for r in split] == [(r["loss"], r["sample_ids"]) for r in full]
+    assert full[0]["loss"] != full[2]["loss"]  # the steps really train

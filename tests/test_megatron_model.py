@@ -430,12 +430,42 @@ def test_memory_plan_parameter_count_is_exact(megatron_world):
     assert counts["patch_projection"] == model.vision_patch_projection.weight.numel()
 
 
-def test_mfu_attention_term_counts_real_documents_only():
-    """Σ L_i² feeds the MFU's attention FLOPs: padding, which becomes its own document, must not count."""
+def test_mfu_attention_counts_windowed_causal_pairs_of_real_documents():
+    """The MFU's attention FLOPs count the causal query-key pairs inside each real document and its
+    sliding window (megatron_patch.train.attention_pairs, which bench/bench_train_gpu.py uses too);
+    padding, which becomes a document of its own for attention, does not count."""
+    from megatron_patch.train import attention_pairs
+
     text = lambda n: ([5] * n, [1] * n, [-1] * n, [])  # noqa: E731
     sample = make_training_sample(make_pack([text(3), text(5)]), 16, PAD)
     assert sample["cu_seqlens"].tolist() == [0, 3, 8, 16]  # the padding document is there for attention
-    assert sample["doc_len_sq"] == 3 ** 2 + 5 ** 2
+    assert sample["doc_lengths"] == [3, 5]
     other = make_training_sample(make_pack([text(4)]), 16, PAD)
     batch = collate_packed([dict(sample, sample_id="a"), dict(other, sample_id="b")])
-    assert batch["doc_len_sq"] == 34 + 16
+    assert batch["doc_lengths"] == [3, 5, 4]
+    # Without a window a document of n tokens has 1 + 2 + ... + n pairs.
+    assert attention_pairs(batch["doc_lengths"], None) == 6 + 15 + 10
+    # One long document, window 3: query i sees min(i + 1, 4) keys, 1 + 2 + 3 + 4 * 7 for 10 tokens.
+    assert attention_pairs([10], 3) == 34
+    # Many short documents inside the window: it changes nothing (50 * 1 + 20 * 3 + 10).
+    short = [1] * 50 + [2] * 20 + [4]
+    assert attention_pairs(short, 3) == attention_pairs(short, None) == 120
+    assert attention_pairs([10] + short, 3) == 34 + 120
+
+
+def test_trainer_step_counts_windowed_pairs_tokens_and_patches(megatron_world):
+    """What the trainer's MFU is computed from (gather_step_samples, step_flops), on a step of two
+    micro-batches: pairs under the window, real tokens and image patches, counted by hand."""
+    from megatron_patch.train import gather_step_samples, step_flops
+
+    rng = np.random.default_rng(0)
+    image = image_document(rng, 1, 2, 0)  # BOS, image start, 2 patches, 7 caption tokens
+    assert len(image[0]) == 11
+    first = make_training_sample(make_pack([text_document(rng, 8), image]), 32, PAD)  # 10 + 11 tokens
+    second = make_training_sample(make_pack([text_document(rng, 0)] * 3), 32, PAD)  # 3 x 2 tokens
+    batches = [collate_packed([dict(first, sample_id="a")]), collate_packed([dict(second, sample_id="b")])]
+    ids, pairs, tokens, patches = gather_step_samples(batches, window=3)
+    assert ids == ["a", "b"] and tokens == 21 + 6 and patches == 2
+    assert pairs == (1 + 2 + 3 + 4 * 7) + (1 + 2 + 3 + 4 * 8) + 3 * (1 + 2)
+    cfg = tiny_config()  # 2 layers, hidden 64
+    assert step_flops(cfg, 1000, 50, tokens, patches, pairs) == 6 * (1000 * 27 + 50 * 2) + 12 * 2 * 64 * pairs

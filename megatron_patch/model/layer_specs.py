@@ -56,6 +56,15 @@ def _window_left(config: TransformerConfig) -> Optional[int]:
     return int(window[0])
 
 
+def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:
+    """SDPA under an explicit mask, [1, h, L, d] tensors. Grouped K/V heads are repeated to the query
+    heads first: on a GPU, PyTorch's memory-efficient kernel takes a mask but not ``enable_gqa``,
+    which would leave the math kernel and its full L x L scores."""
+    if k.shape[1] != q.shape[1]:
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
+
+
 class PackedDotProductAttention(MegatronModule):
     """Causal core attention that runs ``F.scaled_dot_product_attention`` per document.
 
@@ -117,9 +126,7 @@ class PackedDotProductAttention(MegatronModule):
             allowed = (doc[:, None] == doc[None, :]) & (delta >= 0)
             if self.window_left is not None:
                 allowed &= delta <= self.window_left
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=self.softmax_scale, enable_gqa=gqa
-            )
+            out = _masked_sdpa(q, k, v, allowed, dropout_p=dropout_p, scale=self.softmax_scale)
         elif self.window_left is None or length <= self.window_left + 1:
             out = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.softmax_scale, enable_gqa=gqa
@@ -129,9 +136,7 @@ class PackedDotProductAttention(MegatronModule):
             pos = torch.arange(length, device=q.device)
             delta = pos[:, None] - pos[None, :]
             band = (delta >= 0) & (delta <= self.window_left)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=band, dropout_p=dropout_p, scale=self.softmax_scale, enable_gqa=gqa
-            )
+            out = _masked_sdpa(q, k, v, band, dropout_p=dropout_p, scale=self.softmax_scale)
         return out.squeeze(0).transpose(0, 1).reshape(length, -1)
 
     def forward(

@@ -129,8 +129,9 @@ def build_transformer_config(
         bias_dropout_fusion=False,
         apply_rope_fusion=on_gpu and backend == "te",
         persist_layer_norm=False,
-        # megatron-core's vocab-parallel fused cross-entropy ("native": its own jit kernel).
-        cross_entropy_loss_fusion=on_gpu,
+        # megatron-core's vocab-parallel fused cross-entropy ("native": its own jit kernel), in bf16
+        # runs only: it rounds the logits' gradient to bf16, ~1e-3 off in an fp32 run.
+        cross_entropy_loss_fusion=on_gpu and training.bf16,
         batch_p2p_comm=True,
         batch_p2p_sync=on_gpu,
         **recompute,
