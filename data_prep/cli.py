@@ -66,7 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--resize-mode", default="fit", metavar="MODE",
                       help="image resize rule: fit (aspect-preserving, default) or solo (SOLO-7B's)")
     pack.add_argument("--image-root", metavar="DIR", help="folder that relative image paths resolve against")
-    pack.add_argument("--class-map", metavar="FILE", help="imagenet: synset → class name mapping")
+    pack.add_argument("--class-map", metavar="FILE",
+                      help="imagenet: synset → class name mapping (lines 'SYNSET<TAB>lemmas' or 'SYNSET name', JSON "
+                           "{synset: name | [names]} or Keras {index: [synset, name]}, or a synset-id list with "
+                           "--class-names)")
+    pack.add_argument("--class-names", metavar="FILE",
+                      help="imagenet: the lemmas aligned line by line with a --class-map of synset ids "
+                           "(BiT's imagenet21k_wordnet_ids.txt + imagenet21k_wordnet_lemmas.txt)")
+    pack.add_argument("--missing-images", choices=("drop", "reject"), default="drop",
+                      help="interleaved: an image that is not there (missing file, failed download) is dropped "
+                           "from its document (default; counted in report.json) or rejects the document")
+    pack.add_argument("--image-index", metavar="DIR",
+                      help="interleaved: img2dataset output folder where images given by URL are found "
+                           "(read from its parquet files and shards)")
+    pack.add_argument("--shard", metavar="I/N",
+                      help="pack only shard I of N (0-based) of the inputs: whole files when there are at least N, "
+                           "else every N-th record; each shard is a complete output of its own")
     pack.add_argument("--exclude-subset", action="append", default=[], metavar="NAME",
                       help="text: drop records of this subset (meta.redpajama_set_name); repeatable")
     pack.add_argument("--max-image-pixels", type=int, default=None, metavar="P",
@@ -160,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """`I/N` → (I, N), 0 <= I < N."""
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
+        raise ValueError(f"--shard must be I/N with 0 <= I < N (e.g. 0/8), got {text!r}")
+    return int(index), int(count)
+
+
 def _pack(args) -> int:
     from .encode import EncodeOptions
     from .pack import PackConfig, run_pack
@@ -173,11 +196,16 @@ def _pack(args) -> int:
         args.max_image_pixels = DEFAULT_MAX_PIXELS
     if args.format == "imagenet" and not args.class_map:
         raise ValueError("--format imagenet needs --class-map FILE (synset → class name)")
+    if args.class_names and not args.class_map:
+        raise ValueError("--class-names needs --class-map (the synset ids its lines are aligned with)")
+    if args.image_index and not os.path.isdir(args.image_index):
+        raise FileNotFoundError(f"--image-index {args.image_index!r} is not a folder (give img2dataset's output folder)")
     source = SourceOptions(
         format=args.format, image_root=args.image_root,
-        class_map=load_class_map(args.class_map) if args.class_map else {},
+        class_map=load_class_map(args.class_map, args.class_names) if args.class_map else {},
         exclude_subsets=tuple(args.exclude_subset), max_image_bytes=args.max_image_bytes,
-        max_record_bytes=args.max_record_bytes)
+        max_record_bytes=args.max_record_bytes, missing_images=args.missing_images, image_index=args.image_index,
+        shard=parse_shard(args.shard) if args.shard else None)
     encode = EncodeOptions(seq_length=args.seq_length, template=args.template, loss_on_user=args.loss_on_user,
                            resize_mode=args.resize_mode, max_pixels=args.max_image_pixels)
     if args.seq_length < 8:

@@ -655,9 +655,9 @@ def _image_by_url(url: str, options: SourceOptions) -> bytes:
 
     found = load_image_index(os.path.abspath(options.image_index)).get(url)
     if found is None:
-        raise MissingImage(f"image URL {url!r} is not in --image-index {options.image_index}")
+        raise MissingImage(f"image {url!r}: not found in --image-index (no img2dataset parquet there lists the URL)")
     if isinstance(found, str):
-        raise MissingImage(f"{found}: no image for {url!r}")
+        raise MissingImage(f"image {url!r}: {found}")
     if isinstance(found, ParquetImage):
         return read_parquet_image(found)
     return _member({"image": found}, "image")
@@ -667,8 +667,8 @@ def _failed_download(entry: dict) -> MissingImage:
     """A row whose image field is empty: img2dataset keeps the rows of failed downloads (url, status,
     error_message) with a null image."""
     detail = ": ".join(str(entry[name]) for name in ("status", "error_message") if entry.get(name))
-    return MissingImage(f"download failed upstream, the row has no image bytes (url {entry.get('url')!r}"
-                        + (f", {detail}" if detail else "") + ")")
+    return MissingImage(f"image {entry.get('url')!r}: download failed upstream, the row has no image bytes"
+                        + (f" ({detail})" if detail else ""))
 
 
 # The one image-column rule of rows (JSONL, JSON, parquet): `image` (bytes, path, data URL or a HF
@@ -789,17 +789,17 @@ def _convert_caption(record: Record, options: SourceOptions) -> Document:
     return document
 
 
-def _add_interleaved_image(document: Document, value: Any, record: Record, options: SourceOptions) -> None:
-    """One image of an interleaved document; under --missing-images drop an image that is not there
-    is left out and its reason kept on the document (counted in report.json)."""
+def _interleaved_image(document: Document, value: Any, record: Record,
+                       options: SourceOptions) -> tuple[bytes, str] | None:
+    """One image of an interleaved document, or None: under --missing-images drop an image that is
+    not there is left out and its reason kept on the document (counted in report.json)."""
     try:
-        data, name = _image_from_value(value, record, options)
+        return _image_from_value(value, record, options)
     except MissingImage as missing:
         if options.missing_images != "drop":
             raise
         document.dropped_images.append(missing.reason)
-        return
-    document.add_image("assistant", data, name)
+        return None
 
 
 def _convert_interleaved(record: Record, options: SourceOptions) -> Document:
@@ -817,17 +817,18 @@ def _convert_interleaved(record: Record, options: SourceOptions) -> Document:
             before.setdefault(index, []).append(info)
         pending: list[str] = []
         for index, sentence in enumerate(texts):
-            if index in before:
-                if pending:
-                    document.add_text("assistant", " ".join(pending))
-                    pending = []
-                for info in before[index]:
-                    # By URL from img2dataset output (--image-index), else the downloaded file's name.
-                    names = ("raw_url",) if options.image_index and info.get("raw_url") else ()
-                    value = _first_field(info, names + ("image_bytes", "image_path", "image_name", "path"))
-                    if value is None:
-                        raise RejectedInput("image_info entry has no image_path/image_name")
-                    _add_interleaved_image(document, value, record, options)
+            for info in before.get(index, ()):
+                # By URL from img2dataset output (--image-index), else the downloaded file's name.
+                names = ("raw_url",) if options.image_index and info.get("raw_url") else ()
+                value = _first_field(info, names + ("image_bytes", "image_path", "image_name", "path"))
+                if value is None:
+                    raise RejectedInput("image_info entry has no image_path/image_name")
+                image = _interleaved_image(document, value, record, options)
+                if image is not None:  # the sentences around a dropped image stay one text
+                    if pending:
+                        document.add_text("assistant", " ".join(pending))
+                        pending = []
+                    document.add_image("assistant", *image)
             if not isinstance(sentence, str):
                 raise RejectedInput("text_list holds a non-string entry")
             pending.append(sentence.strip())
@@ -839,7 +840,9 @@ def _convert_interleaved(record: Record, options: SourceOptions) -> Document:
             raise RejectedInput(f"texts ({len(texts)}) and images ({len(images)}) lists differ in length")
         for text, image in zip(texts, images):
             if image is not None:
-                _add_interleaved_image(document, image, record, options)
+                found = _interleaved_image(document, image, record, options)
+                if found is not None:
+                    document.add_image("assistant", *found)
             elif isinstance(text, str):
                 document.add_text("assistant", text if not document.segments else "\n\n" + text)
     else:
