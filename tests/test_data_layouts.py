@@ -459,3 +459,91 @@ def test_solo_processed_chat_jsonl(tmp_path, tokenizer_dir, tokenizer):
     assert decode(tmp_path / "packed", tokenizer, images) == {(0, 0): "<inline>Describe.Noise.",
                                                               (0, 1): "<image> is text hereok"}
     assert report["documents_rejected"] == 0
+
+
+# --------------------------------------------------------------------------- one source on many machines
+
+
+def test_shards_add_up_to_the_unsharded_output_and_mix_as_one_source(tmp_path, tokenizer_dir, tokenizer):
+    """--shard I/N: whole files when there are at least N (3 tar shards over 2), else every N-th record
+    of each file (5 lines over 3); the shards' documents and accounting add up to the unsharded run's,
+    and a mixture glob over the shard directories is one source with one weight."""
+    from data_prep.mixture import plan_mixture, read_mixture
+
+    images = Images()
+    shards = tmp_path / "cc3m"
+    shards.mkdir()
+    for shard in range(3):
+        with tarfile.open(shards / f"{shard:05d}.tar", "w") as archive:
+            for item in range(2):
+                key = f"{shard:05d}{item:04d}"
+                add_member(archive, f"{key}.jpg", images.make(key, 10 * shard + item))
+                add_member(archive, f"{key}.txt", f"caption {key}".encode())
+    (tmp_path / "captions.jsonl").write_text("".join(
+        json.dumps({"image": f"cc3m_files/{n}.jpg", "caption": f"line {n}"}) + "\n" for n in range(5)))
+    for n in range(4):  # the 5th image is missing: one rejection, in exactly one shard
+        images.write(tmp_path / "cc3m_files" / f"{n}.jpg", 100 + n)
+    for name, inputs, count in (("tars", [shards], 2), ("lines", [tmp_path / "captions.jsonl"], 3)):
+        whole = run_pack(tokenizer_dir, inputs, tmp_path / name / "all", "caption")
+        parts = [run_pack(tokenizer_dir, inputs, tmp_path / name / f"shard-{i}", "caption", "--shard", f"{i}/{count}")
+                 for i in range(count)]
+        decoded = [decode(tmp_path / name / f"shard-{i}", tokenizer, images) for i in range(count)]
+        assert sum(len(part) for part in decoded) == len(decode(tmp_path / name / "all", tokenizer, images))
+        assert {k: v for part in decoded for k, v in part.items()} == decode(tmp_path / name / "all", tokenizer, images)
+        for field in ("documents_in", "documents_packed", "documents_rejected", "images"):
+            assert sum(part[field] for part in parts) == whole[field], field
+        assert all(part["documents_in"] > 0 for part in parts)
+    assert whole["documents_rejected"] == 1 and whole["documents_packed"] == 4
+
+    mixture = tmp_path / "mix.yaml"
+    mixture.write_text("datasets:\n  - {path: 'lines/shard-*', weight: 0.5}\n  - {path: [tars/all], weight: 0.5}\n")
+    sources = read_mixture(str(mixture))
+    packs = {path: len(PackedReader(path)) for path, _ in sources}
+    assert [os.path.basename(path) for path, _ in sources] == ["shard-0", "shard-1", "shard-2", "all"]
+    group = [(path, weight) for path, weight in sources if "lines" in path]
+    assert sum(weight for _, weight in group) == pytest.approx(0.5)
+    assert all(weight == pytest.approx(0.5 * packs[path] / sum(packs[p] for p, _ in group)) for path, weight in group)
+    plan = plan_mixture(str(mixture), 2, epochs=1)
+    assert sum(info["samples"] for info in plan["sources"]) == plan["samples"]
+
+
+def test_prep_array_sbatch_submits_shards_then_plan(tmp_path, tokenizer_dir, tokenizer):
+    """launch/prep_array.sbatch on a login node submits an N-task array and a plan job after it; each
+    task packs its shard; the plan job reads the shards as one source."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(repo, "launch", "prep_array.sbatch")
+    images = Images()
+    for n in range(3):
+        images.write(tmp_path / "data" / f"{n}.jpg", n)
+    (tmp_path / "data" / "captions.jsonl").write_text("".join(
+        json.dumps({"image": f"{n}.jpg", "caption": f"photo {n}"}) + "\n" for n in range(3)))
+    pack_args = [str(tmp_path / "data"), "--format", "caption", "--tokenizer", tokenizer_dir, "--seq-length", "512"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/sbatch.log\necho 4242\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "PYTHONPATH": repo}
+    for name in ("SLURM_ARRAY_TASK_ID", "SOLO_PREP_PLAN", "SLURM_SUBMIT_DIR"):
+        env.pop(name, None)
+    out = tmp_path / "packed"
+    result = subprocess.run(["bash", script, "2", str(out), *pack_args], env=env, cwd=repo,
+                            capture_output=True, text=True, check=True)
+    assert "submitted array job 4242" in result.stdout
+    array, plan = (tmp_path / "sbatch.log").read_text().splitlines()
+    assert array.startswith(f"--parsable --array=0-1 {script} 2 {out} ") and array.endswith(" ".join(pack_args))
+    assert "--dependency=afterok:4242" in plan and "SOLO_PREP_PLAN=1" in plan
+
+    for task in (0, 1):  # what SLURM runs on the nodes
+        subprocess.run(["bash", script, "2", str(out), *pack_args], cwd=repo, check=True, capture_output=True,
+                       env={**env, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_CPUS_PER_TASK": "1"})
+    decoded = {**decode(out / "shard-00000", tokenizer, images), **decode(out / "shard-00001", tokenizer, images)}
+    assert decoded == {(0, n): f"<{n}.jpg>photo {n}" for n in range(3)}
+    result = subprocess.run(["bash", script, "2", str(out)], env={**env, "SOLO_PREP_PLAN": "1"}, cwd=repo,
+                            capture_output=True, text=True, check=True)
+    plan = json.loads((out / "mixture.plan.json").read_text())
+    assert [os.path.basename(info["path"]) for info in plan["sources"]] == ["shard-00000", "shard-00001"]
+    assert sum(info["weight"] for info in plan["sources"]) == pytest.approx(1.0)
+    assert plan["samples"] == sum(info["packs"] for info in plan["sources"]) and "wrote" in result.stdout
