@@ -249,8 +249,7 @@ def expand_inputs(paths: list[str], fmt: str) -> list[str]:
             continue
         files = _walk_files(path)
         tars = [name for name in files if _strip_compression(name).endswith(".tar")]
-        image_folders = sorted({os.path.dirname(name) for name in files if _is_image_name(name)}
-                               - {os.path.normpath(path)}, key=lambda folder: folder.split(os.sep))
+        image_folders = _files_layout_folders(files)
         if tars:
             expanded.extend(tars)
         elif fmt == "imagenet":
@@ -269,8 +268,16 @@ def expand_inputs(paths: list[str], fmt: str) -> list[str]:
     return expanded
 
 
-def _is_image_name(path: str) -> bool:
-    return path.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+def _files_layout_folders(files: list[str]) -> list[str]:
+    """The folders of img2dataset's `files` layout among `files`: those holding an image `KEY.jpg`
+    (or another image extension) with its caption `KEY.txt` or metadata `KEY.json` beside it."""
+    keys: dict[str, dict[str, set[str]]] = {}
+    for name in files:
+        key, ext = _tar_key(name)
+        keys.setdefault(os.path.dirname(name), {}).setdefault(key, set()).add(ext)
+    return sorted((folder for folder, samples in keys.items()
+                   if any(exts & set(IMAGE_EXTENSIONS) and exts & {"txt", "json"} for exts in samples.values())),
+                  key=lambda folder: folder.split(os.sep))
 
 
 def iter_records(paths: list[str], options: SourceOptions) -> Iterator[Record]:

@@ -261,6 +261,14 @@ def test_img2dataset_files_output(tmp_path, tokenizer_dir, tokenizer):
         (0, 0): "<000000000>a dog on a beach", (0, 1): "<000000002>a red car", (1, 0): "<000010000>a blue boat"}
     assert report["documents_in"] == 3 and report["documents_rejected"] == 0
 
+    from data_prep.sources import expand_inputs
+
+    assert expand_inputs([str(out / "00001")], "caption") == [str(out / "00001")]  # one shard folder given
+    (tmp_path / "demo" / "images").mkdir(parents=True)  # a JSONL beside a folder of images is not this layout
+    (tmp_path / "demo" / "images" / "0.jpg").write_bytes(picture(0))
+    (tmp_path / "demo" / "captions.jsonl").write_text('{"image": "images/0.jpg", "caption": "c"}\n')
+    assert expand_inputs([str(tmp_path / "demo")], "caption") == [str(tmp_path / "demo" / "captions.jsonl")]
+
 
 # --------------------------------------------------------------------------- interleaved
 
