@@ -14,19 +14,24 @@ from .schema import FORMATS, TEMPLATES
 
 PACK_EPILOG = """\
 formats:
-  imagenet     class folders ROOT/<synset>/*.JPEG or tar shards (keys start with the synset, or
-               carry .cls); needs --class-map (lines "n01440764 tench" or JSON)
-  caption      webdataset tars (KEY.jpg + KEY.txt/KEY.json) or JSONL/parquet rows
-               {"image": path-or-bytes, "caption": text}
+  imagenet     class folders ROOT/<synset>/*.JPEG or tar shards, tars of per-synset tars too (keys
+               start with the synset, or carry .cls); needs --class-map ("n01440764<TAB>tench",
+               JSON, or synset ids + --class-names lemmas)
+  caption      webdataset tars (KEY.jpg + KEY.txt/KEY.json), img2dataset files folders, or
+               JSONL/parquet rows {"image"|"jpg"|"png"|"webp": path-or-bytes, "caption"|"txt": text}
   interleaved  MMC4 {"text_list", "image_info": [{"image_name", "matched_text_index"}]} or
-               OBELICS {"texts", "images"} JSONL/parquet
+               OBELICS {"texts", "images"} JSONL/parquet/.jsonl.zip; --missing-images,
+               --image-index (img2dataset output: images by URL)
   text         JSONL(.gz/.zst/.lz4)/parquet {"text": ...}; --exclude-subset drops SlimPajama subsets
                (e.g. --exclude-subset RedPajamaCommonCrawl --exclude-subset RedPajamaC4)
-  llava        LLaVA JSON/JSONL {"image", "conversations": [{"from": "human"|"gpt", "value"}]}
+  llava        LLaVA JSON/JSONL {"image"|"images", "conversations": [{"from": "human"|"gpt", "value"}]}
   sharegpt     ShareGPT JSON/JSONL {"conversations": [{"from": "human"|"gpt"|"chatgpt"|"system", "value"}]}
-  chat         OpenAI-chat JSONL, SOLO's interchange format (base64 data-URL or path images)
+  chat         OpenAI-chat JSONL, SOLO's interchange format (base64 data-URL or path images);
+               LLaMA-Factory {"messages", "images"} with <image> placeholders
 
-Relative image paths resolve against --image-root (default: the input file's folder).
+Folders are searched recursively (sorted, dotfiles skipped). Relative image paths resolve against
+--image-root (default: the input file's folder). Every dataset's command: data_prep/README.md,
+"Datasets as downloaded".
 Run the same command again after an interruption (even kill -9): finished work is reused and the
 result is byte-identical to an uninterrupted run. Bad records are rejected with a reason in
 OUTPUT/report.json and never stop the run.
@@ -52,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "bounded window) into sequences of at most --seq-length tokens.",
         epilog=PACK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     pack.add_argument("inputs", nargs="+", metavar="INPUT",
-                      help="input files (.jsonl[.gz|.zst|.lz4], .json, .parquet, .tar) or folders of them; "
-                           "for imagenet also class folders")
+                      help="input files (.jsonl[.gz|.zst|.lz4], .json, .parquet, .tar[.gz], .jsonl.zip) or "
+                           "folders of them; for imagenet also class folders")
     pack.add_argument("--format", required=True, choices=FORMATS, help="source format (see below)")
     pack.add_argument("--tokenizer", required=True, metavar="DIR", help="SOLO tokenizer directory (extended, fast)")
     pack.add_argument("--seq-length", required=True, type=int, metavar="N", help="pack length limit in tokens")

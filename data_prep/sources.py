@@ -3,9 +3,10 @@
 Reading is split in two so that packing can run in parallel and resume:
 
 * `iter_records(paths, options)` runs in the main process and reads as little as it can: JSONL
-  lines (plain, .gz, .zst, .lz4), entries of a JSON list, parquet rows, webdataset tar samples
-  (members grouped by key; for uncompressed tars only the headers — the members travel as
-  (offset, size) references), or the paths of class-folder images. Each record has a stable name
+  lines (plain, .gz, .zst, .lz4, or members of a .zip), entries of a JSON list, parquet rows,
+  webdataset tar samples (members grouped by key, tars inside a tar read in place; for
+  uncompressed tars only the headers — the members travel as (offset, size) references),
+  img2dataset `files` folders (grouped alike), or the paths of class-folder images. Each record has a stable name
   (`file:line`, `file:key`, ...) used in report.json.
 * `record_to_document(record, options)` runs in the workers: it parses, resolves and reads the
   image files, and returns a `Document`, or raises `RejectedInput` (bad JSON, non-UTF-8 text,
@@ -16,21 +17,23 @@ Formats (`--format`):
 =============  ===========================================================================
 imagenet       class folders (`ROOT/<synset>/*.JPEG`) or tar shards whose keys start with the
                synset (`n01440764_10026.JPEG`) or carry a `.cls` index; `--class-map` maps
-               synsets to names. Document: one assistant message [image, class name].
-caption        image–caption pairs: webdataset tars (`KEY.jpg` + `KEY.txt`/`KEY.json`), or
-               JSONL/parquet rows with an image path (or bytes) and a caption.
+               synsets to names (`load_class_map`). Document: one assistant message [image, class name].
+caption        image–caption pairs: webdataset tars (`KEY.jpg` + `KEY.txt`/`KEY.json`), img2dataset
+               `files` folders, or JSONL/parquet rows with an image (`IMAGE_FIELDS`) and a caption.
 interleaved    MMC4 (`text_list` + `image_info[matched_text_index]`) or OBELICS (`texts` and
-               `images` aligned lists) JSONL/parquet; images are inserted before their sentence.
+               `images` aligned lists) JSONL/parquet; images are inserted before their sentence;
+               a missing one is dropped (counted) or rejects the document (`--missing-images`).
 text           text-only JSONL/parquet (`text` field), with subset filtering
                (`--exclude-subset RedPajamaCommonCrawl` reads SlimPajama's
                `meta.redpajama_set_name`).
-llava          LLaVA instruction JSON/JSONL (`image`, `conversations` of human/gpt turns with
-               `<image>` placeholders).
+llava          LLaVA instruction JSON/JSONL (`image` or `images`, `conversations` of human/gpt
+               turns with `<image>` placeholders; an opening assistant turn is dropped).
 sharegpt       ShareGPT JSON/JSONL (`conversations` of `from`/`value` turns; `from` is
                human/user, gpt/chatgpt/bing/bard/assistant or system; an optional `image` as LLaVA).
 chat           OpenAI-chat JSONL (SOLO's interchange format): a list of messages,
                `{"messages"|"conversations": [...]}` or one message; content a string or items
-               `text` / `image_url` (base64 data URL or a local path) / `image` (a local path).
+               `text` / `image_url` (base64 data URL or a local path) / `image` (a local path);
+               with an `images` list (LLaMA-Factory), `<image>` in string contents takes them in order.
 =============  ===========================================================================
 """
 
