@@ -315,8 +315,7 @@ def _iter_input(input_index: int, path: str, options: SourceOptions) -> Iterator
     elif plain.endswith(".json"):
         yield from _iter_json_list(input_index, path, label, base_dir, 8 * options.max_record_bytes)
     else:  # .jsonl and anything line-based
-        with open_maybe_compressed(path) as handle:
-            yield from _iter_lines(input_index, handle, label, base_dir, options.max_record_bytes)
+        yield from _iter_lines(input_index, path, label, base_dir, options.max_record_bytes)
 
 
 def _iter_zip(input_index: int, path: str, label: str, base_dir: str, options: SourceOptions) -> Iterator[Record]:
@@ -341,36 +340,37 @@ def _iter_zip(input_index: int, path: str, label: str, base_dir: str, options: S
                 offset += 1
                 continue
             count = 0
-            with archive.open(member) as handle:
-                for count, record in enumerate(_iter_lines(input_index, handle, member_label, base_dir,
-                                                           options.max_record_bytes), 1):
-                    yield record._replace(number=record.number + offset)
+            for count, record in enumerate(_iter_lines(input_index, path, member_label, base_dir,
+                                                       options.max_record_bytes, archive.open(member)), 1):
+                yield record._replace(number=record.number + offset)
             offset += count
 
 
-def _iter_lines(input_index: int, handle, label: str, base_dir: str, limit: int) -> Iterator[Record]:
-    """One record per non-blank line; a line longer than `limit` bytes is one rejected record
-    (never held in memory: the rest of it is skipped in bounded reads)."""
+def _iter_lines(input_index: int, path: str, label: str, base_dir: str, limit: int,
+                stream: io.BufferedIOBase | None = None) -> Iterator[Record]:
+    """One record per non-blank line (of `path`, or of `stream`, a zip member); a line longer than
+    `limit` bytes is one rejected record (never held in memory: the rest of it is skipped in bounded reads)."""
     number = 0
     line_number = 0
-    while True:
-        line = handle.readline(limit + 1)
-        if not line:
-            return
-        line_number += 1
-        if len(line) > limit and not line.endswith(b"\n"):
-            while True:  # skip to the end of the over-long line
-                rest = handle.readline(1 << 20)
-                if not rest or rest.endswith(b"\n"):
-                    break
-            yield Record(input_index, number, f"{label}:{line_number}", "error",
-                         f"record is larger than {limit:,} bytes", base_dir)
+    with stream or open_maybe_compressed(path) as handle:
+        while True:
+            line = handle.readline(limit + 1)
+            if not line:
+                return
+            line_number += 1
+            if len(line) > limit and not line.endswith(b"\n"):
+                while True:  # skip to the end of the over-long line
+                    rest = handle.readline(1 << 20)
+                    if not rest or rest.endswith(b"\n"):
+                        break
+                yield Record(input_index, number, f"{label}:{line_number}", "error",
+                             f"record is larger than {limit:,} bytes", base_dir)
+                number += 1
+                continue
+            if not line.strip():
+                continue  # blank lines (a trailing newline) are not records
+            yield Record(input_index, number, f"{label}:{line_number}", "line", bytes(line), base_dir)
             number += 1
-            continue
-        if not line.strip():
-            continue  # blank lines (a trailing newline) are not records
-        yield Record(input_index, number, f"{label}:{line_number}", "line", bytes(line), base_dir)
-        number += 1
 
 
 def _iter_json_list(input_index: int, path: str, label: str, base_dir: str, limit: int) -> Iterator[Record]:
@@ -557,7 +557,7 @@ def _member(sample: dict[str, Any], ext: str) -> bytes:
 
 def _iter_class_folders(input_index: int, root: str, label: str) -> Iterator[Record]:
     """ImageNet class folders `ROOT/<synset>/<image>`; the payload's path is relative to ROOT (the
-    record's base_dir), like every other image reference (`resolve_reference`)."""
+    record's base_dir), like every other relative image reference (the rule in `_iter_input`)."""
     number = 0
     for class_name in sorted(os.listdir(root)):
         class_dir = os.path.join(root, class_name)
@@ -677,8 +677,8 @@ def _failed_download(entry: dict) -> MissingImage:
     """A row whose image field is empty: img2dataset keeps the rows of failed downloads (url, status,
     error_message) with a null image."""
     detail = ": ".join(str(entry[name]) for name in ("status", "error_message") if entry.get(name))
-    return MissingImage(f"image {entry.get('url')!r}: download failed upstream, the row has no image bytes"
-                        + (f" ({detail})" if detail else ""))
+    return MissingImage((f"image {entry['url']!r}: " if entry.get("url") else "")
+                        + "download failed upstream, the row has no image bytes" + (f" ({detail})" if detail else ""))
 
 
 # The one image-column rule of rows (JSONL, JSON, parquet): `image` (bytes, path, data URL or a HF

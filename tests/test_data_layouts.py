@@ -502,6 +502,8 @@ def test_shards_add_up_to_the_unsharded_output_and_mix_as_one_source(tmp_path, t
             assert sum(part[field] for part in parts) == whole[field], field
         assert all(part["documents_in"] > 0 for part in parts)
     assert whole["documents_rejected"] == 1 and whole["documents_packed"] == 4
+    assert solo_data(["pack", str(shards), "--format", "caption", "--tokenizer", tokenizer_dir, "--seq-length",
+                      "512", "--output", str(tmp_path / "bad"), "--shard", "2/2"]) == 2  # I must be < N
 
     mixture = tmp_path / "mix.yaml"
     mixture.write_text("datasets:\n  - {path: 'lines/shard-*', weight: 0.5}\n  - {path: [tars/all], weight: 0.5}\n")
