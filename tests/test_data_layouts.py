@@ -557,3 +557,42 @@ def test_prep_array_sbatch_submits_shards_then_plan(tmp_path, tokenizer_dir, tok
     assert [os.path.basename(info["path"]) for info in plan["sources"]] == ["shard-00000", "shard-00001"]
     assert sum(info["weight"] for info in plan["sources"]) == pytest.approx(1.0)
     assert plan["samples"] == sum(info["packs"] for info in plan["sources"]) and "wrote" in result.stdout
+
+
+@pytest.mark.parametrize("output_format", ["parquet", "files"])
+def test_image_index_reads_img2dataset_parquet_and_files_outputs(tmp_path, output_format):
+    """--image-index over img2dataset's other two layouts: images in the parquet's `jpg` column, or
+    in `NNNNN/KEY.jpg`; MMC4's `raw_url` is looked up there too; a URL nobody fetched is missing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_prep.sources import SourceOptions, iter_records, record_to_document
+
+    index = tmp_path / "fetched"
+    index.mkdir()
+    rows = [("000000000", "http://m.example/a.jpg", None, "success", None),
+            ("000000001", "http://m.example/b.jpg", None, "failed_to_download", "HTTP Error 403")]
+    data = picture(7)
+    if output_format == "parquet":
+        pq.write_table(pa.Table.from_pylist([
+            {"key": key, "jpg": data if status == "success" else None, "txt": None,
+             **img2dataset_meta(key, url, caption, status, error)} for key, url, caption, status, error in rows]),
+            index / "00000.parquet")
+    else:
+        (index / "00000").mkdir()
+        (index / "00000" / "000000000.jpg").write_bytes(data)
+        (index / "00000" / "000000000.json").write_text("{}")
+        write_side_files(index, "00000", rows)
+    document = mmc4_document("http://page.example", ["One.", "Two.", "Three."],
+                             [("a.jpg", 0), ("b.jpg", 1), ("never.jpg", 2)])
+    for info, url in zip(document["image_info"], ["http://m.example/a.jpg", "http://m.example/b.jpg",
+                                                  "http://m.example/never.jpg"]):
+        info["raw_url"] = url
+    (tmp_path / "docs.jsonl").write_text(json.dumps(document) + "\n")
+    options = SourceOptions(format="interleaved", image_index=str(index))
+    (record,) = iter_records([str(tmp_path / "docs.jsonl")], options)
+    converted = record_to_document(record, options)
+    assert [s.image if s.is_image else s.text for s in converted.segments] == [data, "One. Two. Three."]
+    assert converted.dropped_images == [
+        "image 'http://m.example/b.jpg': download failed upstream (failed_to_download: HTTP Error 403)",
+        "image 'http://m.example/never.jpg': not found in --image-index (no img2dataset parquet there lists the URL)"]
