@@ -30,7 +30,7 @@ import shutil
 import sys
 import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -39,6 +39,7 @@ from solo.hf.image_processing_solo import PATCH_DIM, image_tokens_count
 from solo.hf.processing_solo import VisionTokenIds
 
 from .encode import DocumentEncoder, EncodeOptions
+from .image_index import build_image_index
 from .packed_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -581,6 +582,9 @@ def run_pack(config: PackConfig) -> dict[str, Any]:
     work_dir = os.path.join(config.output, WORK_DIR)
     lock = _lock_output(work_dir)
     try:
+        if config.source.image_index:  # the URL → image index, built once for all workers
+            config.source = replace(config.source,
+                                    image_index_db=build_image_index(config.source.image_index, work_dir))
         return _run_locked(config, tokenizer, fingerprint, work_dir)
     finally:
         lock.close()

@@ -83,6 +83,7 @@ class SourceOptions:
     missing_images: str = "drop"  # interleaved: an image that is not there is dropped, or rejects its document
     image_index: str | None = None  # interleaved: img2dataset output where images are found by URL
     shard: tuple[int, int] | None = None  # (I, N): read only shard I of N of the inputs (`iter_records`)
+    image_index_db: str | None = None  # the run's SQLite index of image_index (made by the pack run; not an input)
 
     def fingerprint(self) -> dict[str, Any]:
         return {
@@ -661,9 +662,9 @@ def _image_by_url(url: str, options: SourceOptions) -> bytes:
     if not options.image_index:
         raise RejectedInput(f"image {url!r} is a remote URL; fetch the URLs with img2dataset and give its output "
                             "folder as --image-index (no network at pack time)")
-    from .image_index import ParquetImage, load_image_index, read_parquet_image
+    from .image_index import ParquetImage, lookup, read_parquet_image, standalone_index
 
-    found = load_image_index(os.path.abspath(options.image_index)).get(url)
+    found = lookup(options.image_index_db or standalone_index(os.path.abspath(options.image_index)), url)
     if found is None:
         raise MissingImage(f"image {url!r}: not found in --image-index (no img2dataset parquet there lists the URL)")
     if isinstance(found, str):

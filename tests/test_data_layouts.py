@@ -330,7 +330,7 @@ def test_obelics_parquet_with_images_from_img2dataset(tmp_path, tokenizer_dir, t
             {"images": [None, urls[2]], "texts": ["Second page.", None], "metadata": "[]", "general_metadata": "{}"}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train-00000-of-01335.parquet")
     report = run_pack(tokenizer_dir, [tmp_path / "train-00000-of-01335.parquet"], tmp_path / "packed",
-                      "interleaved", "--image-index", index)
+                      "interleaved", "--image-index", index, "--workers", 2)  # workers share the run's index
     assert decode(tmp_path / "packed", tokenizer, images) == {
         (0, 0): "<img1>\n\nFirst paragraph.", (0, 1): "Second page.<img3>"}
     assert report["images_dropped_by_reason"] == {"download failed upstream": 1}
