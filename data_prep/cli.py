@@ -14,19 +14,24 @@ from .schema import FORMATS, TEMPLATES
 
 PACK_EPILOG = """\
 formats:
-  imagenet     class folders ROOT/<synset>/*.JPEG or tar shards (keys start with the synset, or
-               carry .cls); needs --class-map (lines "n01440764 tench" or JSON)
-  caption      webdataset tars (KEY.jpg + KEY.txt/KEY.json) or JSONL/parquet rows
-               {"image": path-or-bytes, "caption": text}
+  imagenet     class folders ROOT/<synset>/*.JPEG or tar shards, tars of per-synset tars too (keys
+               start with the synset, or carry .cls); needs --class-map ("n01440764<TAB>tench",
+               JSON, or synset ids + --class-names lemmas)
+  caption      webdataset tars (KEY.jpg + KEY.txt/KEY.json), img2dataset files folders, or
+               JSONL/parquet rows {"image"|"jpg"|"png"|"webp": path-or-bytes, "caption"|"txt": text}
   interleaved  MMC4 {"text_list", "image_info": [{"image_name", "matched_text_index"}]} or
-               OBELICS {"texts", "images"} JSONL/parquet
+               OBELICS {"texts", "images"} JSONL/parquet/.jsonl.zip; --missing-images,
+               --image-index (img2dataset output: images by URL)
   text         JSONL(.gz/.zst/.lz4)/parquet {"text": ...}; --exclude-subset drops SlimPajama subsets
                (e.g. --exclude-subset RedPajamaCommonCrawl --exclude-subset RedPajamaC4)
-  llava        LLaVA JSON/JSONL {"image", "conversations": [{"from": "human"|"gpt", "value"}]}
+  llava        LLaVA JSON/JSONL {"image"|"images", "conversations": [{"from": "human"|"gpt", "value"}]}
   sharegpt     ShareGPT JSON/JSONL {"conversations": [{"from": "human"|"gpt"|"chatgpt"|"system", "value"}]}
-  chat         OpenAI-chat JSONL, SOLO's interchange format (base64 data-URL or path images)
+  chat         OpenAI-chat JSONL, SOLO's interchange format (base64 data-URL or path images);
+               LLaMA-Factory {"messages", "images"} with <image> placeholders
 
-Relative image paths resolve against --image-root (default: the input file's folder).
+Folders are searched recursively (sorted, dotfiles skipped). Relative image paths resolve against
+--image-root (default: the input file's folder). Every dataset's command: data_prep/README.md,
+"Datasets as downloaded".
 Run the same command again after an interruption (even kill -9): finished work is reused and the
 result is byte-identical to an uninterrupted run. Bad records are rejected with a reason in
 OUTPUT/report.json and never stop the run.
@@ -52,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "bounded window) into sequences of at most --seq-length tokens.",
         epilog=PACK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     pack.add_argument("inputs", nargs="+", metavar="INPUT",
-                      help="input files (.jsonl[.gz|.zst|.lz4], .json, .parquet, .tar) or folders of them; "
-                           "for imagenet also class folders")
+                      help="input files (.jsonl[.gz|.zst|.lz4], .json, .parquet, .tar[.gz], .jsonl.zip) or "
+                           "folders of them; for imagenet also class folders")
     pack.add_argument("--format", required=True, choices=FORMATS, help="source format (see below)")
     pack.add_argument("--tokenizer", required=True, metavar="DIR", help="SOLO tokenizer directory (extended, fast)")
     pack.add_argument("--seq-length", required=True, type=int, metavar="N", help="pack length limit in tokens")
@@ -66,7 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--resize-mode", default="fit", metavar="MODE",
                       help="image resize rule: fit (aspect-preserving, default) or solo (SOLO-7B's)")
     pack.add_argument("--image-root", metavar="DIR", help="folder that relative image paths resolve against")
-    pack.add_argument("--class-map", metavar="FILE", help="imagenet: synset → class name mapping")
+    pack.add_argument("--class-map", metavar="FILE",
+                      help="imagenet: synset → class name mapping (lines 'SYNSET<TAB>lemmas' or 'SYNSET name', JSON "
+                           "{synset: name | [names]} or Keras {index: [synset, name]}, or a synset-id list with "
+                           "--class-names)")
+    pack.add_argument("--class-names", metavar="FILE",
+                      help="imagenet: the lemmas aligned line by line with a --class-map of synset ids "
+                           "(BiT's imagenet21k_wordnet_ids.txt + imagenet21k_wordnet_lemmas.txt)")
+    pack.add_argument("--missing-images", choices=("drop", "reject"), default="drop",
+                      help="interleaved: an image that is not there (missing file, failed download) is dropped "
+                           "from its document (default; counted in report.json) or rejects the document")
+    pack.add_argument("--image-index", metavar="DIR",
+                      help="interleaved: img2dataset output folder where images given by URL are found "
+                           "(read from its parquet files and shards)")
+    pack.add_argument("--shard", metavar="I/N",
+                      help="pack only shard I of N (0-based) of the inputs: whole files when there are at least N, "
+                           "else every N-th record; each shard is a complete output of its own")
     pack.add_argument("--exclude-subset", action="append", default=[], metavar="NAME",
                       help="text: drop records of this subset (meta.redpajama_set_name); repeatable")
     pack.add_argument("--max-image-pixels", type=int, default=None, metavar="P",
@@ -160,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """`I/N` → (I, N), 0 <= I < N."""
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
+        raise ValueError(f"--shard must be I/N with 0 <= I < N (e.g. 0/8), got {text!r}")
+    return int(index), int(count)
+
+
 def _pack(args) -> int:
     from .encode import EncodeOptions
     from .pack import PackConfig, run_pack
@@ -173,11 +201,16 @@ def _pack(args) -> int:
         args.max_image_pixels = DEFAULT_MAX_PIXELS
     if args.format == "imagenet" and not args.class_map:
         raise ValueError("--format imagenet needs --class-map FILE (synset → class name)")
+    if args.class_names and not args.class_map:
+        raise ValueError("--class-names needs --class-map (the synset ids its lines are aligned with)")
+    if args.image_index and not os.path.isdir(args.image_index):
+        raise FileNotFoundError(f"--image-index {args.image_index!r} is not a folder (give img2dataset's output folder)")
     source = SourceOptions(
         format=args.format, image_root=args.image_root,
-        class_map=load_class_map(args.class_map) if args.class_map else {},
+        class_map=load_class_map(args.class_map, args.class_names) if args.class_map else {},
         exclude_subsets=tuple(args.exclude_subset), max_image_bytes=args.max_image_bytes,
-        max_record_bytes=args.max_record_bytes)
+        max_record_bytes=args.max_record_bytes, missing_images=args.missing_images, image_index=args.image_index,
+        shard=parse_shard(args.shard) if args.shard else None)
     encode = EncodeOptions(seq_length=args.seq_length, template=args.template, loss_on_user=args.loss_on_user,
                            resize_mode=args.resize_mode, max_pixels=args.max_image_pixels)
     if args.seq_length < 8:

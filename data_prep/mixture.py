@@ -5,7 +5,11 @@ relative paths are relative to the YAML file)::
 
     datasets:
       - {path: packed/imagenet21k, weight: 0.7}
-      - {path: packed/slimpajama, weight: 0.3}
+      - {path: "packed/slimpajama/shard-*", weight: 0.3}   # a glob, or a list of directories
+
+A glob or a list of directories is one source with one weight (the shards of one `solo-data pack
+--shard I/N` job): its weight is split over the directories in proportion to their packs, so the
+group is drawn as if it were one directory.
 
 One sample is one pack. With `--epochs E` the run draws E × (total packs of all sources) samples;
 with `--tokens T` it draws enough samples for about T non-pad tokens (each source's mean tokens per
@@ -17,6 +21,7 @@ index with a small surplus).
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 from typing import Any
@@ -58,14 +63,28 @@ def read_mixture(path: str, keep_as_is: tuple[str, ...] = ()) -> list[tuple[str,
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
                 or not weight > 0:
             raise ValueError(f"{where} weight must be a finite number > 0, got {weight!r}")
-        if not isinstance(entry["path"], str) or not entry["path"]:
-            raise ValueError(f"{where} path must be a non-empty string, got {entry['path']!r}")
-        source = os.path.expandvars(entry["path"])
-        if "$" in source:
-            raise ValueError(f"{where} path {entry['path']!r} uses an unset environment variable; export it")
-        if source not in keep_as_is and not os.path.isabs(source):
-            source = os.path.join(base, source)
-        sources.append((source, float(weight)))
+        given = entry["path"] if isinstance(entry["path"], list) else [entry["path"]]
+        if not given or not all(isinstance(item, str) and item for item in given):
+            raise ValueError(f"{where} path must be a non-empty string or list of strings, got {entry['path']!r}")
+        paths = []
+        for item in given:
+            source = os.path.expandvars(item)
+            if "$" in source:
+                raise ValueError(f"{where} path {item!r} uses an unset environment variable; export it")
+            if source not in keep_as_is and not os.path.isabs(source):
+                source = os.path.join(base, source)
+            if glob.has_magic(source):
+                matches = sorted(glob.glob(source))
+                if not matches:
+                    raise FileNotFoundError(f"{where} path {item!r} matches no directory")
+                paths.extend(matches)
+            else:
+                paths.append(source)
+        if len(paths) == 1:
+            sources.append((paths[0], float(weight)))
+        else:  # one source: its weight split in proportion to the packs of each directory
+            packs = [len(PackedReader(path)) for path in paths]
+            sources.extend((path, float(weight) * count / sum(packs)) for path, count in zip(paths, packs) if count)
     return sources
 
 

@@ -30,7 +30,7 @@ import shutil
 import sys
 import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -39,6 +39,7 @@ from solo.hf.image_processing_solo import PATCH_DIM, image_tokens_count
 from solo.hf.processing_solo import VisionTokenIds
 
 from .encode import DocumentEncoder, EncodeOptions
+from .image_index import build_image_index
 from .packed_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -145,7 +146,8 @@ def chunk_paths(work_dir: str, index: int) -> tuple[str, str, str]:
 def encode_records(records: list[Record]) -> tuple[list[tuple], bytes]:
     """Convert + encode records (in a worker). Returns (one entry per record, image bytes blob).
 
-    Entries: ("doc", input index, record number, pieces, image (offset, length) in the blob),
+    Entries: ("doc", input index, record number, pieces, image (offset, length) in the blob, reasons of
+    the images dropped as missing),
     ("rejected", record name, reason) or ("filtered", subset).
     """
     encoder: DocumentEncoder = _WORKER["encoder"]
@@ -173,7 +175,7 @@ def encode_records(records: list[Record]) -> tuple[list[tuple], bytes]:
             except Exception as error:
                 results.append(RejectedInput(f"cannot encode ({type(error).__name__}: {error})"))
     image_blob = bytearray()
-    for position, result in zip(slots, results):
+    for position, document, result in zip(slots, documents, results):
         record = records[position]
         if isinstance(result, RejectedInput):
             entries[position] = ("rejected", record.name, result.reason)
@@ -187,7 +189,8 @@ def encode_records(records: list[Record]) -> tuple[list[tuple], bytes]:
                 image_refs.append(("blob", len(image_blob), len(data)))
                 image_blob += data
         pieces = [(piece.tokens, piece.loss_mask, piece.images) for piece in result.pieces]
-        entries[position] = ("doc", record.input_index, record.number, pieces, image_refs)
+        entries[position] = ("doc", record.input_index, record.number, pieces, image_refs,
+                             document.dropped_images)
     return entries, bytes(image_blob)
 
 
@@ -207,8 +210,9 @@ def write_chunk(work_dir: str, index: int, entries: list[tuple], image_blob: byt
     records, tokens, losses = [], [], []
     for entry in entries:
         if entry[0] == "doc":
-            _, input_index, number, pieces, image_refs = entry
+            _, input_index, number, pieces, image_refs, dropped = entry
             records.append({"doc": [input_index, number], "images": [list(ref) for ref in image_refs],
+                            "dropped": dropped,
                             "pieces": [[len(piece[0]), [list(image) for image in piece[2]]] for piece in pieces]})
             tokens.extend(piece[0] for piece in pieces)
             losses.extend(piece[1] for piece in pieces)
@@ -239,7 +243,8 @@ def read_chunk(work_dir: str, index: int) -> list[tuple]:
                 pieces.append((tokens[position:position + length], losses[position:position + length],
                                [tuple(image) for image in layout]))
                 position += length
-            entries.append(("doc", *record["doc"], pieces, [tuple(ref) for ref in record["images"]]))
+            entries.append(("doc", *record["doc"], pieces, [tuple(ref) for ref in record["images"]],
+                            record["dropped"]))
         elif "rejected" in record:
             entries.append(("rejected", record["rejected"], record["reason"]))
         else:
@@ -338,7 +343,7 @@ class _WorkerPool:
                                    "out of memory)"), b""
                 if entry[0] == "doc":
                     entry = entry[:4] + ([("blob", ref[1] + len(blob), ref[2]) if ref[0] == "blob" else ref
-                                          for ref in entry[4]],)
+                                          for ref in entry[4]],) + entry[5:]
                 entries.append(entry)
                 blob += data
         finally:
@@ -447,6 +452,7 @@ class _Accounting:
         self.image_bytes = 0
         self.patches = 0
         self.max_pack_length = 0
+        self.images_dropped: dict[str, int] = {}  # interleaved images left out as missing, by reason
 
     def report(self) -> dict[str, Any]:
         slots = self.packs * self.seq_length
@@ -472,6 +478,8 @@ class _Accounting:
             "images": self.images,
             "patches": self.patches,
             "image_bytes": self.image_bytes,
+            "images_dropped": sum(self.images_dropped.values()),
+            "images_dropped_by_reason": dict(sorted(self.images_dropped.items())),
             "bytes_per_image": round(self.image_bytes / self.images, 1) if self.images else 0.0,
             "solo_fp16_patch_bytes": self.patches * SOLO_FP16_BYTES_PER_PATCH,
             "bytes_vs_solo_fp16": round(self.image_bytes / (self.patches * SOLO_FP16_BYTES_PER_PATCH), 5)
@@ -553,6 +561,8 @@ def _input_paths(config: PackConfig) -> list[str]:
     paths = list(config.inputs) + [config.tokenizer]
     if config.source.image_root:
         paths.append(config.source.image_root)
+    if config.source.image_index:
+        paths.append(config.source.image_index)
     return paths
 
 
@@ -572,6 +582,9 @@ def run_pack(config: PackConfig) -> dict[str, Any]:
     work_dir = os.path.join(config.output, WORK_DIR)
     lock = _lock_output(work_dir)
     try:
+        if config.source.image_index:  # the URL → image index, built once for all workers
+            config.source = replace(config.source,
+                                    image_index_db=build_image_index(config.source.image_index, work_dir))
         return _run_locked(config, tokenizer, fingerprint, work_dir)
     finally:
         lock.close()
@@ -596,7 +609,7 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
         """What the packer carries for one piece (kept small: the image bytes are read when written)."""
         if chunk not in loaded_chunks:
             loaded_chunks[chunk] = read_chunk(work_dir, chunk)
-        _, input_index, number, pieces, image_refs = loaded_chunks[chunk][entry_index]
+        _, input_index, number, pieces, image_refs, _ = loaded_chunks[chunk][entry_index]
         return (pieces[piece_number], chunk, image_refs, (input_index, number, piece_number), entry_index)
 
     if os.path.exists(progress_path):  # the packing pass of an earlier run got this far
@@ -683,9 +696,12 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
                 accounting.rejected.append(rejection)
                 rejected_log.write(json.dumps(rejection, sort_keys=True).encode() + b"\n")
                 continue
-            _, input_index, number, pieces, image_refs = entry
+            _, input_index, number, pieces, image_refs, dropped = entry
             if not resumed:
                 accounting.documents_packed += 1
+                for reason in dropped:
+                    kind = reason_kind(reason)
+                    accounting.images_dropped[kind] = accounting.images_dropped.get(kind, 0) + 1
                 accounting.documents_split += len(pieces) > 1
             for piece_number in range(first_piece if resumed else 0, len(pieces)):
                 piece = pieces[piece_number]

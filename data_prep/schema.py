@@ -38,6 +38,7 @@ class Document:
     """An ordered list of segments. Consecutive segments of one role form one message (turn)."""
 
     segments: list[Segment] = field(default_factory=list)
+    dropped_images: list[str] = field(default_factory=list)  # why each left-out image is missing
 
     def add_text(self, role: str, text: str) -> None:
         check_role(role)

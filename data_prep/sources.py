@@ -3,9 +3,10 @@
 Reading is split in two so that packing can run in parallel and resume:
 
 * `iter_records(paths, options)` runs in the main process and reads as little as it can: JSONL
-  lines (plain, .gz, .zst, .lz4), entries of a JSON list, parquet rows, webdataset tar samples
-  (members grouped by key; for uncompressed tars only the headers — the members travel as
-  (offset, size) references), or the paths of class-folder images. Each record has a stable name
+  lines (plain, .gz, .zst, .lz4, or members of a .zip), entries of a JSON list, parquet rows,
+  webdataset tar samples (members grouped by key, tars inside a tar read in place; for
+  uncompressed tars only the headers — the members travel as (offset, size) references),
+  img2dataset `files` folders (grouped alike), or the paths of class-folder images. Each record has a stable name
   (`file:line`, `file:key`, ...) used in report.json.
 * `record_to_document(record, options)` runs in the workers: it parses, resolves and reads the
   image files, and returns a `Document`, or raises `RejectedInput` (bad JSON, non-UTF-8 text,
@@ -16,21 +17,23 @@ Formats (`--format`):
 =============  ===========================================================================
 imagenet       class folders (`ROOT/<synset>/*.JPEG`) or tar shards whose keys start with the
                synset (`n01440764_10026.JPEG`) or carry a `.cls` index; `--class-map` maps
-               synsets to names. Document: one assistant message [image, class name].
-caption        image–caption pairs: webdataset tars (`KEY.jpg` + `KEY.txt`/`KEY.json`), or
-               JSONL/parquet rows with an image path (or bytes) and a caption.
+               synsets to names (`load_class_map`). Document: one assistant message [image, class name].
+caption        image–caption pairs: webdataset tars (`KEY.jpg` + `KEY.txt`/`KEY.json`), img2dataset
+               `files` folders, or JSONL/parquet rows with an image (`IMAGE_FIELDS`) and a caption.
 interleaved    MMC4 (`text_list` + `image_info[matched_text_index]`) or OBELICS (`texts` and
-               `images` aligned lists) JSONL/parquet; images are inserted before their sentence.
+               `images` aligned lists) JSONL/parquet; images are inserted before their sentence;
+               a missing one is dropped (counted) or rejects the document (`--missing-images`).
 text           text-only JSONL/parquet (`text` field), with subset filtering
                (`--exclude-subset RedPajamaCommonCrawl` reads SlimPajama's
                `meta.redpajama_set_name`).
-llava          LLaVA instruction JSON/JSONL (`image`, `conversations` of human/gpt turns with
-               `<image>` placeholders).
+llava          LLaVA instruction JSON/JSONL (`image` or `images`, `conversations` of human/gpt
+               turns with `<image>` placeholders; an opening assistant turn is dropped).
 sharegpt       ShareGPT JSON/JSONL (`conversations` of `from`/`value` turns; `from` is
                human/user, gpt/chatgpt/bing/bard/assistant or system; an optional `image` as LLaVA).
 chat           OpenAI-chat JSONL (SOLO's interchange format): a list of messages,
                `{"messages"|"conversations": [...]}` or one message; content a string or items
-               `text` / `image_url` (base64 data URL or a local path) / `image` (a local path).
+               `text` / `image_url` (base64 data URL or a local path) / `image` (a local path);
+               with an `images` list (LLaMA-Factory), `<image>` in string contents takes them in order.
 =============  ===========================================================================
 """
 
@@ -77,9 +80,16 @@ class SourceOptions:
     exclude_subsets: tuple[str, ...] = ()
     max_image_bytes: int = 32 * 1024 * 1024  # also the cap of every other tar member (caption, json, cls)
     max_record_bytes: int = 256 * 1024 * 1024  # one JSONL line; a whole .json list may be 8x this
+    missing_images: str = "drop"  # interleaved: an image that is not there is dropped, or rejects its document
+    image_index: str | None = None  # interleaved: img2dataset output where images are found by URL
+    shard: tuple[int, int] | None = None  # (I, N): read only shard I of N of the inputs (`iter_records`)
+    image_index_db: str | None = None  # the run's SQLite index of image_index (made by the pack run; not an input)
 
     def fingerprint(self) -> dict[str, Any]:
         return {
+            "missing_images": self.missing_images,
+            "image_index": os.path.abspath(self.image_index) if self.image_index else None,
+            "shard": list(self.shard) if self.shard else None,
             "format": self.format,
             "image_root": os.path.abspath(self.image_root) if self.image_root else None,
             "class_map_entries": len(self.class_map),
@@ -110,35 +120,65 @@ class Record(NamedTuple):
 # --------------------------------------------------------------------------- reading (main process)
 
 
-def load_class_map(path: str) -> dict[str, str]:
-    """Read a class map: JSON {synset: name} / list of names, or text lines `SYNSET name words`.
+CLASS_MAP_FORMS = ("lines `n01440764<TAB>tench, Tinca tinca` or `n01440764 tench`, JSON {\"n01440764\": \"tench\"} / "
+                   "{\"n01440764\": [\"tench\", ...]} / Keras {\"0\": [\"n01440764\", \"tench\"]}, or a file of "
+                   "synset ids (one a line) with --class-names giving the aligned lemmas file")
 
-    Class indices (for `.cls` members) are the line/list order, stored as keys "0", "1", ...
+
+def _class_name(value: Any) -> str:
+    """One class map value → its caption: a list of names is joined with ", " (all lemmas, in order)."""
+    if isinstance(value, list):
+        return ", ".join(str(item) for item in value)
+    return str(value)
+
+
+def load_class_map(path: str, names_path: str | None = None) -> dict[str, str]:
+    """Read a class map → {synset: caption, class index: caption}.
+
+    Accepted forms (`CLASS_MAP_FORMS`): text lines `SYNSET<TAB>lemmas` or `SYNSET name words`;
+    JSON {synset: name}, {synset: [names]}, Keras' {index: [synset, name]}, or a list of names; or
+    BiT's aligned pair, a file of synset ids (`path`) and one of lemmas (`names_path`), line by line.
+    The caption is the whole name string as given (every lemma, comma-separated: "tench, Tinca
+    tinca"); `_` and `-` become spaces. Class indices (for `.cls` members) are the line/list order,
+    stored as keys "0", "1", ... A map that gives no names (only synset ids) is refused.
     """
     with open(path, "rb") as handle:
-        raw = handle.read().decode("utf-8")
-    mapping: dict[str, str] = {}
+        raw = handle.read().decode("utf-8-sig")
+    entries: list[tuple[str, str]] = []  # (key, name) in file order
     stripped = raw.lstrip()
-    if stripped.startswith("{") or stripped.startswith("["):
-        data = json.loads(raw)
+    if names_path is not None:
+        with open(names_path, "rb") as handle:
+            names = [line.strip() for line in handle.read().decode("utf-8-sig").splitlines() if line.strip()]
+        ids = [line.strip() for line in raw.splitlines() if line.strip()]
+        if len(ids) != len(names):
+            raise ValueError(f"--class-map {path} has {len(ids)} synset ids but --class-names {names_path} has "
+                             f"{len(names)} lines; they must be aligned line by line")
+        entries = list(zip(ids, names))
+    elif stripped.startswith("{") or stripped.startswith("["):
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"class map {path} is not valid JSON ({error})") from None
         if isinstance(data, dict):
-            for index, (key, value) in enumerate(data.items()):
-                mapping[str(key)] = str(value)
-                mapping.setdefault(str(index), str(value))
+            for key, value in data.items():
+                if isinstance(value, list) and len(value) == 2 and SYNSET_PATTERN.fullmatch(str(value[0])):
+                    entries.append((str(value[0]), str(value[1])))  # Keras: {index: [synset, name]}
+                else:
+                    entries.append((str(key), _class_name(value)))
         else:
-            for index, value in enumerate(data):
-                mapping[str(index)] = str(value)
-        return mapping
-    index = 0
-    for line in raw.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        parts = line.split(None, 1)
-        name = parts[1] if len(parts) > 1 else parts[0]
-        mapping[parts[0]] = name
-        mapping[str(index)] = name
-        index += 1
+            entries = [(str(index), _class_name(value)) for index, value in enumerate(data)]
+    else:
+        for line in raw.splitlines():
+            if line.strip():
+                parts = line.strip().split("\t", 1) if "\t" in line else line.strip().split(None, 1)
+                entries.append((parts[0].strip(), parts[1].strip() if len(parts) > 1 else parts[0].strip()))
+    if not entries or all(SYNSET_PATTERN.fullmatch(name) for _, name in entries):
+        raise ValueError(f"class map {path} gives no class names (only synset ids); captions would be ids. "
+                         f"Accepted forms: {CLASS_MAP_FORMS}")
+    mapping: dict[str, str] = {}
+    for index, (key, name) in enumerate(entries):
+        mapping[key] = name
+        mapping.setdefault(str(index), name)
     return mapping
 
 
@@ -166,8 +206,40 @@ def _strip_compression(path: str) -> str:
     return lower
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".zip")
+
+
+def _walk_files(root: str) -> list[str]:
+    """Every file under `root`, recursively, in sorted path order; dotfiles and dot-folders skipped."""
+    found = []
+    for folder, folders, names in os.walk(root):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        found.extend(os.path.join(folder, name) for name in names
+                     if not name.startswith(".") and os.path.isfile(os.path.join(folder, name)))
+    return sorted(found, key=lambda path: os.path.relpath(path, root).split(os.sep))
+
+
+def is_side_file(path: str) -> bool:
+    """img2dataset's metadata beside its shards, never records: `NNNNN_stats.json`, and the
+    `NNNNN.parquet` next to a `NNNNN.tar` shard or a `NNNNN/` folder of files."""
+    name = os.path.basename(path)
+    if name.endswith("_stats.json"):
+        return True
+    if _strip_compression(name).endswith(".parquet"):
+        stem = os.path.join(os.path.dirname(path), name.split(".", 1)[0])
+        return os.path.isfile(stem + ".tar") or os.path.isdir(stem)
+    return False
+
+
 def expand_inputs(paths: list[str], fmt: str) -> list[str]:
-    """Inputs as given, except that a folder of shards becomes its sorted files (imagenet folders stay)."""
+    """Inputs → the files (and folders) to read, in a stable order.
+
+    A folder is searched recursively (sorted, dotfiles skipped): if it holds `.tar` shards, they are
+    the inputs (a webdataset); else for imagenet the folder is read as class folders; else if
+    subfolders hold images (img2dataset's `files` layout, `00000/KEY.jpg` + `KEY.txt`), each such
+    subfolder is one input; else its .jsonl/.json/.parquet/.zip files (compressed too). img2dataset's
+    side files (`is_side_file`) are never inputs, named or found.
+    """
     expanded: list[str] = []
     for path in paths:
         if not os.path.exists(path):
@@ -175,49 +247,113 @@ def expand_inputs(paths: list[str], fmt: str) -> list[str]:
         if not os.path.isdir(path) and not os.path.isfile(path):
             raise FileNotFoundError(f"input {path!r} is not a regular file or a folder (a FIFO or device); "
                                     "give the data files themselves")
-        if os.path.isdir(path) and not (fmt == "imagenet" and not _has_tar_shards(path)):
-            # A folder with tar shards is a webdataset: img2dataset also leaves NNNNN.parquet and
-            # NNNNN_stats.json next to them (metadata, not samples), so only the shards are read.
-            suffixes = (".tar",) if _has_tar_shards(path) else (".jsonl", ".json", ".parquet")
-            files = sorted(os.path.join(path, name) for name in os.listdir(path)
-                           if _strip_compression(name).endswith(suffixes) and os.path.isfile(os.path.join(path, name)))
-            if not files:
-                raise FileNotFoundError(f"input folder {path!r} holds no .jsonl/.json/.parquet/.tar files")
-            expanded.extend(files)
-        else:
+        if not os.path.isdir(path):
+            if not is_side_file(path):
+                expanded.append(path)
+            continue
+        files = _walk_files(path)
+        tars = [name for name in files if _strip_compression(name).endswith(".tar")]
+        image_folders = _files_layout_folders(files)
+        if tars:
+            expanded.extend(tars)
+        elif fmt == "imagenet":
             expanded.append(path)
+        elif image_folders and fmt == "caption":
+            expanded.extend(image_folders)
+        else:
+            data = [name for name in files if _strip_compression(name).endswith(DATA_SUFFIXES) and not is_side_file(name)]
+            if not data:
+                raise FileNotFoundError(f"input folder {path!r} holds no .jsonl/.json/.parquet/.zip/.tar files "
+                                        "(searched recursively)")
+            expanded.extend(data)
+    if not expanded:
+        raise FileNotFoundError("the inputs are only img2dataset side files (*_stats.json, the parquet beside "
+                                "each shard); give the shards (.tar), the parquet output or the files folders")
     return expanded
 
 
-def _has_tar_shards(path: str) -> bool:
-    return any(_strip_compression(name).endswith(".tar") for name in os.listdir(path))
+def _files_layout_folders(files: list[str]) -> list[str]:
+    """The folders of img2dataset's `files` layout among `files`: those holding an image `KEY.jpg`
+    (or another image extension) with its caption `KEY.txt` or metadata `KEY.json` beside it."""
+    keys: dict[str, dict[str, set[str]]] = {}
+    for name in files:
+        key, ext = _tar_key(name)
+        keys.setdefault(os.path.dirname(name), {}).setdefault(key, set()).add(ext)
+    return sorted((folder for folder, samples in keys.items()
+                   if any(exts & set(IMAGE_EXTENSIONS) and exts & {"txt", "json"} for exts in samples.values())),
+                  key=lambda folder: folder.split(os.sep))
 
 
 def iter_records(paths: list[str], options: SourceOptions) -> Iterator[Record]:
     """Yield the raw records of all inputs in a deterministic order (inputs in the order given)."""
     for input_index, path in enumerate(paths):
-        base_dir = options.image_root or os.path.dirname(os.path.abspath(path))
-        label = os.path.basename(path.rstrip("/"))
-        if os.path.isdir(path):
-            yield from _iter_class_folders(input_index, path, label)
-            continue
-        plain = _strip_compression(path)
-        if plain.endswith(".tar"):
-            yield from _iter_tar(input_index, path, label, base_dir, options.max_image_bytes)
-        elif plain.endswith(".parquet"):
-            yield from _iter_parquet(input_index, path, label, base_dir)
-        elif plain.endswith(".json"):
-            yield from _iter_json_list(input_index, path, label, base_dir, 8 * options.max_record_bytes)
-        else:  # .jsonl and anything line-based
-            yield from _iter_lines(input_index, path, label, base_dir, options.max_record_bytes)
+        if options.shard and len(paths) >= options.shard[1] and input_index % options.shard[1] != options.shard[0]:
+            continue  # another shard's file
+        records = _iter_input(input_index, path, options)
+        if options.shard and len(paths) < options.shard[1]:  # fewer files than shards: split each by records
+            records = (record for record in records if record.number % options.shard[1] == options.shard[0])
+        yield from records
 
 
-def _iter_lines(input_index: int, path: str, label: str, base_dir: str, limit: int) -> Iterator[Record]:
-    """One record per non-blank line; a line longer than `limit` bytes is one rejected record
-    (never held in memory: the rest of it is skipped in bounded reads)."""
+def _iter_input(input_index: int, path: str, options: SourceOptions) -> Iterator[Record]:
+    # The one path rule: a relative image reference resolves against the record's base_dir, an
+    # absolute folder (--image-root, else the input file's folder; class folders: their root).
+    base_dir = os.path.abspath(options.image_root or os.path.dirname(os.path.abspath(path)))
+    label = os.path.basename(path.rstrip("/"))
+    if os.path.isdir(path):
+        if options.format == "imagenet":
+            yield from _iter_class_folders(input_index, os.path.abspath(path), label)
+        else:
+            yield from _iter_files_folder(input_index, path, label, base_dir, options.max_image_bytes)
+        return
+    plain = _strip_compression(path)
+    if plain.endswith(".tar"):
+        yield from _iter_tar(input_index, path, label, base_dir, options.max_image_bytes)
+    elif plain.endswith(".zip"):
+        yield from _iter_zip(input_index, path, label, base_dir, options)
+    elif plain.endswith(".parquet"):
+        yield from _iter_parquet(input_index, path, label, base_dir)
+    elif plain.endswith(".json"):
+        yield from _iter_json_list(input_index, path, label, base_dir, 8 * options.max_record_bytes)
+    else:  # .jsonl and anything line-based
+        yield from _iter_lines(input_index, path, label, base_dir, options.max_record_bytes)
+
+
+def _iter_zip(input_index: int, path: str, label: str, base_dir: str, options: SourceOptions) -> Iterator[Record]:
+    """The .jsonl members of a zip (MMC4's `docs_shard_N_v2.jsonl.zip`), streamed in name order."""
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as error:
+        yield Record(input_index, 0, label, "error", f"not a readable zip file ({error})", base_dir)
+        return
+    with archive:
+        members = sorted(info.filename for info in archive.infolist() if not info.is_dir()
+                         and not os.path.basename(info.filename).startswith(".")
+                         and not info.filename.startswith("__MACOSX/"))
+        offset = 0
+        for member in members:
+            member_label = f"{label}!{member}"
+            if not member.lower().endswith(".jsonl"):
+                yield Record(input_index, offset, member_label, "error",
+                             "zip member is not .jsonl (one JSON record a line); unzip it and give its files", base_dir)
+                offset += 1
+                continue
+            count = 0
+            for count, record in enumerate(_iter_lines(input_index, path, member_label, base_dir,
+                                                       options.max_record_bytes, archive.open(member)), 1):
+                yield record._replace(number=record.number + offset)
+            offset += count
+
+
+def _iter_lines(input_index: int, path: str, label: str, base_dir: str, limit: int,
+                stream: io.BufferedIOBase | None = None) -> Iterator[Record]:
+    """One record per non-blank line (of `path`, or of `stream`, a zip member); a line longer than
+    `limit` bytes is one rejected record (never held in memory: the rest of it is skipped in bounded reads)."""
     number = 0
     line_number = 0
-    with open_maybe_compressed(path) as handle:
+    with stream or open_maybe_compressed(path) as handle:
         while True:
             line = handle.readline(limit + 1)
             if not line:
@@ -295,6 +431,30 @@ class MemberError(NamedTuple):
     reason: str
 
 
+def _tar_members(archive: tarfile.TarFile, path: str, base: int | None, member_limit: int) -> Iterator[tuple[str, Any]]:
+    """(name, data) of each file member, in archive order. A member that is itself a tar (ImageNet-21K
+    winter21: one tar per synset inside the outer one) is read in place, its members named
+    `inner.tar/member`. `base`: where `archive` starts in the file `path` when it is uncompressed
+    (members then travel as references), None when it is streamed (members are read, capped)."""
+    for member in archive:
+        if not member.isfile():
+            continue
+        if member.name.lower().endswith(".tar"):
+            handle = archive.extractfile(member)
+            inner_base = None if base is None else base + member.offset_data
+            with tarfile.open(fileobj=handle, mode="r|" if base is None else "r:") as inner:
+                for name, value in _tar_members(inner, path, inner_base, member_limit):
+                    yield f"{member.name}/{name}", value
+        elif member.size > member_limit:
+            yield member.name, MemberError(f"tar member {member.name} is {member.size:,} bytes, above the "
+                                           f"{member_limit:,}-byte cap (--max-image-bytes)")
+        elif base is None:
+            handle = archive.extractfile(member)
+            yield member.name, read_capped(handle, member_limit, f"tar member {member.name}") if handle else b""
+        else:
+            yield member.name, TarMemberRef(os.path.abspath(path), base + member.offset_data, member.size)
+
+
 class _RecordingReader(io.RawIOBase):
     """Passes a stream through and keeps its last bytes, so the end of a streamed tar can be checked."""
 
@@ -332,23 +492,14 @@ def _iter_tar(input_index: int, path: str, label: str, base_dir: str, member_lim
     stream = _RecordingReader(open_maybe_compressed(path)) if compressed else None
     try:
         with (tarfile.open(fileobj=stream, mode="r|") if compressed else tarfile.open(path, "r:")) as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                key, ext = _tar_key(member.name)
+            for name, value in _tar_members(archive, path, 0 if not compressed else None, member_limit):
+                key, ext = _tar_key(name)
                 if key != current_key and current_key is not None:
                     yield Record(input_index, number, f"{label}:{current_key}", "tar", sample, base_dir)
                     number += 1
                     sample = {}
                 current_key = key
-                if member.size > member_limit:
-                    sample[ext] = MemberError(f"tar member {member.name} is {member.size:,} bytes, above the "
-                                              f"{member_limit:,}-byte cap (--max-image-bytes)")
-                elif compressed:
-                    handle = archive.extractfile(member)
-                    sample[ext] = read_capped(handle, member_limit, f"tar member {member.name}") if handle else b""
-                else:
-                    sample[ext] = TarMemberRef(os.path.abspath(path), member.offset_data, member.size)
+                sample[ext] = value
             end = archive.offset  # where the end-of-archive block must be
         if compressed:
             stream.read(1)  # the end block may still sit in the decompressor
@@ -406,17 +557,36 @@ def _member(sample: dict[str, Any], ext: str) -> bytes:
 
 
 def _iter_class_folders(input_index: int, root: str, label: str) -> Iterator[Record]:
+    """ImageNet class folders `ROOT/<synset>/<image>`; the payload's path is relative to ROOT (the
+    record's base_dir), like every other relative image reference (the rule in `_iter_input`)."""
     number = 0
     for class_name in sorted(os.listdir(root)):
         class_dir = os.path.join(root, class_name)
-        if not os.path.isdir(class_dir):
+        if class_name.startswith(".") or not os.path.isdir(class_dir):
             continue
         for file_name in sorted(os.listdir(class_dir)):
-            file_path = os.path.join(class_dir, file_name)
-            if os.path.isfile(file_path):
+            if not file_name.startswith(".") and os.path.isfile(os.path.join(class_dir, file_name)):
                 yield Record(input_index, number, f"{label}/{class_name}/{file_name}", "file",
-                             (class_name, file_path), root)
+                             (class_name, os.path.join(class_name, file_name)), root)
                 number += 1
+
+
+def _iter_files_folder(input_index: int, folder: str, label: str, base_dir: str,
+                       member_limit: int) -> Iterator[Record]:
+    """img2dataset's `files` layout: one folder per shard, `KEY.jpg` + `KEY.txt` + `KEY.json` files,
+    grouped by key like the members of a webdataset tar (the files travel as references)."""
+    samples: dict[str, dict[str, Any]] = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith(".") or not os.path.isfile(path):
+            continue
+        key, ext = _tar_key(name)
+        size = os.path.getsize(path)
+        samples.setdefault(key, {})[ext] = (
+            MemberError(f"file {name} is {size:,} bytes, above the {member_limit:,}-byte cap (--max-image-bytes)")
+            if size > member_limit else TarMemberRef(os.path.abspath(path), 0, size))
+    for number, key in enumerate(sorted(samples)):
+        yield Record(input_index, number, f"{label}/{key}", "tar", samples[key], base_dir)
 
 
 # --------------------------------------------------------------------------- converting (workers)
@@ -462,9 +632,14 @@ def _decode_text(data: bytes, what: str) -> str:
         raise RejectedInput(f"{what} is not valid UTF-8 text (byte {error.start})") from None
 
 
+class MissingImage(RejectedInput):
+    """An image that is not there: a missing file, a download that failed upstream, a URL the
+    --image-index does not hold. Interleaved documents drop it under --missing-images drop."""
+
+
 def _read_image_file(reference: str, record: Record, options: SourceOptions) -> tuple[bytes, str]:
     if reference.startswith(("http://", "https://")):
-        raise RejectedInput(f"image {reference!r} is a remote URL; download the images first (no network at pack time)")
+        return _image_by_url(reference, options), reference
     if reference.startswith("file://"):
         reference = reference[len("file://"):]
     path = reference if os.path.isabs(reference) else os.path.join(record.base_dir, reference)
@@ -478,12 +653,55 @@ def _read_image_file(reference: str, record: Record, options: SourceOptions) -> 
     except (NotRegularFileError, TooLargeError) as error:
         raise RejectedInput(str(error)) from None
     except OSError:
-        raise RejectedInput(f"missing image file {reference!r} (looked in {record.base_dir})") from None
+        raise MissingImage(f"missing image file {reference!r} (looked in {record.base_dir})") from None
     return _sourced(data, path, 0, stat), reference
 
 
+def _image_by_url(url: str, options: SourceOptions) -> bytes:
+    """An image by its URL, from the img2dataset output given as --image-index (no network at pack time)."""
+    if not options.image_index:
+        raise RejectedInput(f"image {url!r} is a remote URL; fetch the URLs with img2dataset and give its output "
+                            "folder as --image-index (no network at pack time)")
+    from .image_index import ParquetImage, lookup, read_parquet_image, standalone_index
+
+    found = lookup(options.image_index_db or standalone_index(os.path.abspath(options.image_index)), url)
+    if found is None:
+        raise MissingImage(f"image {url!r}: not found in --image-index (no img2dataset parquet there lists the URL)")
+    if isinstance(found, str):
+        raise MissingImage(f"image {url!r}: {found}")
+    if isinstance(found, ParquetImage):
+        return read_parquet_image(found)
+    return _member({"image": found}, "image")
+
+
+def _failed_download(entry: dict) -> MissingImage:
+    """A row whose image field is empty: img2dataset keeps the rows of failed downloads (url, status,
+    error_message) with a null image."""
+    detail = ": ".join(str(entry[name]) for name in ("status", "error_message") if entry.get(name))
+    return MissingImage((f"image {entry['url']!r}: " if entry.get("url") else "")
+                        + "download failed upstream, the row has no image bytes" + (f" ({detail})" if detail else ""))
+
+
+# The one image-column rule of rows (JSONL, JSON, parquet): `image` (bytes, path, data URL or a HF
+# {"bytes", "path"} struct), a column named after an image extension (img2dataset's --encode_format:
+# jpg, png, webp, ...), or a path field. Tar members and files follow the same extensions.
+IMAGE_FIELDS = ("image", *IMAGE_EXTENSIONS, "image_path", "path", "file_name")
+
+
+def _row_image(entry: dict, record: Record, options: SourceOptions) -> tuple[bytes, str]:
+    for name in IMAGE_FIELDS:
+        if name in entry:
+            value = entry[name]
+            if value is None or (isinstance(value, dict) and not value.get("bytes") and not value.get("path")):
+                raise _failed_download(entry)
+            return _image_from_value(value, record, options)
+    if isinstance(entry.get("url"), str):
+        return _image_from_value(entry["url"], record, options)
+    raise RejectedInput(f"record has no image field ({', '.join(IMAGE_FIELDS)})")
+
+
 def _image_from_value(value: Any, record: Record, options: SourceOptions) -> tuple[bytes, str]:
-    """An image given as a path, a data URL, raw bytes or a HF-datasets {"bytes", "path"} dict."""
+    """An image given as a path, a URL, a data URL, raw bytes or a HF-datasets {"bytes", "path"} dict."""
     if isinstance(value, (bytes, bytearray)):
         return bytes(value), "<inline bytes>"
     if isinstance(value, dict):
@@ -493,7 +711,7 @@ def _image_from_value(value: Any, record: Record, options: SourceOptions) -> tup
             return _read_image_file(str(value["path"]), record, options)
         if value.get("url"):
             return _image_from_value(value["url"], record, options)
-        raise RejectedInput("image entry has neither bytes nor a path")
+        raise MissingImage("image entry has neither bytes nor a path")
     if isinstance(value, str):
         if value.startswith("data:"):
             header, _, encoded = value.partition(",")
@@ -572,17 +790,27 @@ def _convert_caption(record: Record, options: SourceOptions) -> Document:
         entry = _parse_json_record(record)
         if not isinstance(entry, dict):
             raise RejectedInput("caption record must be a JSON object with an image and a caption")
-        image_value = _first_field(entry, ("image", "image_path", "path", "file_name", "jpg", "url"))
-        if image_value is None:
-            raise RejectedInput("caption record has no image field (image, image_path, path, file_name)")
+        data, image_name = _row_image(entry, record, options)
         caption = _first_field(entry, ("caption", "text", "txt"))
-        data, image_name = _image_from_value(image_value, record, options)
     if not isinstance(caption, str) or not caption.strip():
         raise RejectedInput("empty or missing caption")
     document = Document()
     document.add_image("assistant", data, image_name)
     document.add_text("assistant", caption.strip())
     return document
+
+
+def _interleaved_image(document: Document, value: Any, record: Record,
+                       options: SourceOptions) -> tuple[bytes, str] | None:
+    """One image of an interleaved document, or None: under --missing-images drop an image that is
+    not there is left out and its reason kept on the document (counted in report.json)."""
+    try:
+        return _image_from_value(value, record, options)
+    except MissingImage as missing:
+        if options.missing_images != "drop":
+            raise
+        document.dropped_images.append(missing.reason)
+        return None
 
 
 def _convert_interleaved(record: Record, options: SourceOptions) -> Document:
@@ -600,16 +828,18 @@ def _convert_interleaved(record: Record, options: SourceOptions) -> Document:
             before.setdefault(index, []).append(info)
         pending: list[str] = []
         for index, sentence in enumerate(texts):
-            if index in before:
-                if pending:
-                    document.add_text("assistant", " ".join(pending))
-                    pending = []
-                for info in before[index]:
-                    value = _first_field(info, ("image_bytes", "image_path", "image_name", "path"))
-                    if value is None:
-                        raise RejectedInput("image_info entry has no image_path/image_name")
-                    data, name = _image_from_value(value, record, options)
-                    document.add_image("assistant", data, name)
+            for info in before.get(index, ()):
+                # By URL from img2dataset output (--image-index), else the downloaded file's name.
+                names = ("raw_url",) if options.image_index and info.get("raw_url") else ()
+                value = _first_field(info, names + ("image_bytes", "image_path", "image_name", "path"))
+                if value is None:
+                    raise RejectedInput("image_info entry has no image_path/image_name")
+                image = _interleaved_image(document, value, record, options)
+                if image is not None:  # the sentences around a dropped image stay one text
+                    if pending:
+                        document.add_text("assistant", " ".join(pending))
+                        pending = []
+                    document.add_image("assistant", *image)
             if not isinstance(sentence, str):
                 raise RejectedInput("text_list holds a non-string entry")
             pending.append(sentence.strip())
@@ -621,8 +851,9 @@ def _convert_interleaved(record: Record, options: SourceOptions) -> Document:
             raise RejectedInput(f"texts ({len(texts)}) and images ({len(images)}) lists differ in length")
         for text, image in zip(texts, images):
             if image is not None:
-                data, name = _image_from_value(image, record, options)
-                document.add_image("assistant", data, name)
+                found = _interleaved_image(document, image, record, options)
+                if found is not None:
+                    document.add_image("assistant", *found)
             elif isinstance(text, str):
                 document.add_text("assistant", text if not document.segments else "\n\n" + text)
     else:
@@ -657,16 +888,37 @@ def _convert_text(record: Record, options: SourceOptions) -> Document:
     return document
 
 
+def _image_list(entry: dict) -> list[Any]:
+    """The images of an instruction record: `images` (a list: LLaMA-Factory, LLaVA-OneVision) or
+    `image` (one path, or a list: LLaVA, ShareGPT4V)."""
+    value = entry.get("images") if entry.get("images") is not None else entry.get("image")
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _check_placeholders(count: int, images: list[Any]) -> None:
+    if count != len(images):
+        raise RejectedInput(f"{count} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
+
+
+def _add_with_placeholders(document: Document, role: str, text: str, images: Iterator[Any], record: Record,
+                           options: SourceOptions) -> None:
+    """Text whose `<image>` placeholders take the next images, in order (a newline after one is dropped)."""
+    for index, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if index > 0:
+            data, name = _image_from_value(next(images), record, options)
+            document.add_image(role, data, name)
+            part = part[1:] if part.startswith("\n") else part
+        document.add_text(role, part)
+
+
 def _convert_llava(record: Record, options: SourceOptions, roles: dict[str, str] = LLAVA_ROLES,
                    expected: str = "human, gpt or system") -> Document:
     entry = _parse_json_record(record)
     if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
         raise RejectedInput("LLaVA record needs a 'conversations' list")
-    image_refs = entry.get("image")
-    if image_refs is None:
-        image_refs = []
-    elif not isinstance(image_refs, list):
-        image_refs = [image_refs]
+    image_refs = _image_list(entry)
     turns = []
     for turn in entry["conversations"]:
         if not isinstance(turn, dict) or "from" not in turn or not isinstance(turn.get("value"), str):
@@ -675,6 +927,11 @@ def _convert_llava(record: Record, options: SourceOptions, roles: dict[str, str]
         if role is None:
             raise RejectedInput(f"unknown role {turn['from']!r}; expected {expected}")
         turns.append((role, turn["value"]))
+    # A conversation that opens with an answer (ShareGPT dumps cut mid-chat) loses that orphan turn,
+    # as LLaVA's training does; system turns before it stay.
+    first = next((i for i, (role, _) in enumerate(turns) if role != "system"), None)
+    if first is not None and turns[first][0] == "assistant":
+        del turns[first]
     placeholders = sum(value.count(IMAGE_PLACEHOLDER) for _, value in turns)
     if placeholders == 0 and image_refs:
         # LLaVA convention: an image without a placeholder goes before the first user turn.
@@ -682,18 +939,11 @@ def _convert_llava(record: Record, options: SourceOptions, roles: dict[str, str]
         role, value = turns[first_user]
         turns[first_user] = (role, IMAGE_PLACEHOLDER * len(image_refs) + "\n" + value)
         placeholders = len(image_refs)
-    if placeholders != len(image_refs):
-        raise RejectedInput(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(image_refs)} images")
+    _check_placeholders(placeholders, image_refs)
     images = iter(image_refs)
     document = Document()
     for role, value in turns:
-        parts = value.split(IMAGE_PLACEHOLDER)
-        for index, part in enumerate(parts):
-            if index > 0:
-                data, name = _image_from_value(next(images), record, options)
-                document.add_image(role, data, name)
-                part = part[1:] if part.startswith("\n") else part
-            document.add_text(role, part)
+        _add_with_placeholders(document, role, value, images, record, options)
     return document
 
 
@@ -714,7 +964,16 @@ def _chat_messages(entry: Any) -> list[Any]:
 
 
 def _convert_chat(record: Record, options: SourceOptions) -> Document:
-    messages = _chat_messages(_parse_json_record(record))
+    entry = _parse_json_record(record)
+    messages = _chat_messages(entry)
+    # LLaMA-Factory's multimodal form: {"messages": [...], "images": [...]}, with <image> placeholders
+    # in the string contents taking the images in order. Without an image list, <image> is text.
+    image_refs = _image_list(entry) if isinstance(entry, dict) and "role" not in entry else []
+    if image_refs:
+        _check_placeholders(sum(message.get("content").count(IMAGE_PLACEHOLDER) for message in messages
+                                if isinstance(message, dict) and isinstance(message.get("content"), str)),
+                            image_refs)
+    images = iter(image_refs)
     document = Document()
     for message in messages:
         if not isinstance(message, dict) or "role" not in message:
@@ -723,7 +982,10 @@ def _convert_chat(record: Record, options: SourceOptions) -> Document:
         check_role(role)
         content = message.get("content")
         if isinstance(content, str):
-            document.add_text(role, content)
+            if image_refs:
+                _add_with_placeholders(document, role, content, images, record, options)
+            else:
+                document.add_text(role, content)
             continue
         if not isinstance(content, list):
             raise RejectedInput(f"message content must be a string or a list, got {type(content).__name__}")
