@@ -118,13 +118,16 @@ def read_mme(path: Path) -> list[Sample]:
         return _read_mme_release(path)
     rows, kind = read_rows(path)
     samples = []
+    asked: dict[str, int] = {}  # lmms-lab's question_id names the image: its questions are "<id>#0", "<id>#1"
     for row, record in enumerate(rows):
         if kind == "tsv":
             image = record.get("image") if not is_missing(record.get("image")) else record.get("image_path")
             key = record.get("image_path") or record["image_key"]
             sample_id = record.get("index", row)
         else:
-            image, key, sample_id = record.get("image"), str(record.get("question_id", row)), record.get("question_id", row)
+            image, key = record.get("image"), str(record.get("question_id", row))
+            sample_id = f"{key}#{asked.get(key, 0)}"
+            asked[key] = asked.get(key, 0) + 1
         samples.append(
             _mme_sample(row, sample_id, record.get("question"), record.get("answer"), record.get("category"),
                         image, str(key), path.parent if path.is_file() else path)

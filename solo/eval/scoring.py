@@ -1,23 +1,41 @@
-"""Answer parsing and scoring rules, each as its benchmark's authors (or the toolkit that reports
-the benchmark) apply it. Pure functions: text in, label or numbers out.
+"""Answer parsing and aggregation rules, each as the reference that defines it applies it (which
+protocol uses which: `solo.eval.protocols`). Pure functions: text in, label or numbers out; a
+prediction that no rule can read counts as wrong, and as ``unparsed``.
 
-Parsing rules (a prediction that no rule can read counts as wrong, and is counted as `unparsed`):
+Yes/no (MME):
 
-- ``parse_yes_no`` — MME's eval_tool (``calculation.py``; the rule lmms-eval reuses): lower-case,
-  strip, drop periods; exactly "yes"/"no", else "yes" within the first 4 characters, else "no"
-  within them, else unparsed.
-- ``parse_letter_mmstar`` — MMStar's exact match (as shipped in its evaluation code and lmms-eval):
-  the answer's first character is the letter, or it starts with "(X", "option X" or
-  "the answer is X" (case-insensitive).
-- ``parse_letter_llava_sqa`` — LLaVA's ScienceQA evaluation: the whole answer is a letter, or it
-  starts with "X. ", or it contains exactly one "The answer is X.".
-- ``parse_letter_first_char`` — lmms-eval's SEED-Bench rule: the first character of the stripped answer.
-- ``parse_letter_generic`` — VLMEvalKit's exact-matching stage (used when no LLM judge is set; used
-  here for AI2D and `mc`): split the answer on whitespace and ``.()[],:;!*#{}``; if exactly one
-  piece is an option letter, that letter; else if exactly one option's text occurs in the answer
-  (case-insensitive), that option; else unparsed.
+- ``parse_yes_no`` — MME's eval_tool (``calculation.py``): lower-case, strip, drop periods; exactly
+  "yes"/"no", else "yes" within the first 4 characters, else "no" within them, else unparsed.
+- ``parse_yes_no_lmms`` — lmms-eval 0.7.3 (``tasks/mme/utils.py``): the same, but a one-character
+  answer is read alone: "y" → yes, "n" → no, any other → unparsed.
+- ``parse_yes_no_vlmevalkit`` — VLMEvalKit's ``YOrN_Extraction``: the words of the answer
+  (lower-cased, after ``process_punctuation``) hold exactly one of "yes" and "no".
 
-Scores: ``multiple_choice_scores`` (accuracy overall and per group, in percent) and ``mme_scores``
+Option letters:
+
+- ``parse_letter_mmstar`` — MMStar's own scorer (``eval/vlmeval/evaluate/mmstar.py``): lower-cased,
+  the answer's first character is the letter, or it starts with "(X", "option X" or "the answer is X".
+- ``parse_letter_lmms_mcq`` — lmms-eval 0.7.3's ``extract_mcq_answer`` (its MMStar rule): candidate
+  letters in ten formats ranked start > end > after an answer phrase > "(X)" > "X." > "X:" > "X)" >
+  "X " > anywhere (the last only when nothing else matched); the best-ranked format wins, then the
+  latest position.
+- ``parse_letter_llava_sqa`` — LLaVA's ``eval_science_qa.py``: the whole answer is a letter, or it
+  starts with "X. ", or the pattern ``The answer is ([A-Z]).`` (the "." is any character) matches
+  exactly once.
+- ``parse_letter_sqa_lmms`` — lmms-eval 0.7.3's ScienceQA: the answer is the letter in either case,
+  or starts with an upper-case letter and ".".
+- ``parse_letter_ai2d_lmms`` — lmms-eval 0.7.3's AI2D: a leading "X." gives the letter, else the whole
+  answer is kept; lower-cased and without punctuation it must equal the letter.
+- ``parse_letter_first_char`` — lmms-eval 0.7.3's SEED-Bench: the first character of the stripped
+  answer, compared lower-cased.
+- ``parse_letter_vlmevalkit`` — VLMEvalKit's ``can_infer`` (exact-matching path, no LLM judge): split
+  the answer on whitespace and ``.()[],:;!*#{}``; exactly one option letter among the pieces, and among
+  the last four → it; a refusal phrase or a lone "Z" → no answer; else "answer is X" (A-D); else the
+  option texts: exactly one occurs in the answer (case-insensitive; not for answers longer than twice
+  the options' total length) → it.
+
+Aggregations: ``multiple_choice_scores`` (accuracy over samples, overall and per group, in percent),
+``mmstar_l2_average_scores`` (lmms-eval's mean over MMStar's l2 categories) and ``mme_scores``
 (per subtask accuracy, accuracy+ and their sum; perception and cognition totals, as MME defines them).
 """
 
@@ -281,11 +299,14 @@ def mmstar_l2_average_scores(records: Iterable[Mapping]) -> dict:
             raise ValueError(f"sample {record.get('id')} has no l2_category: lmms-eval averages over l2 categories")
         l2_of[str(groups.get("category"))].add(str(groups["l2_category"]))
     by_l2 = result.get("by_l2_category", {})
-    mean = lambda values: round(sum(values) / len(values), 4) if values else 0.0  # noqa: E731
+
+    def mean_of(l2s) -> float:  # of the unrounded l2 accuracies
+        return round(100.0 * sum(by_l2[l2]["correct"] / by_l2[l2]["n"] for l2 in l2s) / len(l2s), 4) if l2s else 0.0
+
     result["sample_accuracy"] = result["accuracy"]
-    result["accuracy"] = mean([entry["accuracy"] for entry in by_l2.values()])
+    result["accuracy"] = mean_of(list(by_l2))
     result["by_category"] = {
-        category: {"accuracy": mean([by_l2[l2]["accuracy"] for l2 in sorted(l2s)]),
+        category: {"accuracy": mean_of(sorted(l2s)),
                    "correct": sum(by_l2[l2]["correct"] for l2 in l2s), "n": sum(by_l2[l2]["n"] for l2 in l2s)}
         for category, l2s in sorted(l2_of.items())
     }
