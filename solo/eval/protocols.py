@@ -187,6 +187,8 @@ def resolve_protocol(benchmark: str, name: str | None, mode: str = "generate", e
     ``extractor_url`` (MathVista only): an OpenAI-compatible endpoint that extracts the answers."""
     if benchmark not in PROTOCOLS:
         raise EvalDataError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
+    if mode == "likelihood" and not BENCHMARKS[benchmark].likelihood:
+        raise EvalDataError(f"{benchmark} has free-form answers: there are no options to rank; use --mode generate")
     name = name or default_protocol(benchmark, mode)
     protocols = PROTOCOLS[benchmark]
     usable = [n for n, p in protocols.items() if mode == "likelihood" or p.parse is not None]

@@ -31,7 +31,7 @@ import torch
 
 from solo.eval.benchmarks import BENCHMARKS, Benchmark, load_samples
 from solo.eval.protocols import Protocol, resolve_protocol
-from solo.eval.samples import EvalDataError, Sample
+from solo.eval.samples import Sample
 from solo.eval.score import PREDICTIONS, RESULTS, judge, record, summarize
 from solo.outputs import (
     OutputError,
@@ -334,9 +334,6 @@ def run_eval(
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
     if batch_size < 1 or (limit is not None and limit < 1) or (max_new_tokens is not None and max_new_tokens < 1):
         raise ValueError("--batch-size, --limit and --max-new-tokens must be positive")
-    spec = BENCHMARKS[benchmark] if benchmark in BENCHMARKS else None
-    if mode == "likelihood" and spec is not None and not spec.likelihood:
-        raise EvalDataError(f"{benchmark} has free-form answers: there are no options to rank; use --mode generate")
     rules = resolve_protocol(benchmark, protocol, mode)
     max_new_tokens = max_new_tokens or rules.max_new_tokens
     settings = EvalSettings(os.path.abspath(model_dir), benchmark, os.path.abspath(data), mode, limit,
