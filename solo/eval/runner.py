@@ -239,8 +239,10 @@ def rank_candidates(model, processor, prompts: list[str], images: list, candidat
 
 # --- one run -------------------------------------------------------------------------------------
 
-def _open_images(samples: list[Sample], max_pixels: int) -> tuple[list[tuple[Sample, Any]], list[dict]]:
-    from solo.hf.image_processing_solo import ImageLoadError, load_image
+def _open_images(samples: list[Sample], image_processor) -> tuple[list[tuple[Sample, Any]], list[dict]]:
+    """The samples' images, opened as the checkpoint's processor opens them (SOLO-7B's way for a
+    converted SOLO-7B); bad samples and unreadable images become error records."""
+    from solo.hf.image_processing_solo import ImageLoadError
 
     good, bad = [], []
     for sample in samples:
@@ -249,7 +251,7 @@ def _open_images(samples: list[Sample], max_pixels: int) -> tuple[list[tuple[Sam
             continue
         name = sample.image if isinstance(sample.image, str) else f"image of sample {sample.id}"
         try:
-            good.append((sample, load_image(sample.image, name=name, max_pixels=max_pixels)))
+            good.append((sample, image_processor.open(sample.image, name=name)))
         except ImageLoadError as error:
             bad.append(record(sample, error=str(error)))
     return good, bad
@@ -260,7 +262,7 @@ def predict_batch(
     max_new_tokens: int,
 ) -> list[dict]:
     """Prediction records for one batch (bad samples get an ``error`` record instead)."""
-    good, records = _open_images(samples, processor.image_processor.max_pixels)
+    good, records = _open_images(samples, processor.image_processor)
     if not good:
         return records
     batch = [sample for sample, _ in good]
