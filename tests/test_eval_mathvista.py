@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from test_eval_readers import hf_image, png, write_parquet
+from test_eval_run import random_model  # noqa: F401  (the tiny model fixture)
 
 from solo.cli import main as solo_main
 from solo.eval import EvalDataError, load_samples
@@ -166,3 +167,23 @@ def test_unreachable_extractor_is_a_clear_error(tmp_path, snapshot, capsys):
                       str(answers_file(tmp_path / "a.jsonl", {"7": "no idea"})), "--out", str(tmp_path / "out"),
                       "--extractor-url", "http://127.0.0.1:9/v1"])
     assert code == 2 and "gave no answer" in capsys.readouterr().err
+
+
+def test_solo_eval_runs_mathvista_and_score_agrees(random_model, tmp_path, snapshot):  # noqa: F811
+    """`solo eval` on the released files (a tiny random model, two problems), then `solo eval score`
+    on its predictions.jsonl: one scoring path, the same metrics."""
+    from solo.eval.runner import run_eval
+
+    results = run_eval(random_model, "mathvista", snapshot, tmp_path / "run", limit=2, max_new_tokens=3,
+                       progress=False)
+    assert results["protocol"] == "official" and results["scored"] == 2 and results["max_new_tokens"] == 3
+    assert solo_main(["eval", "score", "--benchmark", "mathvista", "--data", str(snapshot), "--predictions",
+                      str(tmp_path / "run" / "predictions.jsonl"), "--out", str(tmp_path / "rescored")]) == 0
+    rescored = json.loads((tmp_path / "rescored" / "results.json").read_text())
+    assert rescored["scored"] == 2 and rescored["bad"] == 7  # the 7 problems beyond --limit have no answer
+    assert rescored["metrics"]["correct"] == results["metrics"]["correct"]
+    records = {name: {r["id"]: r for r in map(json.loads, (tmp_path / name / "predictions.jsonl").read_text().splitlines())}
+               for name in ("run", "rescored")}
+    for key, record in records["run"].items():
+        assert records["rescored"][key]["parsed"] == record["parsed"]
+        assert records["rescored"][key]["correct"] == record["correct"]

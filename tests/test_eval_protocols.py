@@ -245,3 +245,27 @@ def test_unmatched_and_missing_answers_are_reported(tmp_path, mmstar):
     reasons = {u["line"]: u["reason"] for u in results["unused_predictions"]}
     assert "not valid JSON" in reasons[2] and "second answer" in reasons[3]
     assert "no mmstar sample" in reasons[4] and "image unreadable" in reasons[5]
+
+
+def test_prompts_lengths_and_stops_follow_each_reference():
+    from solo.eval.protocols import PROTOCOLS
+    from solo.eval.samples import Sample
+
+    mme = Sample(row=0, id="0", question="Is there a dog? Please answer yes or no.")
+    assert PROTOCOLS["mme"]["official"].prompt(mme) == mme.question
+    assert PROTOCOLS["mme"]["lmms-eval"].prompt(mme) == (  # post_prompt replaces MME's instruction
+        "Is there a dog?\nAnswer the question using a single word or phrase.")
+    lmms = PROTOCOLS["mme"]["lmms-eval"]
+    assert lmms.max_new_tokens == 16 and lmms.finish("Yes\n\nThe dog is there.") == "Yes"  # until: "\n\n"
+
+    sqa = Sample(row=0, id="0", question="Which is a mammal?", options=["frog", "whale"], hint="Look.")
+    assert PROTOCOLS["scienceqa"]["vlmevalkit"].prompt(sqa) == (
+        "Hint: Look.\nQuestion: Which is a mammal?\nOptions:\nA. frog\nB. whale\n"
+        "Please select the correct answer from the options above. \n")
+    assert PROTOCOLS["scienceqa"]["official"].max_new_tokens == 1024  # LLaVA's model_vqa_science
+    star = Sample(row=0, id="0", question="Which colour?\nOptions: A: red, B: green", options=["red", "green"])
+    assert PROTOCOLS["mmstar"]["lmms-eval"].prompt(star) == star.question + (
+        "\nAnswer with the option's letter from the given choices directly")  # no final period in 0.7.3
+    assert PROTOCOLS["mmstar"]["vlmevalkit"].prompt(star).startswith("Question: Which colour?\nOptions:\nA. red\n")
+    seed = PROTOCOLS["seedbench"]["lmms-eval"]
+    assert seed.finish("B ASSISTANT: C") == "B " and seed.stop == ("ASSISTANT:",)

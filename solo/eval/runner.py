@@ -57,6 +57,7 @@ class EvalSettings:
     limit: int | None = None
     max_new_tokens: int = 32
     protocol: str = "official"
+    extractor_url: str | None = None  # MathVista: the endpoint that extracts answers (None: rules)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -324,22 +325,23 @@ def run_eval(
     limit: int | None = None,
     max_new_tokens: int | None = None,
     protocol: str | None = None,
+    extractor_url: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Evaluate ``model_dir`` on ``benchmark`` read from ``data`` under ``protocol`` (None: the
     benchmark's default); write and return ``results.json``'s content. ``max_new_tokens`` None: the
-    protocol's generation length."""
+    protocol's generation length. ``extractor_url``: see `resolve_protocol`."""
     from tqdm.auto import tqdm
 
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
     if batch_size < 1 or (limit is not None and limit < 1) or (max_new_tokens is not None and max_new_tokens < 1):
         raise ValueError("--batch-size, --limit and --max-new-tokens must be positive")
-    rules = resolve_protocol(benchmark, protocol, mode)
+    rules = resolve_protocol(benchmark, protocol, mode, extractor_url)
     max_new_tokens = max_new_tokens or rules.max_new_tokens
     settings = EvalSettings(os.path.abspath(model_dir), benchmark, os.path.abspath(data), mode, limit,
-                            max_new_tokens, rules.name)
+                            max_new_tokens, rules.name, extractor_url)
     samples = load_samples(benchmark, data)[:limit]
     spec = BENCHMARKS[benchmark]
     state = distributed_state()
