@@ -7,7 +7,8 @@ Output directory (``--out``):
   ``parsed``, ``answer``, ``correct``, ``groups``; ``scores`` in likelihood mode; ``error`` for a bad
   sample). While a run is going, each process appends to ``predictions.rank-<R>.jsonl`` after every
   batch; they are merged into ``predictions.jsonl`` at the end (and when a run resumes).
-- ``results.json``: the benchmark's metrics, the sample counts and the bad samples with their reasons.
+- ``results.json``: the protocol (and the reference it reproduces), its metrics, the sample counts and the
+  bad samples with their reasons (``solo.eval.score.summarize``).
 - ``.solo-output.json``: the command and its settings; running the same command again resumes
   (samples already predicted are skipped), a different one needs ``--overwrite``.
 
