@@ -164,7 +164,7 @@ _SQA_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")  # "." is any character, 
 def parse_letter_llava_sqa(prediction: str, options: Sequence[str]) -> str | None:
     """LLaVA's ScienceQA rule (see the module docstring)."""
     letters = option_letters(len(options))
-    text = prediction.strip()
+    text = prediction  # as given: LLaVA strips the model's output before, not the rule
     if text in letters:
         return text
     if len(text) >= 3 and text[0] in letters and text[1:3] == ". ":
