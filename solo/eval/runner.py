@@ -244,8 +244,11 @@ def rank_candidates(model, processor, prompts: list[str], images: list, candidat
 def _open_images(samples: list[Sample], image_processor) -> tuple[list[tuple[Sample, Any]], list[dict]]:
     """The samples' images, opened as the checkpoint's processor opens them (SOLO-7B's way for a
     converted SOLO-7B); bad samples and unreadable images become error records."""
-    from solo.hf.image_processing_solo import ImageLoadError
+    # solo's own loader: a processor loaded with trust_remote_code is a copy of the class, whose
+    # ImageLoadError is another class; its settings are what counts.
+    from solo.hf.image_processing_solo import ImageLoadError, load_image
 
+    legacy = bool(getattr(image_processor, "legacy_image_opening", False))
     good, bad = [], []
     for sample in samples:
         if sample.error:
@@ -253,7 +256,8 @@ def _open_images(samples: list[Sample], image_processor) -> tuple[list[tuple[Sam
             continue
         name = sample.image if isinstance(sample.image, str) else f"image of sample {sample.id}"
         try:
-            good.append((sample, image_processor.open(sample.image, name=name)))
+            good.append((sample, load_image(sample.image, name=name, max_pixels=image_processor.max_pixels,
+                                            legacy_solo7b=legacy)))
         except ImageLoadError as error:
             bad.append(record(sample, error=str(error)))
     return good, bad

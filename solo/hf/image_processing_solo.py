@@ -313,13 +313,9 @@ class SoloImageProcessor(BaseImageProcessor):
     ) -> tuple[np.ndarray, tuple[int, int]]:
         """One image (any source `load_image` accepts) → (uint8 [N, 3072], (rows, cols)).
         `legacy_solo7b` (or the processor's `legacy_image_opening`): open it as SOLO-7B did (see `load_image`)."""
-        loaded = self.open(image, name=name, legacy_solo7b=legacy_solo7b)
+        loaded = load_image(image, name=name, max_pixels=self.max_pixels,
+                            legacy_solo7b=legacy_solo7b or self.legacy_image_opening)
         return image_to_patches(loaded, self.resize_mode)
-
-    def open(self, image: ImageSource, name: str | None = None, legacy_solo7b: bool = False) -> Image.Image:
-        """One image opened as this processor opens it (its pixel cap; SOLO-7B's way where set)."""
-        return load_image(image, name=name, max_pixels=self.max_pixels,
-                          legacy_solo7b=legacy_solo7b or self.legacy_image_opening)
 
     def preprocess(self, images: ImageSource | Iterable[ImageSource], return_tensors=None, **kwargs) -> BatchFeature:
         if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)):
