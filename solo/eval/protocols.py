@@ -63,13 +63,13 @@ def _lettered(options: Sequence[str]) -> str:
     return "\n".join(f"{letter}. {text}" for letter, text in zip(scoring.LETTERS, options))
 
 
-def llava_prompt(sample: Sample, instruction: str = "\n" + LETTER_INSTRUCTION) -> str:
-    """LLaVA's and lmms-eval's form: ``[Context: <hint>\\n]<question>\\nA. …\\nB. …<instruction>``;
+def llava_prompt(sample: Sample) -> str:
+    """LLaVA's and lmms-eval's form: ``[Context: <hint>\\n]<question>\\nA. …\\nB. …\\n<instruction>``;
     MMStar's questions list their options already and get only the instruction."""
     context = f"Context: {sample.hint}\n" if sample.hint else ""
     if sample.question != question_without_options(sample.question):
-        return f"{context}{sample.question}{instruction}"
-    return f"{context}{sample.question}\n{_lettered(sample.options)}{instruction}"
+        return f"{context}{sample.question}\n{LETTER_INSTRUCTION}"
+    return f"{context}{sample.question}\n{_lettered(sample.options)}\n{LETTER_INSTRUCTION}"
 
 
 def vlmeval_prompt(sample: Sample) -> str:
