@@ -64,7 +64,7 @@ def read_solo_config(hf_dir: str | os.PathLike) -> Dict[str, Any]:
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{path} is not valid JSON ({error})") from error
     model_type, archs = config.get("model_type"), config.get("architectures") or []
-    if model_type == "solo" or (model_type == "mistral" and "SoloForCausalLM" in archs):
+    if model_type == "solo" or is_solo7b_layout(config):
         return config
     if model_type in ("mistral", "llama"):
         raise CheckpointError(

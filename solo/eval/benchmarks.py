@@ -26,6 +26,7 @@ from solo.eval.samples import (
     read_tsv,
 )
 
+
 @dataclass(frozen=True)
 class Benchmark:
     """One benchmark: its reader, the layouts the reader knows, and its likelihood-mode questions."""
