@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="score a SOLO checkpoint on MME, MMStar, ScienceQA, AI2D, SEED-Bench, MathVista or your own "
         "multiple-choice JSONL ('solo eval score': score answers without a model)",
         description=(
-            "Evaluate a Hugging Face SOLO checkpoint on a benchmark read from local files, with the benchmark's "
+            "Evaluate a Hugging Face SOLO checkpoint on a benchmark read from local files, with the protocol's "
             "prompt and scoring rule. Writes predictions.jsonl (appended per batch) and results.json to --out; "
             "running the same command again resumes. Data parallel: torchrun --nproc-per-node N -m solo.cli eval ... "
             "To score answers without a model: solo eval score --help"
