@@ -303,7 +303,7 @@ def _evaluated_with_solo_preprocessing(native):
     assert (settings.resize_mode, settings.legacy_image_opening) == ("solo", True)
     buffer = io.BytesIO()
     Image.new("RGBA", (1920, 1080), (10, 200, 30, 0)).save(buffer, format="PNG")
-    (opened, image), = _open_images([Sample(row=0, id="0", image=buffer.getvalue())], settings)[0]
+    ((_, image),), _ = _open_images([Sample(row=0, id="0", image=buffer.getvalue())], settings)
     out = processor(processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}]),
                     images=[image])
     assert out["vision_patches"].shape[0] == 576
