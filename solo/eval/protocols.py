@@ -196,7 +196,7 @@ def resolve_protocol(benchmark: str, name: str | None, mode: str = "generate", e
     if protocol is None or name not in usable:
         why = _NO_REFERENCE.get((benchmark, name))
         if protocol is not None:
-            why = f"{protocol.reference}: there is no rule for generated answers (use --mode likelihood)"
+            why = f"{protocol.reference}: no rule reads generated answers; `solo eval --mode likelihood` ranks them"
         elif name not in PROTOCOL_NAMES:
             why = "unknown protocol"
         raise EvalDataError(f"--protocol {name} is not available for {benchmark} in {mode} mode ({why}); "
