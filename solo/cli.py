@@ -134,8 +134,8 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         results = run_eval(
             args.model, args.benchmark, args.data, args.out, mode=args.mode, batch_size=args.batch_size,
-            limit=args.limit, max_new_tokens=args.max_new_tokens, protocol=args.protocol, overwrite=args.overwrite,
-            **_protocol_options(args),
+            limit=args.limit, max_new_tokens=args.max_new_tokens, protocol=args.protocol,
+            extractor_url=args.extractor_url, overwrite=args.overwrite,
         )
     except (EvalDataError, OutputError, ValueError) as error:
         print(f"solo eval: error: {error}", file=sys.stderr)
@@ -153,7 +153,7 @@ def _eval_score(args: argparse.Namespace) -> int:
 
     try:
         results = score_predictions(args.benchmark, args.data, args.predictions, args.out, protocol=args.protocol,
-                                    overwrite=args.overwrite, **_protocol_options(args))
+                                    extractor_url=args.extractor_url, overwrite=args.overwrite)
     except (EvalDataError, OutputError, ValueError) as error:
         print(f"solo eval score: error: {error}", file=sys.stderr)
         return 2
@@ -164,11 +164,7 @@ def _eval_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _protocol_options(args: argparse.Namespace) -> dict:
-    return {"extractor_url": args.extractor_url} if args.extractor_url else {}
-
-
-def _add_protocol_arguments(parser: argparse.ArgumentParser, benchmarks) -> None:
+def _add_scoring_arguments(parser: argparse.ArgumentParser, benchmarks) -> None:
     from solo.eval.protocols import PROTOCOL_NAMES
 
     parser.add_argument("--benchmark", required=True, choices=sorted(benchmarks), help="which benchmark --data holds")
@@ -210,7 +206,7 @@ def build_eval_score_parser() -> argparse.ArgumentParser:
             "solo eval."
         ),
     )
-    _add_protocol_arguments(parser, BENCHMARKS)
+    _add_scoring_arguments(parser, BENCHMARKS)
     parser.add_argument("--predictions", required=True, help="JSONL of {\"id\", \"prediction\"} lines")
     parser.set_defaults(handler=_eval_score)
     return parser
@@ -268,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     evaluate.add_argument("--model", required=True, help="SOLO checkpoint directory (Hugging Face format)")
-    _add_protocol_arguments(evaluate, BENCHMARKS)
+    _add_scoring_arguments(evaluate, BENCHMARKS)
     evaluate.add_argument(
         "--mode", choices=("generate", "likelihood"), default="generate",
         help="generate: greedy answer, parsed with the protocol's rule (default); likelihood: pick the option "

@@ -97,13 +97,13 @@ def score_predictions(
     out: str | os.PathLike,
     *,
     protocol: str | None = None,
+    extractor_url: str | None = None,
     overwrite: bool = False,
-    **options: Any,
 ) -> dict:
     """Score the answers in ``predictions`` to ``benchmark``'s questions in ``data`` under ``protocol``
     (None: the benchmark's default); write ``predictions.jsonl`` and ``results.json`` to ``out`` and
-    return the results. ``options`` go to the protocol (MathVista: ``extractor_url``)."""
-    rules = resolve_protocol(benchmark, protocol, "generate", **options)
+    return the results. ``extractor_url``: see `resolve_protocol`."""
+    rules = resolve_protocol(benchmark, protocol, "generate", extractor_url)
     samples = load_samples(benchmark, data)
     path = Path(predictions)
     if not path.is_file():
