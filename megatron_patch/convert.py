@@ -128,7 +128,7 @@ def convert_hf_to_mcore(
     weights = HFWeights(hf_dir)
     target_dtype = DTYPES[dtype] if dtype else None
     with atomic_output_dir(out_dir, command="solo convert hf-to-mcore", inputs=[hf_dir], overwrite=overwrite) as staging:
-        vocab = len(write_processor(hf_dir, staging / TOKENIZER_DIR, "native"))
+        vocab = len(write_processor(hf_dir, staging / TOKENIZER_DIR, "native", config))
         model_cfg = model_config_from_hf(config, vocab, divisible_by)
         arch = architecture(model_cfg)
         rows = _padded_rows(vocab, divisible_by)

@@ -115,6 +115,16 @@ def _add_convert(commands) -> None:
         parser.set_defaults(handler=_convert)
 
 
+def _headline(benchmark: str, results: dict) -> str:
+    metrics = results["metrics"]
+    if benchmark == "mme":
+        headline = f"perception {metrics['perception']:.2f}, cognition {metrics['cognition']:.2f}"
+    else:
+        headline = f"accuracy {metrics['accuracy']:.2f}%"
+    return (f"{benchmark} ({results['mode']}, protocol {results['protocol']}): {headline} on {results['scored']} "
+            f"samples ({results['bad']} bad)")
+
+
 def _eval(args: argparse.Namespace) -> int:
     _without_deepspeed()
     from solo.eval import EvalDataError
@@ -124,21 +134,82 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         results = run_eval(
             args.model, args.benchmark, args.data, args.out, mode=args.mode, batch_size=args.batch_size,
-            limit=args.limit, max_new_tokens=args.max_new_tokens, overwrite=args.overwrite,
+            limit=args.limit, max_new_tokens=args.max_new_tokens, protocol=args.protocol,
+            extractor_url=args.extractor_url, overwrite=args.overwrite,
         )
     except (EvalDataError, OutputError, ValueError) as error:
         print(f"solo eval: error: {error}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") != "0":
         return 0  # data parallel: the main process reports
-    metrics = results["metrics"]
-    headline = (
-        f"perception {metrics['perception']:.2f}, cognition {metrics['cognition']:.2f}"
-        if args.benchmark == "mme" else f"accuracy {metrics['accuracy']:.2f}%"
-    )
-    print(f"solo eval: {args.benchmark} ({args.mode}): {headline} on {results['scored']} samples "
-          f"({results['bad']} bad); results in {args.out}/results.json")
+    print(f"solo eval: {_headline(args.benchmark, results)}; results in {args.out}/results.json")
     return 0
+
+
+def _eval_score(args: argparse.Namespace) -> int:
+    from solo.eval import EvalDataError
+    from solo.eval.score import score_predictions
+    from solo.outputs import OutputError
+
+    try:
+        results = score_predictions(args.benchmark, args.data, args.predictions, args.out, protocol=args.protocol,
+                                    extractor_url=args.extractor_url, overwrite=args.overwrite)
+    except (EvalDataError, OutputError, ValueError) as error:
+        print(f"solo eval score: error: {error}", file=sys.stderr)
+        return 2
+    unused = len(results["unused_predictions"])
+    print(f"solo eval score: {_headline(args.benchmark, results)}"
+          + (f"; {unused} prediction lines unused (listed in results.json)" if unused else "")
+          + f"; results in {args.out}/results.json")
+    return 0
+
+
+def _add_scoring_arguments(parser: argparse.ArgumentParser, benchmarks) -> None:
+    from solo.eval.protocols import PROTOCOL_NAMES
+
+    parser.add_argument("--benchmark", required=True, choices=sorted(benchmarks), help="which benchmark --data holds")
+    parser.add_argument(
+        "--data", required=True,
+        help="the benchmark's local file or folder as distributed (parquet, VLMEvalKit TSV, original JSON/folders; "
+        "see the README), or a JSONL for --benchmark mc",
+    )
+    parser.add_argument(
+        "--protocol", choices=PROTOCOL_NAMES, default=None,
+        help="whose prompt, generation length, answer parsing and aggregation to reproduce: official (the benchmark "
+        "authors' scorer; LLaVA's for ScienceQA; the default), lmms-eval (0.7.3) or vlmevalkit (rule-based, no LLM "
+        "judge). AI2D has no official scorer (default vlmevalkit); SEED-Bench's is likelihood ranking "
+        "(default in generate mode: lmms-eval)",
+    )
+    parser.add_argument(
+        "--extractor-url", default=None,
+        help="MathVista: an OpenAI-compatible chat completions endpoint (http://host:port/v1) that extracts the "
+        "answer as MathVista's GPT-4 step does, for answers the rules cannot read; model name and key from "
+        "SOLO_EXTRACTOR_MODEL / SOLO_EXTRACTOR_API_KEY",
+    )
+    parser.add_argument("--out", required=True, help="output directory for predictions.jsonl and results.json")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="start afresh in an --out that an earlier run of the same command wrote (solo eval otherwise resumes "
+        "the same run)",
+    )
+
+
+def build_eval_score_parser() -> argparse.ArgumentParser:
+    from solo.eval.benchmarks import BENCHMARKS
+
+    parser = argparse.ArgumentParser(
+        prog="solo eval score",
+        description=(
+            "Score answers made elsewhere (vLLM, an API model) or rescore a finished `solo eval` run under another "
+            "protocol, without a model: --predictions is a JSONL of {\"id\", \"prediction\"} lines, ids as solo "
+            "eval writes them (its predictions.jsonl can be passed as it is). Same scoring and results.json as "
+            "solo eval."
+        ),
+    )
+    _add_scoring_arguments(parser, BENCHMARKS)
+    parser.add_argument("--predictions", required=True, help="JSONL of {\"id\", \"prediction\"} lines")
+    parser.set_defaults(handler=_eval_score)
+    return parser
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -183,33 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval",
-        help="score a SOLO checkpoint on MME, MMStar, ScienceQA, AI2D, SEED-Bench or your own multiple-choice JSONL",
+        help="score a SOLO checkpoint on MME, MMStar, ScienceQA, AI2D, SEED-Bench, MathVista or your own "
+        "multiple-choice JSONL ('solo eval score': score answers without a model)",
         description=(
-            "Evaluate a Hugging Face SOLO checkpoint on a benchmark read from local files, with the benchmark's "
+            "Evaluate a Hugging Face SOLO checkpoint on a benchmark read from local files, with the protocol's "
             "prompt and scoring rule. Writes predictions.jsonl (appended per batch) and results.json to --out; "
-            "running the same command again resumes. Data parallel: torchrun --nproc-per-node N -m solo.cli eval ..."
+            "running the same command again resumes. Data parallel: torchrun --nproc-per-node N -m solo.cli eval ... "
+            "To score answers without a model: solo eval score --help"
         ),
     )
     evaluate.add_argument("--model", required=True, help="SOLO checkpoint directory (Hugging Face format)")
-    evaluate.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS), help="which benchmark --data holds")
-    evaluate.add_argument(
-        "--data", required=True,
-        help="the benchmark's local file or folder as distributed (parquet, VLMEvalKit TSV, original JSON/folders; "
-        "see the README), or a JSONL for --benchmark mc",
-    )
-    evaluate.add_argument("--out", required=True, help="output directory for predictions.jsonl and results.json")
+    _add_scoring_arguments(evaluate, BENCHMARKS)
     evaluate.add_argument(
         "--mode", choices=("generate", "likelihood"), default="generate",
-        help="generate: greedy answer, parsed with the benchmark's rule (default); likelihood: pick the option "
+        help="generate: greedy answer, parsed with the protocol's rule (default); likelihood: pick the option "
         "whose text the model finds most likely (no parsing; for small or early checkpoints)",
     )
     evaluate.add_argument("--batch-size", type=int, default=8, help="samples per batch on each process (default 8)")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
-    evaluate.add_argument("--max-new-tokens", type=int, default=32, help="generation length limit (default 32)")
-    evaluate.add_argument(
-        "--overwrite", action="store_true",
-        help="start afresh in an --out that an earlier `solo eval` wrote (by default the same command resumes)",
-    )
+    evaluate.add_argument("--max-new-tokens", type=int, default=None,
+                          help="generation length limit (default: the protocol's, e.g. lmms-eval's 16 for MME)")
     evaluate.set_defaults(handler=_eval)
 
     from solo.demo.pipeline import stage_names
@@ -238,7 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["eval", "score"]:  # `solo eval score`: scoring without a model, its own arguments
+        args = build_eval_score_parser().parse_args(argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
     return args.handler(args)
 
 

@@ -64,7 +64,7 @@ def read_solo_config(hf_dir: str | os.PathLike) -> Dict[str, Any]:
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{path} is not valid JSON ({error})") from error
     model_type, archs = config.get("model_type"), config.get("architectures") or []
-    if model_type == "solo" or (model_type == "mistral" and "SoloForCausalLM" in archs):
+    if model_type == "solo" or is_solo7b_layout(config):
         return config
     if model_type in ("mistral", "llama"):
         raise CheckpointError(
@@ -247,16 +247,19 @@ def write_config(config: Dict[str, Any], out_dir: str | os.PathLike, layout: str
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
 
 
-def write_processor(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike, layout: str):
+def write_processor(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike, layout: str,
+                    model_config: Optional[Dict[str, Any]] = None):
     """Write tokenizer, chat template and processor files into ``out_dir``; return the tokenizer.
 
     ``tokenizer_dir`` may hold a full SOLO processor (``solo create`` output, an export) or only a
-    tokenizer (a default ``SoloImageProcessor`` and the Mistral-Instruct chat template are added). The solo7b layout keeps the processor
+    tokenizer (the Mistral-Instruct chat template and an image processor are added: SOLO-7B's settings
+    when ``model_config`` is the released SOLO-7B layout, else the defaults). The solo7b layout keeps the processor
     files too but without ``auto_map`` (SOLO's scripts never read them).
     """
     from transformers import AutoTokenizer
 
     from solo.hf import SoloImageProcessor, SoloProcessor
+    from solo.hf.image_processing_solo import SOLO7B_SETTINGS
     from solo.hf.processing_solo import CHAT_TEMPLATE
 
     source = Path(tokenizer_dir)
@@ -265,7 +268,7 @@ def write_processor(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike
     except (OSError, ValueError) as error:
         raise CheckpointError(f"cannot read a tokenizer from {source} ({error}); pass --tokenizer DIR") from error
     # The image-processor settings are read as data (never by running code found in the directory).
-    settings: Dict[str, Any] = {}
+    settings: Dict[str, Any] = dict(SOLO7B_SETTINGS) if is_solo7b_layout(model_config or {}) else {}
     processor_config = source / "processor_config.json"
     if processor_config.is_file():
         settings = json.loads(processor_config.read_text(encoding="utf-8")).get("image_processor") or {}
@@ -286,6 +289,11 @@ def write_processor(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike
                 path.write_text(json.dumps(_drop_auto_map(json.loads(path.read_text(encoding="utf-8"))), indent=2)
                                 + "\n", encoding="utf-8")
     return tokenizer
+
+
+def is_solo7b_layout(config: Dict[str, Any]) -> bool:
+    """Whether a config.json is the released SOLO-7B layout (``model_type: mistral``, SoloForCausalLM)."""
+    return config.get("model_type") == "mistral" and "SoloForCausalLM" in (config.get("architectures") or [])
 
 
 def _drop_auto_map(value: Any) -> Any:
@@ -323,7 +331,7 @@ def convert_hf_to_hf(
     weights = HFWeights(hf_dir)  # validates shards before anything is written
     inputs = [hf_dir] + ([tokenizer_dir] if tokenizer_dir else [])
     with atomic_output_dir(out_dir, command="solo convert hf-to-hf", inputs=inputs, overwrite=overwrite) as staging:
-        vocab = len(write_processor(tokenizer_dir or hf_dir, staging, layout))
+        vocab = len(write_processor(tokenizer_dir or hf_dir, staging, layout, config))
         rows = weights.shapes.get("model.embed_tokens.weight", (None,))[0]
         if rows != vocab or config.get("vocab_size") != vocab:
             raise CheckpointError(

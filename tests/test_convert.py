@@ -275,6 +275,7 @@ def test_released_solo7b_layout_converts_both_ways(work, solo_hf):
     model = AutoModelForCausalLM.from_pretrained(native, trust_remote_code=True)
     assert type(model).__name__ == "SoloForCausalLM" and model.config.rope_parameters["rope_theta"] == 1e6
     assert_same_weights(released, native)
+    _evaluated_with_solo_preprocessing(native)
 
     solo("hf-to-mcore", "--hf", released, "--out", work / "released_mcore")
     back = work / "released_back"
@@ -286,6 +287,27 @@ def test_released_solo7b_layout_converts_both_ways(work, solo_hf):
     assert config["sliding_window"] == 4096
     # A config class that knows only the top-level field (as SOLO's code / older transformers).
     assert PretrainedConfig.from_json_file(str(back / "config.json")).rope_theta == 1e6
+
+
+def _evaluated_with_solo_preprocessing(native):
+    """A converted SOLO-7B's processor (AutoProcessor, and so `solo eval`) has SOLO-7B's preprocessing:
+    its resize rule (1920x1080 → a 32x18 grid, 576 patches; the default 'fit' rule gives 1,008) and its
+    way of opening images (alpha dropped, not composited on white)."""
+    from PIL import Image
+
+    from solo.eval.runner import _open_images, load_model
+    from solo.eval.samples import Sample
+
+    _, processor = load_model(str(native), torch.device("cpu"))
+    settings = processor.image_processor
+    assert (settings.resize_mode, settings.legacy_image_opening) == ("solo", True)
+    buffer = io.BytesIO()
+    Image.new("RGBA", (1920, 1080), (10, 200, 30, 0)).save(buffer, format="PNG")
+    ((_, image),), _ = _open_images([Sample(row=0, id="0", image=buffer.getvalue())], settings)
+    out = processor(processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}]),
+                    images=[image])
+    assert out["vision_patches"].shape[0] == 576
+    assert out["vision_patches"][:, :1024].eq(10).all()  # SOLO-7B kept the colour of transparent pixels
 
 
 def test_bad_inputs_give_clear_errors(work, solo_hf, mcore):

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from solo.eval import BENCHMARKS, EvalDataError, load_samples
+from solo.eval.protocols import PROTOCOLS
 
 
 def png(colour=(200, 30, 30), size=(40, 32)) -> bytes:
@@ -63,7 +64,7 @@ def test_mme_release_folder_both_layouts(tmp_path):
     ]
     assert samples[2].error and "no image beside" in samples[2].error
     assert samples[3].image.endswith("existence/0001.png") and samples[3].error is None
-    assert BENCHMARKS["mme"].prompt(samples[3]) == "Is there a cat? Please answer yes or no."
+    assert PROTOCOLS["mme"]["official"].prompt(samples[3]) == "Is there a cat? Please answer yes or no."
 
 
 def test_mme_lmms_lab_parquet_and_vlmevalkit_tsv(tmp_path):
@@ -99,9 +100,8 @@ def test_mmstar_parquet_options_come_from_the_question(tmp_path):
     (sample,) = load_samples("mmstar", path)
     assert sample.options == ["red", "dark green", "blue", "a, b and c"]
     assert sample.groups == {"category": "coarse perception", "l2_category": "image scene and topic"}
-    mmstar = BENCHMARKS["mmstar"]
-    assert mmstar.prompt(sample) == question + "\nAnswer with the option's letter from the given choices directly."
-    assert mmstar.cloze_prompt(sample) == "Which colour is the car?"
+    assert PROTOCOLS["mmstar"]["official"].prompt(sample) == question + "\nAnswer with the option's letter from the given choices directly."
+    assert BENCHMARKS["mmstar"].cloze_prompt(sample) == "Which colour is the car?"
 
 
 def test_scienceqa_original_layout_keeps_test_questions_with_images(tmp_path):
@@ -121,7 +121,7 @@ def test_scienceqa_original_layout_keeps_test_questions_with_images(tmp_path):
     (sample,) = load_samples("scienceqa", root)
     assert (sample.id, sample.answer, sample.options, sample.error) == ("5", "B", ["frog", "whale"], None)
     assert sample.groups == {"subject": "natural science", "grade": "G1-6"}
-    assert BENCHMARKS["scienceqa"].prompt(sample) == (
+    assert PROTOCOLS["scienceqa"]["official"].prompt(sample) == (
         "Context: Look closely.\nWhich is a mammal?\nA. frog\nB. whale\n"
         "Answer with the option's letter from the given choices directly."
     )

@@ -18,6 +18,7 @@ from PIL import Image
 from solo.cli import main as solo_main
 from solo.create import create_solo_checkpoint
 from solo.eval import BENCHMARKS, load_samples
+from solo.eval.protocols import PROTOCOLS
 from solo.eval.runner import run_eval
 from solo.tiny import make_base_checkpoint
 
@@ -96,7 +97,7 @@ def trained_model(random_model, tmp_path_factory):
     examples = []
     for sample in train:
         image = load_image(sample.image)
-        examples.append((mc.prompt(sample), image, sample.answer))  # generation: the letter
+        examples.append((PROTOCOLS["mc"]["official"].prompt(sample), image, sample.answer))  # generation: the letter
         examples.append((mc.cloze_prompt(sample), image, sample.options["ABCD".index(sample.answer)]))  # likelihood
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
     batches = [_training_batch(processor, *zip(*[examples[i] for i in order[start : start + 16]]))

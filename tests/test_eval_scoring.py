@@ -55,13 +55,14 @@ def test_llava_scienceqa_rule(text, expected):
         ("green", "B"), ("", None), ("Bees", None),  # a letter inside a word is not a letter
     ],
 )
-def test_generic_vlmevalkit_rule(text, expected):
-    assert scoring.parse_letter_generic(text, OPTIONS) == expected
+def test_vlmevalkit_rule(text, expected):
+    assert scoring.parse_letter_vlmevalkit(text, OPTIONS) == expected
 
 
 def test_first_character_rule():
     assert scoring.parse_letter_first_char(" C) blue", OPTIONS) == "C"
     assert scoring.parse_letter_first_char("The answer", OPTIONS) is None
+    assert scoring.parse_letter_first_char("b", OPTIONS) == "B"  # lmms-eval compares lower-cased
     assert scoring.parse_letter_first_char("", OPTIONS) is None
 
 
@@ -74,8 +75,9 @@ def test_multiple_choice_accuracy_overall_and_per_group():
     ]
     scores = scoring.multiple_choice_scores(records)
     assert scores["accuracy"] == 50.0 and scores["n"] == 4 and scores["correct"] == 2 and scores["unparsed"] == 1
-    assert scores["by_category"] == {"math": {"accuracy": 33.3333, "n": 3}, "ocr": {"accuracy": 100.0, "n": 1}}
-    assert scores["by_l2"] == {"x": {"accuracy": 100.0, "n": 1}, "y": {"accuracy": 33.3333, "n": 3}}
+    assert scores["by_category"] == {"math": {"accuracy": 33.3333, "correct": 1, "n": 3},
+                                     "ocr": {"accuracy": 100.0, "correct": 1, "n": 1}}
+    assert scores["by_l2"] == {"x": {"accuracy": 100.0, "correct": 1, "n": 1}, "y": {"accuracy": 33.3333, "correct": 1, "n": 3}}
 
 
 def test_mme_accuracy_plus_pairs_the_two_questions_of_each_image():

@@ -416,6 +416,23 @@ def test_matches_hf_solo_model_on_a_packed_row(megatron_world):
     assert diff <= 1e-4, f"megatron vs HF per-token loss differ by {diff}"
 
 
+def test_non_integer_rope_theta_reaches_the_rotary_embedding(megatron_world):
+    """rope_theta 100.9 stays 100.9 (megatron-core's int-typed rotary_base used to get int(100.9) = 100,
+    an export differing from the trained model); the frequencies equal the HF model's."""
+    from solo.hf.configuration_solo import SoloConfig
+    from solo.hf.modeling_solo import SoloForCausalLM
+
+    cfg = tiny_config()
+    tc = build_transformer_config(cfg.model, cfg.parallel, cfg.training)
+    ours = SoloGPTModel(tc, solo_layer_spec("local"), VOCAB, 256, 100.9).language_model.rotary_pos_emb.inv_freq
+    hf = SoloForCausalLM(SoloConfig(
+        vocab_size=VOCAB, hidden_size=cfg.model.hidden_size, intermediate_size=cfg.model.ffn_hidden_size,
+        num_hidden_layers=1, num_attention_heads=cfg.model.num_attention_heads,
+        num_key_value_heads=cfg.model.num_query_groups, rope_theta=100.9, max_position_embeddings=256,
+    )).model.rotary_emb.inv_freq
+    assert torch.equal(ours.cpu(), hf.cpu())
+
+
 def test_memory_plan_parameter_count_is_exact(megatron_world):
     import importlib.util
     from pathlib import Path

@@ -173,7 +173,9 @@ class SoloGPTModel(MegatronModule):
             parallel_output=True,
             share_embeddings_and_output_weights=False,
             position_embedding_type="rope",
-            rotary_base=int(rotary_base),
+            # A float, as given: megatron-core's RotaryEmbedding computes base ** (2i / dim) in float32
+            # either way, and int() would turn a theta of 100.9 into 100 (HF keeps 100.9).
+            rotary_base=float(rotary_base),
             # Patches are added to the full-sequence embeddings first, then scattered (below).
             scatter_embedding_sequence_parallel=False,
         )

@@ -1,15 +1,6 @@
-"""The benchmarks `solo eval` knows: how each one's published files are read, how its questions
-are put to the model, and which rule parses and scores the answers.
-
-| name | layouts read (``--data``) |
-|---|---|
-| ``mme`` | MME release folder (``<subtask>/images`` + ``questions_answers_YN``, or images and ``.txt`` side by side); lmms-lab/MME parquet; VLMEvalKit ``MME.tsv`` |
-| ``mmstar`` | Lin-Chen/MMStar ``mmstar.parquet``; VLMEvalKit ``MMStar.tsv`` |
-| ``scienceqa`` | ScienceQA's ``problems.json`` + ``pid_splits.json`` + ``images/test/<pid>/``; lmms-lab/ScienceQA (``ScienceQA-IMG``) or derek-thomas/ScienceQA parquet; VLMEvalKit ``ScienceQA_TEST.tsv`` — test split, questions with an image only |
-| ``ai2d`` | lmms-lab/ai2d parquet; VLMEvalKit ``AI2D_TEST.tsv`` |
-| ``seedbench`` | SEED-Bench's ``SEED-Bench.json`` + ``SEED-Bench-image/``; lmms-lab/SEED-Bench parquet; VLMEvalKit ``SEEDBench_IMG.tsv`` — image questions only |
-| ``mc`` | JSONL, one object per line: ``image`` (path, relative to the file), ``question``, ``options`` (list), ``answer`` (letter); optional ``id``, ``category`` |
-"""
+"""The benchmarks `solo eval` knows: how each one's published files are read (``Benchmark.layouts``
+names the layouts) and how likelihood mode puts its questions. The prompts, generation lengths,
+answer parsing and aggregation of each reference toolkit live in `solo.eval.protocols`."""
 
 from __future__ import annotations
 
@@ -17,58 +8,52 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
-from solo.eval import scoring
+from solo.eval import mathvista, scoring
 from solo.eval.samples import (
     EvalDataError,
     Sample,
     image_ref,
     is_missing,
+    iter_parquet,
     letter_columns,
     multiple_choice_sample,
+    parquet_files,
+    parquet_split,
     read_json_rows,
     read_rows,
+    read_tsv,
 )
-
-LETTER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 
 @dataclass(frozen=True)
 class Benchmark:
-    """One benchmark: its reader, its prompts, its parsing rule and its scores."""
+    """One benchmark: its reader, the layouts the reader knows, and its likelihood-mode questions."""
 
     name: str
     read: Callable[[Path], list[Sample]]
-    parse: Callable[[str, Sample], str | None]  # model text → the answer label, or None
-    score: Callable[[list[dict]], dict]  # prediction records → metrics
+    layouts: str  # the data layouts ``read`` knows (named in errors and in the README)
     yes_no: bool = False  # MME: answers are "yes"/"no", questions carry their own instruction
-
-    def prompt(self, sample: Sample) -> str:
-        """The question as generation mode asks it (the text part of the user turn)."""
-        if self.yes_no:
-            return sample.question  # MME's questions end with its instruction "Please answer yes or no."
-        context = f"Context: {sample.hint}\n" if sample.hint else ""
-        if re.search(r"\bOptions:", sample.question):  # MMStar's questions list their options already
-            body = sample.question
-        else:
-            lines = [f"{letter}. {text}" for letter, text in zip(scoring.LETTERS, sample.options)]
-            body = sample.question + "\n" + "\n".join(lines)
-        return f"{context}{body}\n{LETTER_INSTRUCTION}"
+    likelihood: bool = True  # whether likelihood mode can rank its answers (not for free-form MathVista)
 
     def cloze_prompt(self, sample: Sample) -> str:
         """The question as likelihood mode asks it: no option list, the candidates are the replies."""
         if self.yes_no:
             return sample.question
         context = f"Context: {sample.hint}\n" if sample.hint else ""
-        question = re.split(r"\s*\bOptions:", sample.question)[0]
-        return f"{context}{question}"
+        return f"{context}{question_without_options(sample.question)}"
 
     def candidates(self, sample: Sample) -> list[tuple[str, str]]:
         """(label, reply text) pairs that likelihood mode ranks."""
         if self.yes_no:
             return [("yes", "Yes"), ("no", "No")]
         return list(zip(scoring.LETTERS, sample.options))
+
+
+def question_without_options(question: str) -> str:
+    """MMStar's questions list their options ("… Options: A: x, B: y"); the question before them."""
+    return re.split(r"\s*\bOptions:", question)[0]
 
 
 # --- MME ---------------------------------------------------------------------------------------
@@ -134,13 +119,16 @@ def read_mme(path: Path) -> list[Sample]:
         return _read_mme_release(path)
     rows, kind = read_rows(path)
     samples = []
+    asked: dict[str, int] = {}  # lmms-lab's question_id names the image: its questions are "<id>#0", "<id>#1"
     for row, record in enumerate(rows):
         if kind == "tsv":
             image = record.get("image") if not is_missing(record.get("image")) else record.get("image_path")
             key = record.get("image_path") or record["image_key"]
             sample_id = record.get("index", row)
         else:
-            image, key, sample_id = record.get("image"), str(record.get("question_id", row)), record.get("question_id", row)
+            image, key = record.get("image"), str(record.get("question_id", row))
+            sample_id = f"{key}#{asked.get(key, 0)}"
+            asked[key] = asked.get(key, 0) + 1
         samples.append(
             _mme_sample(row, sample_id, record.get("question"), record.get("answer"), record.get("category"),
                         image, str(key), path.parent if path.is_file() else path)
@@ -220,18 +208,35 @@ def _read_sqa_original(root: Path) -> list[Sample]:
     return samples
 
 
+def _sqa_test_files(path: Path) -> list[Path]:
+    """The parquet files of ScienceQA's test split under ``path``. A snapshot of lmms-lab/ScienceQA
+    holds ``ScienceQA-IMG`` and ``ScienceQA-FULL`` (the same test questions twice): only IMG is read."""
+    if path.is_file():
+        split = parquet_split(path)
+        if split not in (None, "test"):
+            raise EvalDataError(f"{path} holds ScienceQA's {split} split; pass the test split (test-*.parquet)")
+        return [path]
+    files = parquet_files(path)
+    tests = [file for file in files if parquet_split(file) == "test"]
+    if not tests:
+        raise EvalDataError(f"{path} holds no ScienceQA test-split parquet (test-*.parquet or test/*.parquet); "
+                            f"found {', '.join(os.path.relpath(f, path) for f in files[:5])}")
+    return [file for file in tests if "ScienceQA-IMG" in file.parts] or tests
+
+
 def read_scienceqa(path: Path) -> list[Sample]:
     if path.is_dir() and (path / "problems.json").exists():
         return _read_sqa_original(path)
     if path.name == "problems.json":
         return _read_sqa_original(path.parent)
-    rows, kind = read_rows(path)
+    if path.suffix == ".tsv":
+        rows, kind = [row for row in read_tsv(path) if str(row.get("split", "test")) == "test"], "tsv"
+    else:
+        rows, kind = [row for file in _sqa_test_files(path) for row in iter_parquet(file)], "parquet"
     base = path.parent if path.is_file() else path
     samples = []
     for record in rows:
         if kind == "tsv":
-            if str(record.get("split", "test")) != "test":
-                continue
             options, answer = letter_columns(record), record.get("answer")
         else:
             if is_missing(record.get("image")):
@@ -330,29 +335,21 @@ def read_mc(path: Path) -> list[Sample]:
     return samples
 
 
-def _mc_rule(rule: Callable[[str, Sequence[str]], str | None]) -> Callable[[str, Sample], str | None]:
-    return lambda text, sample: rule(text, sample.options)
-
-
-def _yes_no(text: str, sample: Sample) -> str | None:
-    return scoring.parse_yes_no(text)
-
-
-def _mme_score(records: list[dict]) -> dict:
-    for record in records:
-        record.setdefault("subtask", (record.get("groups") or {}).get("subtask"))
-    return scoring.mme_scores(records)
-
-
 BENCHMARKS: dict[str, Benchmark] = {
-    "mme": Benchmark("mme", read_mme, _yes_no, _mme_score, yes_no=True),
-    "mmstar": Benchmark("mmstar", read_mmstar, _mc_rule(scoring.parse_letter_mmstar), scoring.multiple_choice_scores),
-    "scienceqa": Benchmark("scienceqa", read_scienceqa, _mc_rule(scoring.parse_letter_llava_sqa),
-                           scoring.multiple_choice_scores),
-    "ai2d": Benchmark("ai2d", read_ai2d, _mc_rule(scoring.parse_letter_generic), scoring.multiple_choice_scores),
-    "seedbench": Benchmark("seedbench", read_seedbench, _mc_rule(scoring.parse_letter_first_char),
-                           scoring.multiple_choice_scores),
-    "mc": Benchmark("mc", read_mc, _mc_rule(scoring.parse_letter_generic), scoring.multiple_choice_scores),
+    "mme": Benchmark("mme", read_mme, (
+        "the MME_Benchmark_release_version folder (per subtask images/ + questions_answers_YN/, or images and "
+        ".txt side by side); lmms-lab/MME parquet; VLMEvalKit MME.tsv"), yes_no=True),
+    "mmstar": Benchmark("mmstar", read_mmstar, "Lin-Chen/MMStar mmstar.parquet; VLMEvalKit MMStar.tsv"),
+    "scienceqa": Benchmark("scienceqa", read_scienceqa, (
+        "ScienceQA's problems.json + pid_splits.json + images/test/<pid>/; lmms-lab/ScienceQA (ScienceQA-IMG) or "
+        "derek-thomas/ScienceQA parquet, test split; VLMEvalKit ScienceQA_TEST.tsv")),
+    "ai2d": Benchmark("ai2d", read_ai2d, "lmms-lab/ai2d parquet; VLMEvalKit AI2D_TEST.tsv"),
+    "seedbench": Benchmark("seedbench", read_seedbench, (
+        "SEED-Bench.json + SEED-Bench-image/; lmms-lab/SEED-Bench parquet; VLMEvalKit SEEDBench_IMG.tsv")),
+    "mathvista": Benchmark("mathvista", mathvista.read_mathvista, mathvista.LAYOUTS, likelihood=False),
+    "mc": Benchmark("mc", read_mc, (
+        "a JSONL file, one object per line: image (path relative to the file), question, options (list), "
+        "answer (letter); optional id, category")),
 }
 
 
@@ -363,7 +360,13 @@ def load_samples(benchmark: str, data: str | os.PathLike) -> list[Sample]:
     path = Path(data)
     if not path.exists():
         raise EvalDataError(f"--data {path} does not exist; pass the benchmark's local file or folder")
-    samples = BENCHMARKS[benchmark].read(path)
-    if not samples:
-        raise EvalDataError(f"{path} holds no {benchmark} samples (wrong --benchmark, or the wrong file?)")
+    spec = BENCHMARKS[benchmark]
+    samples = spec.read(path)
+    if not any(sample.error is None for sample in samples):
+        reasons = sorted({sample.error for sample in samples})[:3]
+        raise EvalDataError(
+            f"{path} holds no valid {benchmark} sample ({len(samples)} read"
+            + (f"; e.g. {'; '.join(reasons)}" if reasons else "")
+            + f"). --benchmark {benchmark} reads: {spec.layouts}. Is it the right --benchmark for this file?"
+        )
     return samples

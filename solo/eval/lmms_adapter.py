@@ -20,20 +20,8 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 
+from solo.eval.protocols import LMMS_MODEL_MAX_NEW_TOKENS, truncate
 from solo.eval.runner import distributed_state, generate_answers, load_model, score_replies
-
-DEFAULT_MAX_NEW_TOKENS = 128
-
-
-def _truncate(text: str, stops: Any) -> str:
-    """Cut a generated answer at the first of lmms-eval's ``until`` strings."""
-    if isinstance(stops, str):
-        stops = [stops]
-    for stop in stops or []:
-        if stop and stop in text:
-            text = text.split(stop, 1)[0]
-    return text
-
 
 class SoloLmms(lmms):
     """A SOLO checkpoint as an lmms-eval "simple" model (``--model solo``)."""
@@ -79,9 +67,9 @@ class SoloLmms(lmms):
                     raise ValueError("the SOLO adapter decodes greedily; set temperature 0 / do_sample False")
                 prompts = [chunk[i][0] for i in indices]
                 visuals = [self._visuals(*chunk[i][2:]) for i in indices]
-                limit = int(settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+                limit = int(settings.get("max_new_tokens", LMMS_MODEL_MAX_NEW_TOKENS))
                 for i, text in zip(indices, generate_answers(self.model, self.processor, prompts, visuals, limit)):
-                    texts[i] = _truncate(text, settings.get("until"))
+                    texts[i] = truncate(text, settings.get("until"))
             for index, (context, settings, *_rest) in enumerate(chunk):
                 self.cache_hook.add_partial("generate_until", (context, settings), texts[index])
                 answers.append(texts[index])

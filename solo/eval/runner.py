@@ -7,7 +7,8 @@ Output directory (``--out``):
   ``parsed``, ``answer``, ``correct``, ``groups``; ``scores`` in likelihood mode; ``error`` for a bad
   sample). While a run is going, each process appends to ``predictions.rank-<R>.jsonl`` after every
   batch; they are merged into ``predictions.jsonl`` at the end (and when a run resumes).
-- ``results.json``: the benchmark's metrics, the sample counts and the bad samples with their reasons.
+- ``results.json``: the protocol (and the reference it reproduces), its metrics, the sample counts and the
+  bad samples with their reasons (``solo.eval.score.summarize``).
 - ``.solo-output.json``: the command and its settings; running the same command again resumes
   (samples already predicted are skipped), a different one needs ``--overwrite``.
 
@@ -30,7 +31,9 @@ from typing import Any, Iterable
 import torch
 
 from solo.eval.benchmarks import BENCHMARKS, Benchmark, load_samples
+from solo.eval.protocols import Protocol, resolve_protocol
 from solo.eval.samples import Sample
+from solo.eval.score import PREDICTIONS, RESULTS, judge, record, summarize
 from solo.outputs import (
     OutputError,
     check_output_dir,
@@ -42,8 +45,6 @@ from solo.outputs import (
 
 COMMAND = "solo eval"
 MODES = ("generate", "likelihood")
-PREDICTIONS = "predictions.jsonl"
-RESULTS = "results.json"
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class EvalSettings:
     mode: str = "generate"
     limit: int | None = None
     max_new_tokens: int = 32
+    protocol: str = "official"
+    extractor_url: str | None = None  # MathVista: the endpoint that extracts answers (None: rules)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -238,44 +241,41 @@ def rank_candidates(model, processor, prompts: list[str], images: list, candidat
 
 # --- one run -------------------------------------------------------------------------------------
 
-def _record(sample: Sample, **fields: Any) -> dict:
-    record = {"row": sample.row, "id": sample.id, "answer": sample.answer, "groups": sample.groups}
-    if sample.image_key:
-        record["image_key"] = sample.image_key
-    record.update(fields)
-    return record
-
-
-def _open_images(samples: list[Sample], max_pixels: int) -> tuple[list[tuple[Sample, Any]], list[dict]]:
+def _open_images(samples: list[Sample], image_processor) -> tuple[list[tuple[Sample, Any]], list[dict]]:
+    """The samples' images, opened as the checkpoint's processor opens them (SOLO-7B's way for a
+    converted SOLO-7B); bad samples and unreadable images become error records."""
+    # solo's own loader: a processor loaded with trust_remote_code is a copy of the class, whose
+    # ImageLoadError is another class; its settings are what counts.
     from solo.hf.image_processing_solo import ImageLoadError, load_image
 
+    legacy = bool(getattr(image_processor, "legacy_image_opening", False))
     good, bad = [], []
     for sample in samples:
         if sample.error:
-            bad.append(_record(sample, error=sample.error))
+            bad.append(record(sample, error=sample.error))
             continue
         name = sample.image if isinstance(sample.image, str) else f"image of sample {sample.id}"
         try:
-            good.append((sample, load_image(sample.image, name=name, max_pixels=max_pixels)))
+            good.append((sample, load_image(sample.image, name=name, max_pixels=image_processor.max_pixels,
+                                            legacy_solo7b=legacy)))
         except ImageLoadError as error:
-            bad.append(_record(sample, error=str(error)))
+            bad.append(record(sample, error=str(error)))
     return good, bad
 
 
 def predict_batch(
-    benchmark: Benchmark, samples: list[Sample], model, processor, mode: str, max_new_tokens: int
+    benchmark: Benchmark, protocol: Protocol, samples: list[Sample], model, processor, mode: str,
+    max_new_tokens: int,
 ) -> list[dict]:
     """Prediction records for one batch (bad samples get an ``error`` record instead)."""
-    good, records = _open_images(samples, processor.image_processor.max_pixels)
+    good, records = _open_images(samples, processor.image_processor)
     if not good:
         return records
     batch = [sample for sample, _ in good]
     images = [image for _, image in good]
     if mode == "generate":
-        answers = generate_answers(model, processor, [benchmark.prompt(s) for s in batch], images, max_new_tokens)
-        for sample, text in zip(batch, answers):
-            parsed = benchmark.parse(text, sample)
-            records.append(_record(sample, prediction=text, parsed=parsed, correct=parsed == sample.answer))
+        answers = generate_answers(model, processor, [protocol.prompt(s) for s in batch], images, max_new_tokens)
+        records += [judge(protocol, sample, protocol.finish(text)) for sample, text in zip(batch, answers)]
     else:
         candidates = [benchmark.candidates(s) for s in batch]
         scores = rank_candidates(
@@ -285,7 +285,7 @@ def predict_batch(
         for sample, pairs, values in zip(batch, candidates, scores):
             best = max(range(len(values)), key=lambda i: values[i])  # ties: the first option
             parsed = pairs[best][0]
-            records.append(_record(
+            records.append(record(
                 sample, prediction=pairs[best][1], parsed=parsed, correct=parsed == sample.answer,
                 scores={label: round(value, 6) for (label, _), value in zip(pairs, values)},
             ))
@@ -297,23 +297,6 @@ def _append(path: Path, records: Iterable[dict]) -> None:
         handle.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def summarize(benchmark: Benchmark, settings: EvalSettings, records: list[dict]) -> dict:
-    """``results.json``'s content: metrics over the scored samples, counts, and the bad samples."""
-    scored = [r for r in records if "error" not in r]
-    bad = [{"row": r["row"], "id": r["id"], "error": r["error"]} for r in records if "error" in r]
-    return {
-        "benchmark": settings.benchmark,
-        "mode": settings.mode,
-        "model": settings.model,
-        "data": settings.data,
-        "samples": len(records),
-        "scored": len(scored),
-        "bad": len(bad),
-        "bad_samples": bad,
-        "metrics": benchmark.score(scored),
-    }
 
 
 def distributed_state():
@@ -345,18 +328,25 @@ def run_eval(
     mode: str = "generate",
     batch_size: int = 8,
     limit: int | None = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
+    protocol: str | None = None,
+    extractor_url: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Evaluate ``model_dir`` on ``benchmark`` read from ``data``; write and return ``results.json``'s content."""
+    """Evaluate ``model_dir`` on ``benchmark`` read from ``data`` under ``protocol`` (None: the
+    benchmark's default); write and return ``results.json``'s content. ``max_new_tokens`` None: the
+    protocol's generation length. ``extractor_url``: see `resolve_protocol`."""
     from tqdm.auto import tqdm
 
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-    if batch_size < 1 or (limit is not None and limit < 1) or max_new_tokens < 1:
+    if batch_size < 1 or (limit is not None and limit < 1) or (max_new_tokens is not None and max_new_tokens < 1):
         raise ValueError("--batch-size, --limit and --max-new-tokens must be positive")
-    settings = EvalSettings(os.path.abspath(model_dir), benchmark, os.path.abspath(data), mode, limit, max_new_tokens)
+    rules = resolve_protocol(benchmark, protocol, mode, extractor_url)
+    max_new_tokens = max_new_tokens or rules.max_new_tokens
+    settings = EvalSettings(os.path.abspath(model_dir), benchmark, os.path.abspath(data), mode, limit,
+                            max_new_tokens, rules.name, extractor_url)
     samples = load_samples(benchmark, data)[:limit]
     spec = BENCHMARKS[benchmark]
     state = distributed_state()
@@ -390,7 +380,7 @@ def run_eval(
                    disable=not (progress and state.is_main_process))
         for start in range(0, len(mine), batch_size):
             batch = mine[start : start + batch_size]
-            _append(part, predict_batch(spec, batch, model, processor, mode, max_new_tokens))
+            _append(part, predict_batch(spec, rules, batch, model, processor, mode, max_new_tokens))
             bar.update(len(batch))
         bar.close()
         elapsed = time.perf_counter() - started
@@ -403,7 +393,8 @@ def run_eval(
         missing = len(samples) - len(records)
         if missing:
             raise RuntimeError(f"{missing} samples have no prediction in {out}; run the same command again")
-        results = summarize(spec, settings, records)
+        results = summarize(rules, records, benchmark=benchmark, mode=mode, model=settings.model, data=settings.data,
+                            max_new_tokens=max_new_tokens)
         write_json_atomic(out / RESULTS, results)
     state.wait_for_everyone()
     if not state.is_main_process:

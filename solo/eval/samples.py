@@ -39,6 +39,7 @@ class Sample:
     hint: str = ""  # ScienceQA's context
     image_key: str = ""  # MME: the image the question is about (accuracy+ pairs its questions)
     error: str | None = None  # set when the sample cannot be evaluated; the run reports it
+    meta: dict[str, Any] = field(default_factory=dict)  # what a rule needs besides (MathVista: answer type, precision)
 
 
 def is_missing(value: Any) -> bool:
@@ -90,6 +91,18 @@ def parquet_files(path: Path) -> list[Path]:
     if not files:
         raise EvalDataError(f"{path} holds no .parquet files")
     return files
+
+
+SPLIT_NAMES = ("train", "validation", "val", "dev", "test", "testmini")
+
+
+def parquet_split(file: Path) -> str | None:
+    """The split a Hugging Face parquet file holds, from its name (``test-00000-of-00001.parquet``)
+    or its folder (``test/0000.parquet``, the parquet-converter layout); None when neither says."""
+    for name in (file.name.split("-")[0].split(".")[0], file.parent.name):
+        if name in SPLIT_NAMES:
+            return name
+    return None
 
 
 def iter_parquet(path: Path) -> Iterator[dict[str, Any]]:

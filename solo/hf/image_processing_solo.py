@@ -154,6 +154,11 @@ def load_image(
     return image
 
 
+# The preprocessing SOLO-7B was trained and evaluated with: its resize rule and its way of opening
+# images. A processor written for a converted SOLO-7B carries them, so it is evaluated as released.
+SOLO7B_SETTINGS = {"resize_mode": "solo", "legacy_image_opening": True}
+
+
 def solo_resize_size(width: int, height: int) -> tuple[int, int]:
     """SOLO's resize rule, bit for bit: returns (new_width, new_height), multiples of 32.
 
@@ -289,6 +294,7 @@ class SoloImageProcessor(BaseImageProcessor):
         resize_mode: str = "fit",
         patch_size: int = PATCH_SIZE,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        legacy_image_opening: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -299,13 +305,16 @@ class SoloImageProcessor(BaseImageProcessor):
         self.resize_mode = resize_mode
         self.patch_size = patch_size
         self.max_pixels = max_pixels
+        # Open every image as SOLO-7B did (see `load_image`): a converted SOLO-7B's processor sets it.
+        self.legacy_image_opening = bool(legacy_image_opening)
 
     def patchify(
         self, image: ImageSource, name: str | None = None, legacy_solo7b: bool = False
     ) -> tuple[np.ndarray, tuple[int, int]]:
         """One image (any source `load_image` accepts) → (uint8 [N, 3072], (rows, cols)).
-        `legacy_solo7b`: open it as SOLO-7B did (see `load_image`)."""
-        loaded = load_image(image, name=name, max_pixels=self.max_pixels, legacy_solo7b=legacy_solo7b)
+        `legacy_solo7b` (or the processor's `legacy_image_opening`): open it as SOLO-7B did (see `load_image`)."""
+        loaded = load_image(image, name=name, max_pixels=self.max_pixels,
+                            legacy_solo7b=legacy_solo7b or self.legacy_image_opening)
         return image_to_patches(loaded, self.resize_mode)
 
     def preprocess(self, images: ImageSource | Iterable[ImageSource], return_tensors=None, **kwargs) -> BatchFeature:
