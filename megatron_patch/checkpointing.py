@@ -1,10 +1,11 @@
 """Pretraining checkpoints: megatron-core ``torch_dist`` dist-checkpoints, written atomically
 (``iter_N.tmp`` renamed into place, then ``latest`` pointed at it), the last N kept.
 
-Every checkpoint gets a completeness marker (``solo_complete.json``: its files and their sizes),
-written last, before the rename. Resume (``restore``) loads model, optimizer, schedule, RNG and
-data position from the newest checkpoint in ``checkpoint.save`` that verifies (marker present,
-every file there at its size, metadata and common state readable); a newer one that does not is
+Every checkpoint gets a completeness marker (``solo_complete.json``: its files with their sizes and
+SHA-256, see solo.checkpoints), written last, before the rename. Resume (``restore``) loads model,
+optimizer, schedule, RNG and data position from the newest checkpoint in ``checkpoint.save`` that
+verifies (marker present, every file there at its size and checksum, metadata and common state
+readable); a newer one that does not is
 skipped with a warning naming it and why, and when none verifies the run stops with one message.
 A new stage starts from ``checkpoint.init_from`` (verified the same way) with its schedule reset.
 A resumed run keeps the LR schedule it was started with, even if the recipe's length or LRs
@@ -47,18 +48,21 @@ from megatron_patch.config import Config, ConfigError
 # Directory naming, the 'latest' pointer, atomic publication and pruning are shared with SFT.
 from solo.checkpoints import (  # noqa: F401  (names kept importable from here)
     CKPT_PREFIX,
+    COMPLETE_FILE,
     LATEST_FILE,
     iteration_dir as _iter_dir,
     iterations as _iterations,
+    newest_valid,
     prepare_tmp_dir,
     publish_checkpoint,
     read_latest,
+    verify_complete_marker,
+    write_complete_marker,
 )
 from solo.hf_checkpoint import CheckpointError  # noqa: F401  (one error type for every checkpoint problem)
 
 logger = logging.getLogger("megatron_patch.checkpointing")
 
-COMPLETE_FILE = "solo_complete.json"
 LOCK_FILE = ".solo-train.lock"
 TOKENIZER_DIR = "tokenizer"  # beside the iter_* directories, in converted and training SAVE_DIRs
 
@@ -73,41 +77,15 @@ def unwrap(model):
 # ----------------------------------------------------------------------------------------------
 
 
-def write_complete_marker(ckpt_dir: str) -> None:
-    """List every file of a written checkpoint with its size; written last, so it means complete."""
-    from solo.outputs import write_json_atomic
-
-    files = {}
-    for root, _, names in os.walk(ckpt_dir):
-        for name in names:
-            path = os.path.join(root, name)
-            files[os.path.relpath(path, ckpt_dir)] = os.path.getsize(path)
-    write_json_atomic(os.path.join(ckpt_dir, COMPLETE_FILE), {"files": files})
-    for name in files:  # on disk before the marker makes the checkpoint count
-        with open(os.path.join(ckpt_dir, name), "rb") as fh:
-            os.fsync(fh.fileno())
-
-
 def verify_checkpoint(ckpt_dir: str) -> Optional[str]:
-    """Why ``ckpt_dir`` cannot be loaded, or None if it verifies (cheap checks, no tensor reads)."""
-    import json
-
+    """Why ``ckpt_dir`` cannot be loaded, or None if it verifies (every file's checksum, then its
+    metadata and common state; no tensor is deserialised)."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint import FileSystemReader
 
-    if not os.path.isdir(ckpt_dir):
-        return "the directory is missing"
-    try:
-        with open(os.path.join(ckpt_dir, COMPLETE_FILE), encoding="utf-8") as fh:
-            files = json.load(fh)["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"no readable {COMPLETE_FILE} (the save did not finish)"
-    for name, size in files.items():
-        path = os.path.join(ckpt_dir, name)
-        if not os.path.isfile(path):
-            return f"{name} is missing"
-        if os.path.getsize(path) != size:
-            return f"{name} has {os.path.getsize(path)} bytes, {size} were written (truncated or changed)"
+    reason = verify_complete_marker(ckpt_dir)
+    if reason is not None:
+        return reason
     try:
         FileSystemReader(ckpt_dir).read_metadata()
         common = dist_checkpointing.load_common_state_dict(ckpt_dir)
@@ -120,20 +98,7 @@ def verify_checkpoint(ckpt_dir: str) -> Optional[str]:
 
 def _newest_valid(save: str) -> tuple[Optional[int], list[str]]:
     """The newest verifying checkpoint of ``save`` and what was skipped on the way (rank 0 only)."""
-    skipped = []
-    latest = read_latest(save)
-    latest_path = os.path.join(save, LATEST_FILE)
-    if latest is None and os.path.exists(latest_path):
-        skipped.append(f"{latest_path}: not an iteration number")
-    iterations = _iterations(save)
-    if latest is not None and latest not in iterations:
-        skipped.append(f"{_iter_dir(save, latest)} (named in {LATEST_FILE}): the directory is missing")
-    for iteration in iterations:
-        reason = verify_checkpoint(_iter_dir(save, iteration))
-        if reason is None:
-            return iteration, skipped
-        skipped.append(f"{_iter_dir(save, iteration)}: {reason}")
-    return None, skipped
+    return newest_valid(save, verify_checkpoint)
 
 
 def _agree(value):
