@@ -208,8 +208,8 @@ def atomic_output_dir(
     check_outside_inputs(out, inputs)
     target = Path(out)
     with output_lock(out, command):
+        remove_stale_staging(out, command)  # first: it may put back an output a kill left parked
         check_output_dir(out, command=command, inputs=inputs, overwrite=overwrite)
-        remove_stale_staging(out, command)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_INFIX}", dir=target.parent))
         try:
             write_marker(staging, command)  # first: a killed run's staging folder is recognised as ours
