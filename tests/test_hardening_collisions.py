@@ -19,6 +19,7 @@ from data_prep.reader import PackedReader
 from data_prep.sources import SourceOptions
 from data_prep.synthetic import jpeg_bytes, photo_like
 from solo.outputs import MARKER_FILE, OutputError, atomic_output_dir, output_lock, write_marker
+from test_hardening_outputs import base_dir, small_disk  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,3 +172,17 @@ def test_demo_refuses_a_folder_it_did_not_create_and_a_second_run(tmp_path, caps
     assert solo_main(["demo", "--fast", "--out", str(demo), "--until", "sources"]) == 0
     assert (demo / "raw" / "heldout.json").exists()
     assert solo_main(["demo", "--fast", "--out", str(demo), "--until", "sources"]) == 0  # its own OUT: continued
+
+
+def test_disk_full_during_hf_to_mcore_says_so(small_disk, base_dir, tmp_path, capsys):
+    """E3: megatron-core's checkpoint writer reports a worker's ENOSPC as "Worker failure"; the user
+    gets the same no-space message as every other command, and nothing half-written stays."""
+    from solo.cli import main as solo_main
+    from solo.create import create_solo_checkpoint
+
+    solo = create_solo_checkpoint(base_dir, tmp_path / "solo")
+    (small_disk / "filler").write_bytes(b"\0" * (3 * 1024 * 1024 - 400 * 1024))  # 400 KiB free, the tiny model needs more
+    assert solo_main(["convert", "hf-to-mcore", "--hf", str(solo), "--out", str(small_disk / "mcore")]) == 2
+    err = capsys.readouterr().err
+    assert f"no space left on {small_disk}; free space and run the same command again" in err
+    assert not (small_disk / "mcore").exists() and os.listdir(small_disk) == ["filler"]
