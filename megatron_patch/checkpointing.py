@@ -10,8 +10,8 @@ skipped with a warning naming it and why, and when none verifies the run stops w
 A new stage starts from ``checkpoint.init_from`` (verified the same way) with its schedule reset.
 A resumed run keeps the LR schedule it was started with, even if the recipe's length or LRs
 changed since (it warns, and says how to restart the schedule on purpose).
-A run holds a lock on ``checkpoint.save`` (released by the OS when it dies, so a crashed run never
-blocks its restart): a second live run on the same directory is refused.
+A run holds the lock on ``checkpoint.save`` (solo.outputs.output_lock; released by the OS when it
+dies, so a crashed run never blocks its restart): a second live run on the same directory is refused.
 
 Checkpoint directories are trusted input: megatron-core and torch unpickle parts of them on load
 (``common.pt``, the ``.metadata`` of torch.distributed.checkpoint), like any PyTorch checkpoint.
@@ -63,7 +63,7 @@ from solo.hf_checkpoint import CheckpointError  # noqa: F401  (one error type fo
 
 logger = logging.getLogger("megatron_patch.checkpointing")
 
-LOCK_FILE = ".solo-train.lock"
+TRAIN_COMMAND = "python -m megatron_patch.train"
 TOKENIZER_DIR = "tokenizer"  # beside the iter_* directories, in converted and training SAVE_DIRs
 
 
@@ -133,49 +133,34 @@ def find_resume_checkpoint(save: Optional[str]) -> Optional[int]:
 
 
 class SaveDirLock:
-    """An exclusive lock on a save directory for the whole run, held by rank 0 (collective).
-
-    flock is released by the OS when the holder dies, so the lock of a crashed run never blocks.
-    """
+    """The lock on a save directory for the whole run (solo.outputs.output_lock, the one rule of
+    every output), held by rank 0 (collective); released when the run ends or dies."""
 
     def __init__(self, save: Optional[str]):
-        self.handle = None
+        from contextlib import ExitStack
+
+        from solo.outputs import OutputError, output_lock
+
+        self.stack = ExitStack()
         error = None
         if save and dist.get_rank() == 0:
             try:  # any failure here is reported on every rank, never left as a rank-0 traceback
-                error = self._acquire(save)
+                self.stack.enter_context(output_lock(save, TRAIN_COMMAND))
+                os.makedirs(save, exist_ok=True)
+            except OutputError as exc:
+                error = f"checkpoint.save {exc}"
             except OSError as exc:
                 error = f"checkpoint.save {save} cannot be written ({exc}); choose a writable directory"
         error = _agree(error)
         if error:
+            self.release()
             raise CheckpointError(error)
 
-    def _acquire(self, save: str) -> Optional[str]:
-        """Take the lock (returns None) or say who holds it."""
-        import fcntl
-        import socket
-
-        os.makedirs(save, exist_ok=True)
-        handle = open(os.path.join(save, LOCK_FILE), "a+", encoding="utf-8")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read(200).strip() or "another process"
-            handle.close()
-            return (f"checkpoint.save {save} is in use by a running training ({holder}); two runs must "
-                    "not share a save directory: stop that run or choose another checkpoint.save")
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        self.handle = handle
-        return None
-
     def release(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
+        self.stack.close()
+
+    def __del__(self) -> None:  # train() holds it in a local: freed when train() returns
+        self.release()
 
 
 def _topology() -> Dict[str, int]:

@@ -21,9 +21,9 @@ exports, `solo-data pack`, `solo demo`, checkpoints):
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
-import fcntl
 import shutil
 import socket
 import stat
@@ -162,8 +162,10 @@ def output_lock(out: str | os.PathLike, command: str) -> Iterator[None]:
         handle.flush()
         yield
     finally:
-        os.unlink(path)  # still holding it: nobody can have taken it since
-        handle.close()
+        try:
+            os.unlink(path)  # still holding it: nobody can have taken it since
+        finally:
+            handle.close()
 
 
 def remove_stale_staging(out: str | os.PathLike, command: str) -> None:

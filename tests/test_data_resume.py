@@ -261,7 +261,7 @@ def test_image_read_back_from_a_source_file_that_changed_is_refused(tmp_path):
     ref = ("file", str(image), 2, 5, stat.st_size, stat.st_mtime_ns, hashlib.sha256(b"23456").hexdigest())
     assert source.read(0, ref) == b"23456"
     source.close()
-    for changed in (b"01234567890", b"01x34567890"[:10]):  # the source changed, also at the same size
+    for changed in (b"0123", b"0123x56789"):  # the source cut short, or changed at the same size
         image.write_bytes(changed)
         with pytest.raises(InputChangedError, match="changed after this pack run read it"):
             _ImageSource(str(tmp_path)).read(0, ref)

@@ -145,7 +145,8 @@ def test_a_second_run_on_the_same_save_directory_is_refused_and_a_dead_runs_lock
             assert first.poll() is None and time.time() < deadline, "first run did not start training"
             time.sleep(0.1)
         second = run(save, "training.train_iters=2", expect_rc=2)
-        assert "is in use by a running training" in second.stderr and f"pid {first.pid}" in second.stderr
+        assert "is in use by a running `python -m megatron_patch.train" in second.stderr
+        assert f"pid {first.pid}" in second.stderr
         assert first.poll() is None  # the first run went on untouched
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # dies holding the lock
