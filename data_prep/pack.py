@@ -549,7 +549,8 @@ class _Accounting:
 
 def _work_state(config: PackConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
     # The chunk size shapes the work files but not the output, so it is not in the output fingerprint.
-    return {"fingerprint": fingerprint, "chunk_size": config.chunk_size}
+    # work_format 2: chunks record their input digest (work files of an older run are redone).
+    return {"fingerprint": fingerprint, "chunk_size": config.chunk_size, "work_format": 2}
 
 
 def _read_json_or_none(path: str) -> Any:
