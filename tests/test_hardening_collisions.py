@@ -6,8 +6,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +18,6 @@ from data_prep.sources import SourceOptions
 from data_prep.synthetic import jpeg_bytes, photo_like
 from solo.outputs import MARKER_FILE, OutputError, atomic_output_dir, output_lock, write_marker
 from test_hardening_outputs import base_dir, small_disk  # noqa: F401  (fixtures)
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def snapshot(folder: Path) -> dict:
