@@ -11,18 +11,24 @@ Pipeline:
    windowed best-fit-decreasing packer, and writes finished packs with `PackWriter`.
 
 Resume: `.work/state.json` holds the run's fingerprint (inputs, settings, tokenizer). Run the same
-command again after a crash (even `kill -9`): finished chunks are reused, and the packing pass
+command again after a crash (even `kill -9`): finished chunks are reused — each records the SHA-256 of
+the raw records it was made from, and a rerun that reads other records there (an input edited,
+even at the same size) is refused, never mixed — and the packing pass
 continues from its last checkpoint (`.work/progress.json`, taken at a window boundary at most every
 `--checkpoint-seconds`: stream position, open packs as references to their chunks' pieces,
 accounting, output file sizes); output
 written after that checkpoint is cut off and rewritten. The result is byte-identical to an
 uninterrupted run, whatever the number of workers. `metadata.json` is written last; then `.work`
 is removed. Images that stay on disk (files, members of uncompressed tars) are referenced from
-`.work` and copied from the source into the output; inline images are kept in the chunk's blob.
+`.work` with the SHA-256 of the bytes the worker decoded, and copied from the source into the
+output only if they still match; inline images are kept in the chunk's blob.
+The whole run, from the first look at the output folder, holds its lock (solo.outputs.output_lock):
+a second run on the same folder (another --chunk-size, --overwrite) is refused before it touches it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -50,7 +56,14 @@ from .packed_format import (
     tokenizer_fingerprint,
 )
 from solo.processes import process_gone
-from solo.outputs import check_outside_inputs, check_replaceable, read_marker, write_json_atomic, write_marker
+from solo.outputs import (
+    check_outside_inputs,
+    check_replaceable,
+    output_lock,
+    read_marker,
+    write_json_atomic,
+    write_marker,
+)
 from .packing import BestFitPacker
 from .schema import RejectedInput
 from .sources import FilteredOut, Record, SourceOptions, expand_inputs, iter_records, record_to_document
@@ -111,6 +124,40 @@ def _input_size(path: str) -> int:
     if os.path.isdir(path):
         return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
     return os.path.getsize(path)
+
+
+class InputChangedError(ValueError):
+    """An input whose content is not what the finished work of this run was made from."""
+
+
+def _feed(digest, value: Any) -> None:
+    """Feed one raw record's payload (bytes, text, JSON-like values, tar member references) to a hash,
+    length-prefixed and typed, so that different values never feed the same bytes."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        digest.update(b"b%d:" % len(value) + bytes(value))
+    elif isinstance(value, str):
+        data = value.encode("utf-8", "surrogatepass")
+        digest.update(b"s%d:" % len(data) + data)
+    elif isinstance(value, dict):
+        digest.update(b"d%d:" % len(value))
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"l%d:" % len(value))
+        for item in value:
+            _feed(digest, item)
+    else:  # numbers, None, booleans, dates of parquet rows
+        text = f"{type(value).__name__}:{value!r}".encode()
+        digest.update(b"o%d:" % len(text) + text)
+
+
+def records_digest(records: list[Record]) -> str:
+    """SHA-256 of a chunk's raw records (names, kinds and contents) as the main process read them."""
+    digest = hashlib.sha256()
+    for record in records:
+        _feed(digest, (record.name, record.kind, record.payload))
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- workers
@@ -184,7 +231,7 @@ def encode_records(records: list[Record]) -> tuple[list[tuple], bytes]:
         for data in result.images:
             source = getattr(data, "source", None)
             if source is not None:  # still on disk (an image file, a member of an uncompressed tar)
-                image_refs.append(("file",) + source)
+                image_refs.append(("file",) + source + (hashlib.sha256(data).hexdigest(),))
             else:  # inline (base64, parquet, compressed tar): kept in the chunk's blob
                 image_refs.append(("blob", len(image_blob), len(data)))
                 image_blob += data
@@ -203,9 +250,10 @@ def _write_file(path: str, write) -> None:
     os.replace(temporary, path)
 
 
-def write_chunk(work_dir: str, index: int, entries: list[tuple], image_blob: bytes) -> None:
+def write_chunk(work_dir: str, index: int, entries: list[tuple], image_blob: bytes, input_digest: str) -> None:
     """Write one chunk's work files atomically, in formats that cannot run code when read back
-    (JSON, raw bytes, numpy arrays loaded without pickle); the JSON comes last and means complete."""
+    (JSON, raw bytes, numpy arrays loaded without pickle); the JSON comes last and means complete.
+    ``input_digest``: the `records_digest` of the records the chunk was made from."""
     meta_path, img_path, arrays_path = chunk_paths(work_dir, index)
     records, tokens, losses = [], [], []
     for entry in entries:
@@ -224,14 +272,32 @@ def write_chunk(work_dir: str, index: int, entries: list[tuple], image_blob: byt
               "loss_mask": np.concatenate(losses).astype(np.uint8) if losses else np.zeros(0, np.uint8)}
     _write_file(img_path, lambda handle: handle.write(image_blob))
     _write_file(arrays_path, lambda handle: np.savez(handle, **arrays))
-    _write_file(meta_path, lambda handle: handle.write(json.dumps(records).encode()))
+    meta = {"input_digest": input_digest, "records": records}
+    _write_file(meta_path, lambda handle: handle.write(json.dumps(meta).encode()))
+
+
+def _chunk_done(work_dir: str, index: int, records: list[Record]) -> bool:
+    """Whether chunk ``index`` was written by an earlier run from exactly ``records``; InputChangedError
+    if it was written from other ones (an input changed since: reusing it would mix two versions)."""
+    meta_path = chunk_paths(work_dir, index)[0]
+    if not os.path.exists(meta_path):
+        return False
+    with open(meta_path, encoding="utf-8") as handle:
+        recorded = json.load(handle).get("input_digest")
+    if recorded != records_digest(records):
+        first, last = records[0].name, records[-1].name
+        raise InputChangedError(
+            f"the inputs changed since the interrupted run: records {first} .. {last} are not the ones its finished "
+            "work was made from (an input was edited, replaced or reordered). Put the original inputs back and run "
+            "the same command again to keep that work, or pass --overwrite to start over from the inputs as they are")
+    return True
 
 
 def read_chunk(work_dir: str, index: int) -> list[tuple]:
     """The entries of a chunk written by `write_chunk` (same shape as `encode_records` returns)."""
     meta_path, _, arrays_path = chunk_paths(work_dir, index)
     with open(meta_path, encoding="utf-8") as handle:
-        records = json.load(handle)
+        records = json.load(handle)["records"]
     with np.load(arrays_path, allow_pickle=False) as arrays:
         tokens, losses = arrays["tokens"], arrays["loss_mask"]
     entries: list[tuple] = []
@@ -256,7 +322,7 @@ def read_chunk(work_dir: str, index: int) -> list[tuple]:
 
 def encode_chunk(index: int, records: list[Record]) -> int:
     """Convert + encode one chunk and write its work files (in a worker). Returns the chunk index."""
-    write_chunk(_WORKER["work_dir"], index, *encode_records(records))
+    write_chunk(_WORKER["work_dir"], index, *encode_records(records), records_digest(records))
     return index
 
 
@@ -348,7 +414,7 @@ class _WorkerPool:
                 blob += data
         finally:
             single.shutdown(wait=True)
-        write_chunk(self.work_dir, index, entries, bytes(blob))
+        write_chunk(self.work_dir, index, entries, bytes(blob), records_digest(chunk))
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -368,21 +434,16 @@ def _chunks(records: Iterator[Record], size: int) -> Iterator[tuple[int, list[Re
 
 class _ImageSource:
     """Reads verified image bytes back: from a chunk's blob, or from the source file region the
-    worker read them from (checked unchanged). A few handles stay open, least recently used closed."""
+    worker read them from (its SHA-256 checked). A few handles stay open, least recently used closed."""
 
     def __init__(self, work_dir: str, max_open: int = 64):
         self.work_dir, self.max_open = work_dir, max_open
         self.handles: OrderedDict[Any, Any] = OrderedDict()
 
-    def _handle(self, key, path: str, expected: tuple[int, int] | None = None):
+    def _handle(self, key, path: str):
         handle = self.handles.pop(key, None)
         if handle is None:
             handle = open(path, "rb")
-            if expected is not None:
-                stat = os.fstat(handle.fileno())
-                if (stat.st_size, stat.st_mtime_ns) != expected:
-                    handle.close()
-                    raise RuntimeError(f"{path} changed while this pack run was under way; rerun with --overwrite")
             if len(self.handles) >= self.max_open:
                 self.handles.popitem(last=False)[1].close()
         self.handles[key] = handle
@@ -391,13 +452,20 @@ class _ImageSource:
     def read(self, chunk: int, ref: tuple) -> bytes:
         if ref[0] == "blob":
             _, offset, length = ref
-            handle = self._handle(chunk, chunk_paths(self.work_dir, chunk)[1])
-        else:
-            _, path, offset, length, size, mtime_ns = ref
-            handle = self._handle(path, path, (size, mtime_ns))
-        data = os.pread(handle.fileno(), length, offset)
-        if len(data) != length:
-            raise RuntimeError(f"short read of an image ({len(data)} of {length} bytes at {ref}); rerun with --overwrite")
+            data = os.pread(self._handle(chunk, chunk_paths(self.work_dir, chunk)[1]).fileno(), length, offset)
+            if len(data) != length:
+                raise RuntimeError(f"short read of an image ({len(data)} of {length} bytes at {ref}); rerun with --overwrite")
+            return data
+        _, path, offset, length, *_, sha256 = ref
+        try:
+            data = os.pread(self._handle(path, path).fileno(), length, offset)
+        except OSError:  # gone, or no longer readable
+            data = b""
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise InputChangedError(
+                f"{path} changed after this pack run read it (the {length} bytes at offset {offset} are not the "
+                "image it encoded). Put the original file back and run the same command again: the finished work "
+                "is kept. To pack the file as it is now, start over with --overwrite")
         return data
 
     def close(self) -> None:
@@ -489,21 +557,8 @@ class _Accounting:
 
 def _work_state(config: PackConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
     # The chunk size shapes the work files but not the output, so it is not in the output fingerprint.
-    return {"fingerprint": fingerprint, "chunk_size": config.chunk_size}
-
-
-def _lock_output(work_dir: str):
-    """Hold an exclusive lock on the run (released by the OS even on kill -9)."""
-    import fcntl
-
-    handle = open(os.path.join(work_dir, "lock"), "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise FileExistsError(f"another solo-data pack is running on {os.path.dirname(work_dir)}; "
-                              "wait for it (two runs must never write the same files)") from None
-    return handle
+    # work_format 2: chunks record their input digest (work files of an older run are redone).
+    return {"fingerprint": fingerprint, "chunk_size": config.chunk_size, "work_format": 2}
 
 
 def _read_json_or_none(path: str) -> Any:
@@ -515,13 +570,11 @@ def _read_json_or_none(path: str) -> Any:
 
 
 def _prepare_output(config: PackConfig, fingerprint: dict[str, Any]) -> str | None:
-    """Check the output folder; returns 'complete' if this exact run already finished there.
-
-    The folder must lie outside every input (checked even without --overwrite: a rerun resumes in
-    place); --overwrite replaces only an earlier `solo-data pack` output (its marker), see solo.outputs.
+    """Check the output folder (under the run's lock); returns 'complete' if this exact run already
+    finished there. --overwrite replaces only an earlier `solo-data pack` output (its marker), see
+    solo.outputs.
     """
     output, work_dir = config.output, os.path.join(config.output, WORK_DIR)
-    check_outside_inputs(output, _input_paths(config))
     state_path = os.path.join(work_dir, "state.json")
     state = _work_state(config, fingerprint)
     exists = os.path.isdir(output) and bool(os.listdir(output))
@@ -574,20 +627,18 @@ def run_pack(config: PackConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.tokenizer)
     DocumentEncoder(tokenizer, config.encode)  # validates vision tokens and options up front
     fingerprint = run_fingerprint(config, tokenizer)
-    if _prepare_output(config, fingerprint) == "complete":
-        with open(os.path.join(config.output, REPORT_FILE), encoding="utf-8") as handle:
-            report = json.load(handle)
-        print(f"{config.output} is already complete ({report['packs']} packs); nothing to do", file=sys.stderr)
-        return report
-    work_dir = os.path.join(config.output, WORK_DIR)
-    lock = _lock_output(work_dir)
-    try:
+    check_outside_inputs(config.output, _input_paths(config))
+    with output_lock(config.output, COMMAND):  # before the folder is looked at, let alone changed
+        if _prepare_output(config, fingerprint) == "complete":
+            with open(os.path.join(config.output, REPORT_FILE), encoding="utf-8") as handle:
+                report = json.load(handle)
+            print(f"{config.output} is already complete ({report['packs']} packs); nothing to do", file=sys.stderr)
+            return report
+        work_dir = os.path.join(config.output, WORK_DIR)
         if config.source.image_index:  # the URL → image index, built once for all workers
             config.source = replace(config.source,
                                     image_index_db=build_image_index(config.source.image_index, work_dir))
         return _run_locked(config, tokenizer, fingerprint, work_dir)
-    finally:
-        lock.close()
 
 
 def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work_dir: str) -> dict[str, Any]:
@@ -719,14 +770,14 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
         if config.workers == 1:
             _init_worker(*init_args)
             for index, chunk in _chunks(records, config.chunk_size):
-                if not os.path.exists(chunk_paths(work_dir, index)[0]):
+                if not _chunk_done(work_dir, index, chunk):
                     encode_chunk(index, chunk)
                 consume(index)
         else:
             workers = _WorkerPool(config.workers, init_args, work_dir)
             try:
                 for index, chunk in _chunks(records, config.chunk_size):
-                    done = os.path.exists(chunk_paths(work_dir, index)[0])
+                    done = _chunk_done(work_dir, index, chunk)
                     pending.append([index, None, None] if done else [index, chunk, workers.submit(index, chunk)])
                     while len(pending) > 2 * config.workers or (pending and pending[0][2] is None):
                         consume(workers.wait(pending))

@@ -1,16 +1,17 @@
 """Pretraining checkpoints: megatron-core ``torch_dist`` dist-checkpoints, written atomically
 (``iter_N.tmp`` renamed into place, then ``latest`` pointed at it), the last N kept.
 
-Every checkpoint gets a completeness marker (``solo_complete.json``: its files and their sizes),
-written last, before the rename. Resume (``restore``) loads model, optimizer, schedule, RNG and
-data position from the newest checkpoint in ``checkpoint.save`` that verifies (marker present,
-every file there at its size, metadata and common state readable); a newer one that does not is
+Every checkpoint gets a completeness marker (``solo_complete.json``: its files with their sizes and
+SHA-256, see solo.checkpoints), written last, before the rename. Resume (``restore``) loads model,
+optimizer, schedule, RNG and data position from the newest checkpoint in ``checkpoint.save`` that
+verifies (marker present, every file there at its size and checksum, metadata and common state
+readable); a newer one that does not is
 skipped with a warning naming it and why, and when none verifies the run stops with one message.
 A new stage starts from ``checkpoint.init_from`` (verified the same way) with its schedule reset.
 A resumed run keeps the LR schedule it was started with, even if the recipe's length or LRs
 changed since (it warns, and says how to restart the schedule on purpose).
-A run holds a lock on ``checkpoint.save`` (released by the OS when it dies, so a crashed run never
-blocks its restart): a second live run on the same directory is refused.
+A run holds the lock on ``checkpoint.save`` (solo.outputs.output_lock; released by the OS when it
+dies, so a crashed run never blocks its restart): a second live run on the same directory is refused.
 
 Checkpoint directories are trusted input: megatron-core and torch unpickle parts of them on load
 (``common.pt``, the ``.metadata`` of torch.distributed.checkpoint), like any PyTorch checkpoint.
@@ -47,19 +48,22 @@ from megatron_patch.config import Config, ConfigError
 # Directory naming, the 'latest' pointer, atomic publication and pruning are shared with SFT.
 from solo.checkpoints import (  # noqa: F401  (names kept importable from here)
     CKPT_PREFIX,
+    COMPLETE_FILE,
     LATEST_FILE,
     iteration_dir as _iter_dir,
     iterations as _iterations,
+    newest_valid,
     prepare_tmp_dir,
     publish_checkpoint,
     read_latest,
+    verify_complete_marker,
+    write_complete_marker,
 )
 from solo.hf_checkpoint import CheckpointError  # noqa: F401  (one error type for every checkpoint problem)
 
 logger = logging.getLogger("megatron_patch.checkpointing")
 
-COMPLETE_FILE = "solo_complete.json"
-LOCK_FILE = ".solo-train.lock"
+TRAIN_COMMAND = "python -m megatron_patch.train"
 TOKENIZER_DIR = "tokenizer"  # beside the iter_* directories, in converted and training SAVE_DIRs
 
 
@@ -73,41 +77,15 @@ def unwrap(model):
 # ----------------------------------------------------------------------------------------------
 
 
-def write_complete_marker(ckpt_dir: str) -> None:
-    """List every file of a written checkpoint with its size; written last, so it means complete."""
-    from solo.outputs import write_json_atomic
-
-    files = {}
-    for root, _, names in os.walk(ckpt_dir):
-        for name in names:
-            path = os.path.join(root, name)
-            files[os.path.relpath(path, ckpt_dir)] = os.path.getsize(path)
-    write_json_atomic(os.path.join(ckpt_dir, COMPLETE_FILE), {"files": files})
-    for name in files:  # on disk before the marker makes the checkpoint count
-        with open(os.path.join(ckpt_dir, name), "rb") as fh:
-            os.fsync(fh.fileno())
-
-
 def verify_checkpoint(ckpt_dir: str) -> Optional[str]:
-    """Why ``ckpt_dir`` cannot be loaded, or None if it verifies (cheap checks, no tensor reads)."""
-    import json
-
+    """Why ``ckpt_dir`` cannot be loaded, or None if it verifies (every file's checksum, then its
+    metadata and common state; no tensor is deserialised)."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint import FileSystemReader
 
-    if not os.path.isdir(ckpt_dir):
-        return "the directory is missing"
-    try:
-        with open(os.path.join(ckpt_dir, COMPLETE_FILE), encoding="utf-8") as fh:
-            files = json.load(fh)["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"no readable {COMPLETE_FILE} (the save did not finish)"
-    for name, size in files.items():
-        path = os.path.join(ckpt_dir, name)
-        if not os.path.isfile(path):
-            return f"{name} is missing"
-        if os.path.getsize(path) != size:
-            return f"{name} has {os.path.getsize(path)} bytes, {size} were written (truncated or changed)"
+    reason = verify_complete_marker(ckpt_dir)
+    if reason is not None:
+        return reason
     try:
         FileSystemReader(ckpt_dir).read_metadata()
         common = dist_checkpointing.load_common_state_dict(ckpt_dir)
@@ -120,20 +98,7 @@ def verify_checkpoint(ckpt_dir: str) -> Optional[str]:
 
 def _newest_valid(save: str) -> tuple[Optional[int], list[str]]:
     """The newest verifying checkpoint of ``save`` and what was skipped on the way (rank 0 only)."""
-    skipped = []
-    latest = read_latest(save)
-    latest_path = os.path.join(save, LATEST_FILE)
-    if latest is None and os.path.exists(latest_path):
-        skipped.append(f"{latest_path}: not an iteration number")
-    iterations = _iterations(save)
-    if latest is not None and latest not in iterations:
-        skipped.append(f"{_iter_dir(save, latest)} (named in {LATEST_FILE}): the directory is missing")
-    for iteration in iterations:
-        reason = verify_checkpoint(_iter_dir(save, iteration))
-        if reason is None:
-            return iteration, skipped
-        skipped.append(f"{_iter_dir(save, iteration)}: {reason}")
-    return None, skipped
+    return newest_valid(save, verify_checkpoint)
 
 
 def _agree(value):
@@ -168,49 +133,34 @@ def find_resume_checkpoint(save: Optional[str]) -> Optional[int]:
 
 
 class SaveDirLock:
-    """An exclusive lock on a save directory for the whole run, held by rank 0 (collective).
-
-    flock is released by the OS when the holder dies, so the lock of a crashed run never blocks.
-    """
+    """The lock on a save directory for the whole run (solo.outputs.output_lock, the one rule of
+    every output), held by rank 0 (collective); released when the run ends or dies."""
 
     def __init__(self, save: Optional[str]):
-        self.handle = None
+        from contextlib import ExitStack
+
+        from solo.outputs import OutputError, output_lock
+
+        self.stack = ExitStack()
         error = None
         if save and dist.get_rank() == 0:
             try:  # any failure here is reported on every rank, never left as a rank-0 traceback
-                error = self._acquire(save)
+                self.stack.enter_context(output_lock(save, TRAIN_COMMAND))
+                os.makedirs(save, exist_ok=True)
+            except OutputError as exc:
+                error = f"checkpoint.save {exc}"
             except OSError as exc:
                 error = f"checkpoint.save {save} cannot be written ({exc}); choose a writable directory"
         error = _agree(error)
         if error:
+            self.release()
             raise CheckpointError(error)
 
-    def _acquire(self, save: str) -> Optional[str]:
-        """Take the lock (returns None) or say who holds it."""
-        import fcntl
-        import socket
-
-        os.makedirs(save, exist_ok=True)
-        handle = open(os.path.join(save, LOCK_FILE), "a+", encoding="utf-8")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read(200).strip() or "another process"
-            handle.close()
-            return (f"checkpoint.save {save} is in use by a running training ({holder}); two runs must "
-                    "not share a save directory: stop that run or choose another checkpoint.save")
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        self.handle = handle
-        return None
-
     def release(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
+        self.stack.close()
+
+    def __del__(self) -> None:  # train() holds it in a local: freed when train() returns
+        self.release()
 
 
 def _topology() -> Dict[str, int]:

@@ -221,7 +221,13 @@ def _demo(args: argparse.Namespace) -> int:
 
         config = dataclasses.replace(config, blank_images=True)
     out = args.out or ("runs/demo" + ("-fast" if args.fast else "") + ("-blank" if args.blank_images else ""))
-    return run_demo(out, config, until=args.until)
+    from solo.outputs import OutputError
+
+    try:
+        return run_demo(out, config, until=args.until)
+    except OutputError as error:
+        print(f"solo demo: error: {error}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:

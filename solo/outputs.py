@@ -1,9 +1,15 @@
 """The one place that writes outputs safely, for every command (`solo create`, conversion, SFT
-exports, `solo-data pack`, checkpoints):
+exports, `solo-data pack`, `solo demo`, checkpoints):
 
+- ``output_lock``: the one output-directory rule: a command takes an exclusive lock on its output
+  (``.NAME.lock`` beside it, so it survives the output being replaced) *before* it reads, creates,
+  replaces or deletes anything there; a second run on the same output is refused untouched. The
+  OS releases the lock when its holder dies (kill -9), so a crash never blocks the rerun.
 - ``atomic_output_dir``: a directory appears complete or not at all (written into a hidden sibling,
-  renamed into place at the end); a failed or killed run never leaves one that looks complete.
-- ``check_output_dir`` (= ``check_outside_inputs`` + ``check_replaceable``): ``--overwrite`` replaces only a previous output of the same command
+  renamed into place at the end, under ``output_lock``); a failed or killed run never leaves one that
+  looks complete, and the staging folders a killed run left behind are removed by the next run.
+- ``check_output_dir`` (= ``check_outside_inputs`` + ``check_replaceable``): ``--overwrite`` replaces
+  only a previous output of the same command
   (recognised by the marker file this module writes into it), never a directory that contains, or
   is inside, one of the command's inputs, and never a plain file.
 - ``write_json_atomic`` / ``write_text_atomic``: one file replaced atomically.
@@ -15,9 +21,11 @@ exports, `solo-data pack`, checkpoints):
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import stat
 import tempfile
 from contextlib import contextmanager
@@ -25,6 +33,7 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
 MARKER_FILE = ".solo-output.json"
+STAGING_INFIX, OLD_INFIX = ".tmp-", ".old-"  # hidden siblings of an output: `.NAME.tmp-XXXX`, `.NAME.old-XXXX`
 
 
 class OutputError(ValueError):
@@ -90,9 +99,101 @@ def check_output_dir(
     check_replaceable(target, command)
 
 
+def claim_output_dir(out: str | os.PathLike, command: str) -> None:
+    """Make ``out`` the output a resumable ``command`` (SFT, the demo) works in: created and marked
+    when it is missing or empty, accepted when it carries that command's marker (a rerun resumes
+    there), else OutputError: a command never writes into, nor deletes from, a folder it did not
+    create. Call it under ``output_lock``."""
+    target = Path(out)
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"output {out} is a file, not a directory; choose a directory path")
+    if target.is_dir() and any(target.iterdir()):
+        marker = read_marker(target)
+        if marker is None or marker.get("command") != command:
+            made_by = f"it holds an output of `{marker.get('command')}`" if marker else "it was not created by it"
+            raise OutputError(f"{out} is not empty and is not an output of `{command}` ({made_by}); "
+                              "choose a new or empty directory")
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    write_marker(target, command)
+
+
 def write_marker(directory: str | os.PathLike, command: str, **details: Any) -> None:
     """Mark ``directory`` as an output of ``command`` (what ``check_replaceable`` looks for)."""
     write_json_atomic(os.path.join(directory, MARKER_FILE), {"command": command, **details})
+
+
+def _lock_path(out: str | os.PathLike) -> Path:
+    target = Path(out).resolve()  # one lock whatever path (relative, through a link) names the output
+    return target.parent / f".{target.name}.lock"
+
+
+@contextmanager
+def output_lock(out: str | os.PathLike, command: str) -> Iterator[None]:
+    """Hold the exclusive lock on the output ``out`` (see the module docstring) for the block.
+
+    Raises OutputError at once, having touched nothing, when another live process holds it. The lock
+    file is removed on release; a holder re-checks after locking that the file it locked is still
+    the one at the path, so a lock removed by its previous holder in between is never shared.
+    """
+    path = _lock_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read(200).strip() or "another process"
+            handle.close()
+            raise OutputError(f"{out} is in use by a running `{holder}`; two runs must never write the same "
+                              "output: wait for it to finish (or stop it), or choose another output") from None
+        try:
+            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()  # its holder removed that file while we waited for it: lock the new one
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{command} (pid {os.getpid()} on {socket.gethostname()})\n")
+        handle.flush()
+        yield
+    finally:
+        try:
+            os.unlink(path)  # still holding it: nobody can have taken it since
+        finally:
+            handle.close()
+
+
+def remove_stale_staging(out: str | os.PathLike, command: str) -> None:
+    """Remove the staging folders that killed runs of ``command`` left beside ``out`` (call it under
+    ``output_lock``). Only folders carrying this module's marker for ``command`` are touched; an old
+    output a kill left parked (replaced half-way) is moved back into place if ``out`` is missing."""
+    target = Path(out).resolve()
+    if not target.parent.is_dir():
+        return
+    for entry in target.parent.iterdir():
+        if not entry.name.startswith(f".{target.name}.") or entry.is_symlink() or not entry.is_dir():
+            continue
+        rest = entry.name[len(target.name) + 1:]
+        if rest.startswith(STAGING_INFIX):
+            owner = entry
+        elif rest.startswith(OLD_INFIX) and [child.name for child in entry.iterdir()] == [target.name]:
+            owner = entry / target.name
+            if not (owner / MARKER_FILE).is_file():
+                continue
+            if not os.path.lexists(target):  # killed between the two renames: put the old output back
+                os.replace(owner, target)
+                entry.rmdir()
+                continue
+        else:
+            continue
+        marker = read_marker(owner)
+        if marker is not None and marker.get("command") == command:
+            shutil.rmtree(entry)
 
 
 @contextmanager
@@ -101,40 +202,52 @@ def atomic_output_dir(
 ) -> Iterator[Path]:
     """Yield a staging directory; on success it gets the marker and replaces ``out`` atomically.
 
-    On any failure (including KeyboardInterrupt) the staging directory is removed and ``out`` is left
-    as it was. Disk-full errors are re-raised as OutputError with the path and what to do.
+    All of it runs under ``output_lock``. On any failure (including KeyboardInterrupt) the staging
+    directory is removed and ``out`` is left as it was. Disk-full errors are re-raised as
+    OutputError with the path and what to do.
     """
     inputs = list(inputs)
-    check_output_dir(out, command=command, inputs=inputs, overwrite=overwrite)
+    check_outside_inputs(out, inputs)
     target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield staging
-        write_marker(staging, command)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
-        if target.exists():
-            check_output_dir(out, command=command, inputs=inputs, overwrite=overwrite)  # still ours?
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if is_disk_full(exc):
-            raise OutputError(no_space_message(target.parent)) from exc
-        raise
+    with output_lock(out, command):
+        remove_stale_staging(out, command)  # first: it may put back an output a kill left parked
+        check_output_dir(out, command=command, inputs=inputs, overwrite=overwrite)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_INFIX}", dir=target.parent))
+        try:
+            write_marker(staging, command)  # first: a killed run's staging folder is recognised as ours
+            yield staging
+            write_marker(staging, command)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}{OLD_INFIX}", dir=target.parent))
+                os.replace(target, old / target.name)
+                os.replace(staging, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, target)
+        except BaseException as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if is_disk_full(exc):
+                raise OutputError(no_space_message(target.parent)) from exc
+            raise
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC, also as writers outside Python's I/O report it (safetensors: "... (os error 28)")."""
-    if isinstance(exc, OSError):
-        return exc.errno == errno.ENOSPC
-    return type(exc).__name__ == "SafetensorError" and f"(os error {errno.ENOSPC})" in str(exc)
+def is_disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC anywhere in the chain of ``exc``, also as writers outside Python's I/O report it
+    (safetensors: "... (os error 28)"; megatron-core's checkpoint writers re-raise a worker's OSError
+    as text: "Worker failure: [Errno 28] No space left on device")."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        text = str(exc)
+        if f"(os error {errno.ENOSPC})" in text or f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def no_space_message(path: str | os.PathLike) -> str:

@@ -123,16 +123,6 @@ def test_kill_9_then_rerun_is_byte_identical(source, reference, tmp_path):
     assert len(PackedReader(output)) == report["packs"]
 
 
-def test_two_runs_never_write_the_same_output(tmp_path):
-    from data_prep.pack import _lock_output
-
-    first = _lock_output(str(tmp_path))
-    with pytest.raises(FileExistsError, match="another solo-data pack is running"):
-        _lock_output(str(tmp_path))
-    first.close()  # released (the OS also releases it when the holder is killed)
-    _lock_output(str(tmp_path)).close()
-
-
 def test_writer_resumes_from_a_checkpoint_with_later_writes_discarded(tmp_path):
     """Packs written after the last checkpoint (then a crash) are cut off and rewritten exactly once."""
     import numpy as np
@@ -260,15 +250,20 @@ def test_workers_exit_when_only_the_main_process_is_killed(source, tmp_path):
 
 
 def test_image_read_back_from_a_source_file_that_changed_is_refused(tmp_path):
-    from data_prep.pack import _ImageSource
+    import hashlib
+
+    from data_prep.pack import InputChangedError, _ImageSource
 
     image = tmp_path / "a.jpg"
     image.write_bytes(b"0123456789")
     stat = image.stat()
     source = _ImageSource(str(tmp_path))
-    ref = ("file", str(image), 2, 5, stat.st_size, stat.st_mtime_ns)
+    ref = ("file", str(image), 2, 5, stat.st_size, stat.st_mtime_ns, hashlib.sha256(b"23456").hexdigest())
     assert source.read(0, ref) == b"23456"
     source.close()
-    image.write_bytes(b"01234567890")  # the source changed between verification and writing
-    with pytest.raises(RuntimeError, match="changed while this pack run"):
-        _ImageSource(str(tmp_path)).read(0, ref)
+    for changed in (b"0123", b"0123x56789"):  # the source cut short, or changed at the same size
+        image.write_bytes(changed)
+        with pytest.raises(InputChangedError, match="changed after this pack run read it"):
+            _ImageSource(str(tmp_path)).read(0, ref)
+    image.write_bytes(b"0123456789")  # put back (a new mtime): its content is what counts
+    assert _ImageSource(str(tmp_path)).read(0, ref) == b"23456"

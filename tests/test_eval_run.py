@@ -261,3 +261,22 @@ def test_data_parallel_over_two_processes_gives_the_single_process_predictions(r
     for one, other in zip(parallel, alone):  # other batch neighbours: equal up to float rounding
         assert one.pop("scores") == pytest.approx(other.pop("scores"), abs=1e-4) and one == other
     assert (out / "results.json").read_text() == (single / "results.json").read_text()
+
+
+def test_a_resumed_run_predicts_only_the_samples_left(random_model, task, tmp_path, capsys):
+    """The finished predictions of an interrupted run are kept, never predicted again (a resume that
+    re-predicted everything would give the same results.json, only slower: this catches it)."""
+    args = ["eval", "--model", str(random_model), "--benchmark", "mc", "--data", str(task), "--out", str(tmp_path / "out"),
+            "--limit", "6", "--batch-size", "2", "--max-new-tokens", "4"]
+    assert solo_main(args) == 0
+    reference = _lines(tmp_path / "out" / "predictions.jsonl")
+    kept = [dict(record, kept_from_the_first_run=True) for record in reference[:4]]
+    (tmp_path / "out" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    (tmp_path / "out" / "results.json").unlink()  # as a run killed after 4 of 6 samples leaves it
+    capsys.readouterr()
+    assert solo_main(args) == 0
+    err = capsys.readouterr().err
+    assert "4 of 6 samples already predicted" in err and "rank 0: 2 samples in" in err
+    final = _lines(tmp_path / "out" / "predictions.jsonl")
+    assert final[:4] == kept  # untouched, not re-predicted
+    assert final[4:] == reference[4:]

@@ -30,7 +30,21 @@ def _truncate(path):
         handle.truncate(os.path.getsize(path) // 2)
 
 
+def _flip_middle(path):
+    """Same size, other bytes in the middle: what a size check cannot see (bit rot, a bad copy)."""
+    with open(path, "r+b") as handle:
+        handle.seek(os.path.getsize(path) // 2)
+        data = handle.read(64)
+        handle.seek(os.path.getsize(path) // 2)
+        handle.write(bytes(255 - b for b in data))
+
+
+def _largest_shard(ckpt):
+    return max(ckpt.glob("*.distcp"), key=os.path.getsize)
+
+
 CORRUPTIONS = {
+    "a .distcp shard changed at the same size": lambda ckpt: _flip_middle(_largest_shard(ckpt)),
     "truncated .distcp": lambda ckpt: _truncate(next(ckpt.glob("*.distcp"))),
     "missing metadata": lambda ckpt: (ckpt / ".metadata").unlink(),
     "truncated common.pt": lambda ckpt: _truncate(ckpt / "common.pt"),
@@ -80,10 +94,25 @@ def test_one_resolver_for_init_from_eval_and_export(saved, tmp_path):
         resolve_checkpoint_dir(str(save / "iter_0000004"))
 
 
+def test_a_shard_changed_at_the_same_size_is_named_by_mcore_to_hf(saved, tmp_path, capsys):
+    from solo.cli import main as solo_main
+
+    save = tmp_path / "save"
+    shutil.copytree(saved, save)
+    shard = _largest_shard(save / "iter_0000004")
+    _flip_middle(shard)
+    args = ["convert", "mcore-to-hf", "--ckpt", str(save / "iter_0000004"), "--tokenizer", str(save / "tokenizer"),
+            "--out", str(tmp_path / "hf")]
+    assert solo_main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{shard.name} does not match the checksum written with it" in err
+    assert "weights_only" not in err and "Traceback" not in err and not (tmp_path / "hf").exists()
+
+
 def test_resume_falls_back_with_a_warning_and_fails_cleanly_when_nothing_is_valid(saved, tmp_path):
     save = tmp_path / "save"
     shutil.copytree(saved, save)
-    CORRUPTIONS["truncated .distcp"](save / "iter_0000004")
+    CORRUPTIONS["a .distcp shard changed at the same size"](save / "iter_0000004")
     broken = tmp_path / "broken"
     shutil.copytree(saved, broken)
     for ckpt in broken.glob("iter_*"):
@@ -116,7 +145,8 @@ def test_a_second_run_on_the_same_save_directory_is_refused_and_a_dead_runs_lock
             assert first.poll() is None and time.time() < deadline, "first run did not start training"
             time.sleep(0.1)
         second = run(save, "training.train_iters=2", expect_rc=2)
-        assert "is in use by a running training" in second.stderr and f"pid {first.pid}" in second.stderr
+        assert "is in use by a running `python -m megatron_patch.train" in second.stderr
+        assert f"pid {first.pid}" in second.stderr
         assert first.poll() is None  # the first run went on untouched
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # dies holding the lock

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from typing import Callable, Optional
 
 from solo.demo.task import TaskSizes, vocabulary_texts, write_sources
 from solo.metrics import METRICS_FILE
-from solo.outputs import write_json_atomic
+from solo.outputs import atomic_output_dir, claim_output_dir, output_lock, write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_RECIPE = REPO_ROOT / "megatron_patch" / "recipes" / "demo_cpu.yaml"
@@ -113,13 +112,14 @@ def _torchrun(nproc: int, *args: str) -> list[str]:
     return _python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args)
 
 
+COMMAND = "solo demo"
+
+
 def _atomic_dir(target: Path, make: Callable[[Path], None]) -> None:
-    """Build a directory under a temporary name and rename it into place (a crash leaves no half output)."""
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    make(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
+    """Build a directory under a temporary name and rename it into place (a crash leaves no half output);
+    it replaces only an earlier output of the demo, never a folder the demo did not write."""
+    with atomic_output_dir(target, command=COMMAND, overwrite=True) as staging:
+        make(staging)
 
 
 def build_stages(out: Path, config: DemoConfig) -> list[Stage]:
@@ -311,7 +311,6 @@ def _check_settings(out: Path, config: DemoConfig) -> None:
                 f"solo demo: {out} holds a demo run with other settings ({', '.join(differing)} differ, e.g. "
                 "--fast or --blank-images); use another --out, or delete that directory to start over")
     else:
-        out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, wanted)
 
 
@@ -321,8 +320,6 @@ def stage_names(config: DemoConfig = FULL) -> list[str]:
 
 def run_demo(out: str | os.PathLike, config: DemoConfig, until: Optional[str] = None) -> int:
     """Run (or continue) the demo in `out` up to and including stage `until` (default: all)."""
-    from solo.demo.report import write_report
-
     out = Path(out).resolve()
     stages = build_stages(out, config)
     names = [stage.name for stage in stages]
@@ -330,6 +327,14 @@ def run_demo(out: str | os.PathLike, config: DemoConfig, until: Optional[str] = 
         raise SystemExit(f"solo demo: unknown stage {until!r} for --until; stages: {', '.join(names)}")
     if until is not None:
         stages = stages[:names.index(until) + 1]
+    with output_lock(out, COMMAND):  # the whole run: a second demo on the same OUT is refused
+        claim_output_dir(out, COMMAND)  # a new or empty OUT, or an earlier demo's: never another folder
+        return _run_stages(out, stages, names, config, until)
+
+
+def _run_stages(out: Path, stages: list[Stage], names: list[str], config: DemoConfig, until: Optional[str]) -> int:
+    from solo.demo.report import write_report
+
     _check_settings(out, config)
     for sub in ("logs", "done"):
         (out / sub).mkdir(exist_ok=True)

@@ -34,9 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"solo.sft: error: {error}", file=sys.stderr)
         return 2
+    from data_prep.pack import NothingPackedError
+    from solo.hf_checkpoint import CheckpointError
+    from solo.outputs import OutputError
+
     try:
         train(cfg)
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, NothingPackedError, OutputError, CheckpointError) as error:
         print(f"solo.sft: error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:

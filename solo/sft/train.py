@@ -15,12 +15,14 @@ import math
 import os
 import signal
 import time
+from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 
 import torch
 
-from solo.checkpoints import iteration_dir, iterations, read_latest
+from solo.checkpoints import iteration_dir
 from solo.metrics import MetricsWriter
+from solo.outputs import check_output_dir, claim_output_dir, output_lock
 from solo.recipe import ConfigError
 from solo.sft import checkpoint as ckpt
 from solo.sft.data import (
@@ -33,7 +35,7 @@ from solo.sft.data import (
     plan_steps,
     read_report,
 )
-from solo.sft.export import export_hf
+from solo.sft.export import COMMAND, EXPORT_DIR, export_hf
 from solo.sft.recipe import SFTConfig
 
 logger = logging.getLogger("solo.sft")
@@ -62,6 +64,39 @@ def build_accelerator(cfg: SFTConfig):
     return accelerator
 
 
+def on_main(accelerator, function):
+    """``function()`` run by the main process only; every process returns its result, or raises the
+    error it raised (a user-facing ValueError or OSError), so no process is left waiting in a barrier."""
+    from accelerate.utils import broadcast_object_list
+
+    box = [None, None]
+    if accelerator.is_main_process:
+        try:
+            box[0] = function()
+        except (ValueError, OSError) as error:
+            box[1] = error
+    broadcast_object_list(box)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
+
+
+@contextmanager
+def hold_save_dir(accelerator, cfg: SFTConfig):
+    """For the whole run, before anything is read or written there: the lock on checkpoint.save (a
+    second run on it is refused), checkpoint.save new or a previous SFT save, and its `hf` export
+    replaceable — checked now, not after training."""
+    with ExitStack() as stack:
+        def claim() -> None:
+            save = cfg.checkpoint.save
+            stack.enter_context(output_lock(save, COMMAND))
+            claim_output_dir(save, COMMAND)
+            check_output_dir(os.path.join(save, EXPORT_DIR), command=COMMAND, inputs=[cfg.model.path], overwrite=True)
+
+        on_main(accelerator, claim)
+        yield
+
+
 def prepare_data(cfg: SFTConfig, tokenizer, accelerator) -> str:
     """The packed directory to train on: the given one, or instruction files packed into SAVE/data (main process)."""
     path = cfg.data.path
@@ -73,7 +108,8 @@ def prepare_data(cfg: SFTConfig, tokenizer, accelerator) -> str:
         if not os.path.exists(item):
             raise DataError(f"data.path: {item} does not exist (give instruction files or a packed directory)")
     output = os.path.join(cfg.checkpoint.save, DATA_DIR)
-    if accelerator.is_main_process:
+
+    def pack() -> None:
         report = pack_instruction_files(inputs, cfg.data.format, output, cfg.model.path, max_length=cfg.data.max_length,
                                         image_root=cfg.data.image_root, workers=cfg.data.workers,
                                         progress=cfg.logging.progress)
@@ -81,7 +117,8 @@ def prepare_data(cfg: SFTConfig, tokenizer, accelerator) -> str:
             kinds = ", ".join(f"{k} ×{v}" for k, v in report["rejected_by_kind"].items())
             logger.warning("%d of %d samples rejected before training (%s); each with its reason in %s/report.json",
                            report["documents_rejected"], report["documents_in"], kinds, output)
-    accelerator.wait_for_everyone()
+
+    on_main(accelerator, pack)
     return output
 
 
@@ -127,13 +164,18 @@ def _all_reduce(values: list[float], device, op=torch.distributed.ReduceOp.SUM) 
 
 def train(cfg: SFTConfig) -> dict:
     """Run (or resume) the SFT job described by `cfg`; returns a summary."""
+    accelerator = build_accelerator(cfg)
+    with hold_save_dir(accelerator, cfg):
+        return _train(cfg, accelerator)
+
+
+def _train(cfg: SFTConfig, accelerator) -> dict:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from data_prep.reader import PackedReader
     from solo.hf import SoloForCausalLM
 
-    accelerator = build_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
@@ -166,11 +208,9 @@ def train(cfg: SFTConfig) -> dict:
     is_deepspeed = accelerator.state.deepspeed_plugin is not None
 
     start_step = 0
-    # Published directories are complete by construction (renamed after every rank wrote), so the
-    # newest one stands in for an unreadable `latest` pointer.
-    latest = read_latest(cfg.checkpoint.save)
-    if latest is None and iterations(cfg.checkpoint.save):
-        latest = iterations(cfg.checkpoint.save)[0]
+    latest, skipped = on_main(accelerator, lambda: ckpt.find_resume(cfg.checkpoint.save))
+    for item in skipped if accelerator.is_main_process else []:
+        logger.warning("skipping checkpoint %s", item)
     if latest is not None:
         start_step = ckpt.load(accelerator, iteration_dir(cfg.checkpoint.save, latest), plan)
         logger.info("resumed from %s at step %d", iteration_dir(cfg.checkpoint.save, latest), start_step)
