@@ -222,7 +222,7 @@ def check_weight_shapes(
                               f"num_key_value_heads={numbers['num_key_value_heads']}")
     layers = {int(match.group(1)) for name in weights.location if (match := _LAYER_NAME.match(name))}
     count = numbers["num_hidden_layers"]
-    if layers != set(range(count)):
+    if len(layers) != count or layers != set(range(count)):  # the length first: never a set of `count` items
         held = f"layers 0..{max(layers)}" if layers and layers == set(range(len(layers))) else f"{len(layers)} layers"
         raise CheckpointError(f"{source}: config.json says num_hidden_layers={count} but the weights hold {held}; "
                               "is config.json the one of these weights?")
