@@ -124,9 +124,7 @@ def _safetensors_header(path: Path) -> tuple[Dict[str, Any], int]:
                           f"{dtype} needs {expected:,}")
         end = max(end, offsets[1])
     if 8 + length + end > size:
-        raise CheckpointError(
-            f"{path} is truncated: it should hold {8 + length + end:,} bytes but has {size:,}; copy it again"
-        )
+        raise invalid(f"it is truncated (it should hold {8 + length + end:,} bytes but has {size:,})")
     return header, 8 + length
 
 
