@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from data_prep.cli import main as solo_data
 from data_prep.reader import PackedReader
 from data_prep.synthetic import jpeg_bytes, photo_like
 from solo.cli import main as solo_main
-from solo.create import CreateError, create_solo_checkpoint
+from solo.create import create_solo_checkpoint
 from solo.hf.image_processing_solo import SoloImageProcessor
 from solo.hf.processing_solo import VISION_TOKENS, SoloProcessor, VisionTokenIds
 from solo.hf_checkpoint import CheckpointError, HFWeights, convert_hf_to_hf
