@@ -504,5 +504,7 @@ def test_shift_labels_give_the_loss_of_the_labels_they_shift(model):
         other = model(**batch, labels=labels.roll(1, dims=1)).loss
         got = model(**batch, shift_labels=shifted).loss
     assert got is not None and torch.allclose(got, expected) and not torch.allclose(got, other)
-    with pytest.raises(ValueError, match="not both"):
-        model(**batch, labels=labels, shift_labels=shifted)
+    with torch.no_grad():  # as in transformers' loss: given both, the shifted labels are the ones used
+        assert torch.allclose(model(**batch, labels=labels.roll(1, dims=1), shift_labels=shifted).loss, expected)
+    with pytest.raises(ValueError, match="shift_labels have shape"):
+        model(**batch, shift_labels=shifted[:, 1:])

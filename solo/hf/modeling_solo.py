@@ -213,13 +213,14 @@ def causal_lm_loss(
     """Next-token cross-entropy: logits at t predict labels at t+1; labels == -100 carry no loss.
 
     `shift_labels` (transformers' name, e.g. from context-parallel splitting) are labels already
-    shifted: logits at t predict `shift_labels` at t. Give `labels` or `shift_labels`, not both.
+    shifted: logits at t predict `shift_labels` at t. When given they are used (and `labels` not), as
+    transformers' causal-LM loss does.
     Returns the mean over labelled tokens, or the sum divided by `num_items_in_batch` when given
     (per-token normalisation across micro-batches, as the HF Trainer passes it). A batch without
     any labelled token gives 0 (finite, attached to the graph, zero gradient) instead of NaN.
     """
-    if (labels is None) == (shift_labels is None):
-        raise ValueError("give labels or shift_labels (labels already shifted by one), not both")
+    if labels is None and shift_labels is None:
+        raise ValueError("causal_lm_loss needs labels or shift_labels")
     if shift_labels is None:
         shift_logits = logits[:, :-1, :].float()
         shift_labels = labels[:, 1:]
@@ -283,7 +284,7 @@ class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
             labels: (B, S), shifted inside; -100 marks tokens without loss. Loss is the mean over
                 labelled tokens (0, not NaN, when there are none); pass `num_items_in_batch` to
                 divide the sum by a global token count instead. `shift_labels=` (keyword, as
-                transformers names it) gives labels already shifted instead.
+                transformers names it): labels already shifted, used instead of `labels` when given.
             logits_to_keep: if > 0, compute logits only for the last that many positions.
             return_dict: False gives the output as a tuple (loss first when there is one).
         """
@@ -314,12 +315,11 @@ class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
 
         loss = None
         if supervised:
-            given = labels if labels is not None else shift_labels
-            if tuple(given.shape) != tuple(logits.shape[:2]):
-                raise ValueError(
-                    f"{'labels' if labels is not None else 'shift_labels'} have shape {tuple(given.shape)} "
-                    f"but the sequence is {tuple(logits.shape[:2])}"
-                )
+            for name, given in (("labels", labels), ("shift_labels", shift_labels)):
+                if given is not None and tuple(given.shape) != tuple(logits.shape[:2]):
+                    raise ValueError(
+                        f"{name} have shape {tuple(given.shape)} but the sequence is {tuple(logits.shape[:2])}"
+                    )
             loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels=shift_labels)
 
         return CausalLMOutputWithPast(
