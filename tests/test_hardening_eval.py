@@ -129,3 +129,18 @@ def test_likelihood_ranks_options_by_mean_log_probability_per_token(model_dir):
         log_probs = torch.log_softmax(logits.float(), -1)[-len(reply) - 1 : -1]
         expected = log_probs.gather(-1, reply[:, None]).mean().item()
         assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_capped_read_costs_the_file_not_the_cap(tmp_path):
+    """read(n) allocates n bytes up front: a 1 GiB cap must not mean a 1 GiB buffer per small file."""
+    import tracemalloc
+
+    path = tmp_path / "task.jsonl"
+    path.write_text('{"question": "Q?"}\n')
+    tracemalloc.start()
+    try:
+        assert eval_samples.read_data_file(path, limit=1 << 30) == path.read_bytes()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024**2, f"reading a {path.stat().st_size}-byte file peaked at {peak:,} bytes"
