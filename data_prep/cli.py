@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--max-image-bytes", type=int, default=32 * 1024 * 1024, metavar="B",
                       help="reject image files larger than this (default 32 MiB)")
     pack.add_argument("--max-record-bytes", type=int, default=256 * 1024 * 1024, metavar="B",
-                      help="reject a JSONL line longer than this (a .json list may be 8x; default 256 MiB)")
+                      help="reject a JSONL line or .json list entry longer than this (default 256 MiB)")
     pack.add_argument("--window", type=int, default=16384, metavar="DOCS",
                       help="packing window in document pieces (memory bound; default 16384)")
     pack.add_argument("--chunk-size", type=int, default=256, metavar="RECORDS",

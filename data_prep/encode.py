@@ -7,7 +7,8 @@ Token layout of one document (our rule, fixing SOLO's):
   EOS. Messages are concatenated without role markers.
 * ``template="mistral"`` (SFT/chat): the Mistral-Instruct layout of ``CHAT_TEMPLATE``: BOS, then
   per turn ``[INST] {system}\\n\\n{user} [/INST]`` and `` {assistant}`` + EOS. The conversation must
-  end with an assistant turn.
+  end with an assistant turn. Consecutive messages of one role are one turn, their texts joined as
+  they are (the chat template renders them the same way, so training and inference agree).
 
 Text is text: special-token strings in it (``</s>``, ``<vpatch>``, ``<loc_5>``, …) are tokenised as
 ordinary characters (``split_special_tokens``); special and vision ids come only from this layout

@@ -79,7 +79,7 @@ class SourceOptions:
     class_map: dict[str, str] = field(default_factory=dict)  # imagenet: synset (or class index) → name
     exclude_subsets: tuple[str, ...] = ()
     max_image_bytes: int = 32 * 1024 * 1024  # also the cap of every other tar member (caption, json, cls)
-    max_record_bytes: int = 256 * 1024 * 1024  # one JSONL line; a whole .json list may be 8x this
+    max_record_bytes: int = 256 * 1024 * 1024  # one JSONL line, or one entry of a .json list
     missing_images: str = "drop"  # interleaved: an image that is not there is dropped, or rejects its document
     image_index: str | None = None  # interleaved: img2dataset output where images are found by URL
     shard: tuple[int, int] | None = None  # (I, N): read only shard I of N of the inputs (`iter_records`)
@@ -314,7 +314,7 @@ def _iter_input(input_index: int, path: str, options: SourceOptions) -> Iterator
     elif plain.endswith(".parquet"):
         yield from _iter_parquet(input_index, path, label, base_dir)
     elif plain.endswith(".json"):
-        yield from _iter_json_list(input_index, path, label, base_dir, 8 * options.max_record_bytes)
+        yield from _iter_json_list(input_index, path, label, base_dir, options.max_record_bytes)
     else:  # .jsonl and anything line-based
         yield from _iter_lines(input_index, path, label, base_dir, options.max_record_bytes)
 
@@ -375,24 +375,79 @@ def _iter_lines(input_index: int, path: str, label: str, base_dir: str, limit: i
 
 
 def _iter_json_list(input_index: int, path: str, label: str, base_dir: str, limit: int) -> Iterator[Record]:
-    try:
-        with open_maybe_compressed(path) as handle:
-            raw = read_capped(handle, limit, "JSON file")
-    except TooLargeError as error:
-        yield Record(input_index, 0, label, "error", f"{error}; split it into JSONL (one record per line)", base_dir)
-        return
-    try:
-        data = json.loads(raw.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        # The whole file is one unreadable record: it is reported, the run goes on.
-        yield Record(input_index, 0, label, "error", f"file is not valid JSON ({error})", base_dir)
-        return
-    if isinstance(data, dict):
-        data = [data]
-    for number, entry in enumerate(data):
-        ident = entry.get("id") if isinstance(entry, dict) else None
-        name = f"{label}:{number}" + (f" (id {ident})" if ident is not None else "")
-        yield Record(input_index, number, name, "object", entry, base_dir)
+    """The entries of a JSON file holding one list (or one object), parsed one entry at a time, so
+    memory holds one entry (at most `limit` bytes of text), not the whole file and its parsed form
+    (about 15x the file). Text that is not JSON, or an entry over the limit, ends the file as one
+    rejected record saying where (the entries before it are used)."""
+    decoder = json.JSONDecoder()
+    number = 0
+
+    def problem(reason: str) -> Record:
+        return Record(input_index, number, f"{label}:{number}", "error", reason, base_dir)
+
+    with open_maybe_compressed(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig") as text:
+        buffer, position, end_of_file = "", 0, False
+
+        def more() -> None:  # read at least as much again as is buffered: re-parsing stays linear
+            nonlocal buffer, position, end_of_file
+            buffer, position = buffer[position:], 0
+            chunk = text.read(max(1 << 20, len(buffer)))
+            end_of_file = not chunk
+            buffer += chunk
+
+        def next_char() -> str:  # the next non-blank character ("" at the end), not consumed
+            nonlocal position
+            while True:
+                while position < len(buffer) and buffer[position].isspace():
+                    position += 1
+                if position < len(buffer) or end_of_file:
+                    return buffer[position:position + 1]
+                more()
+
+        try:
+            first = next_char()
+            if first not in ("[", "{"):
+                yield problem("file is not valid JSON (expected a list of records or one record)")
+                return
+            single = first == "{"
+            position += 0 if single else 1
+            while True:
+                if not single:
+                    if next_char() == "]":
+                        return
+                    if number and next_char() != ",":
+                        yield problem(f"file is not valid JSON (expected ',' or ']' after entry {number - 1})")
+                        return
+                    position += 1 if number else 0
+                    next_char()
+                while True:  # an entry is taken once text follows it (a number could go on) or the file ends
+                    try:
+                        entry, end = decoder.raw_decode(buffer, position)
+                        if end < len(buffer) or end_of_file:
+                            break
+                    except json.JSONDecodeError as error:
+                        # Cut off by the buffer's end (read on), or broken where it stands (report it now).
+                        cut_off = error.pos >= len(buffer) - 16 or error.msg.startswith("Unterminated string")
+                        if end_of_file or not cut_off:
+                            yield problem(f"file is not valid JSON ({error})")
+                            return
+                    if len(buffer) - position > limit:
+                        yield problem(f"record is larger than {limit:,} bytes; the rest of the file is not read "
+                                      "(split it into JSONL, one record per line)")
+                        return
+                    more()
+                if end - position > limit:  # as an over-long JSONL line: this entry is rejected, the rest read
+                    yield problem(f"record is larger than {limit:,} bytes")
+                else:
+                    ident = entry.get("id") if isinstance(entry, dict) else None
+                    name = f"{label}:{number}" + (f" (id {ident})" if ident is not None else "")
+                    yield Record(input_index, number, name, "object", entry, base_dir)
+                position = end
+                number += 1
+                if single:
+                    return
+        except UnicodeDecodeError as error:
+            yield problem(f"file is not valid JSON ({error})")
 
 
 def _iter_parquet(input_index: int, path: str, label: str, base_dir: str) -> Iterator[Record]:

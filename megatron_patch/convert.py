@@ -41,6 +41,7 @@ from solo.hf_checkpoint import (
     CheckpointError,
     HFWeights,
     ShardWriter,
+    check_weight_shapes,
     iter_layers,
     read_solo_config,
     write_config,
@@ -129,10 +130,10 @@ def convert_hf_to_mcore(
     target_dtype = DTYPES[dtype] if dtype else None
     with atomic_output_dir(out_dir, command="solo convert hf-to-mcore", inputs=[hf_dir], overwrite=overwrite) as staging:
         vocab = len(write_processor(hf_dir, staging / TOKENIZER_DIR, "native", config))
+        check_weight_shapes(weights, config, hf_dir, vocab_rows=vocab)  # before anything sized by config.json
         model_cfg = model_config_from_hf(config, vocab, divisible_by)
         arch = architecture(model_cfg)
         rows = _padded_rows(vocab, divisible_by)
-        _check_hf_shapes(weights, config, arch, hf_dir)
         sharded: Dict[str, Any] = {}
         for mapping in MAPPINGS:
             layers = iter_layers(arch.num_layers) if mapping.per_layer else [None]
@@ -162,36 +163,6 @@ def convert_hf_to_mcore(
         write_complete_marker(str(iter_dir))  # what training's resume/init_from verification looks for
         write_text_atomic(staging / LATEST_FILE, "0")
     return Path(out_dir)
-
-
-def _check_hf_shapes(weights: HFWeights, config: Dict[str, Any], arch: Architecture, hf_dir) -> None:
-    """Every tensor the mapping needs exists with the shape config.json implies (first mismatch named)."""
-    h, kv = arch.hidden_size, arch.num_query_groups * arch.head_dim
-    expected = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
-    if "lm_head.weight" in weights or not config.get("tie_word_embeddings"):
-        expected["lm_head.weight"] = (arch.vocab_size, h)
-    per_layer = {
-        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (h, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
-        "self_attn.o_proj.weight": (h, h), "mlp.gate_proj.weight": (arch.ffn_hidden_size, h),
-        "mlp.up_proj.weight": (arch.ffn_hidden_size, h), "mlp.down_proj.weight": (h, arch.ffn_hidden_size),
-    }
-    for i in range(arch.num_layers):
-        expected.update({f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()})
-    for name, shape in expected.items():
-        if name not in weights:
-            raise CheckpointError(f"{hf_dir} has no tensor {name!r}; is it a complete SOLO checkpoint?")
-        if weights.shapes[name] != shape:
-            what = ("the tokenizer's vocabulary" if name in ("model.embed_tokens.weight", "lm_head.weight")
-                    else "config.json")
-            raise CheckpointError(
-                f"{hf_dir}: {name} has shape {weights.shapes[name]} but {what} implies {shape}"
-            )
-    if "model.embed_vision_patch.weight" not in weights:
-        raise CheckpointError(f"{hf_dir} has no model.embed_vision_patch.weight; run `solo create` on a text LLM first")
-    if weights.shapes["model.embed_vision_patch.weight"][0] != h:
-        raise CheckpointError(f"{hf_dir}: model.embed_vision_patch.weight has shape "
-                              f"{weights.shapes['model.embed_vision_patch.weight']}, expected ({h}, patch_dim)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,33 +36,26 @@ def _check_base(base: Path) -> dict:
             f"{base}: unsupported architecture model_type={model_type!r} "
             f"(architectures={config.get('architectures')}); solo create supports {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    if not any(base.glob("*.safetensors")) and not any(base.glob("pytorch_model*.bin")):
-        raise CreateError(f"{base} has no weights (*.safetensors or pytorch_model*.bin); copy the full checkpoint")
     if not any((base / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise CreateError(f"{base} has no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer files too")
-    for weights in sorted(base.glob("*.safetensors")):
-        _check_safetensors(weights)
     return config
 
 
-def _check_safetensors(path: Path) -> None:
-    """Refuse a truncated or corrupt safetensors file by name (header readable, tensors inside the file)."""
-    size = path.stat().st_size
-    problem = None
+def _check_weights(base: Path, config: dict) -> None:
+    """The base's safetensors files are complete and match config.json, before any model is built
+    (an absurd config would otherwise allocate first and fail later). Pickled ``.bin`` weights are
+    never loaded: loading a pickle runs code."""
+    from solo.hf_checkpoint import CheckpointError, HFWeights, check_weight_shapes
+
+    pickles = sorted(path.name for path in base.glob("*.bin"))
+    if pickles and not any(base.glob("*.safetensors")):
+        raise CreateError(f"{base} holds pickled weights ({pickles[0]}), which solo never loads (a pickle can run "
+                          "code); re-save the checkpoint as safetensors (save_pretrained(safe_serialization=True)) "
+                          "where you trust it")
     try:
-        with open(path, "rb") as handle:
-            header_length = int.from_bytes(handle.read(8).ljust(8, b"\xff"), "little")
-            if header_length > min(size - 8, 100 * 1024 * 1024):
-                problem = "its header is cut off or garbage"
-            else:
-                header = json.loads(handle.read(header_length))  # bounded by the check above
-                ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
-                if 8 + header_length + max(ends, default=0) > size:
-                    problem = f"it is truncated ({size:,} bytes, its header describes {8 + header_length + max(ends):,})"
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
-        problem = f"its header is unreadable ({type(error).__name__})"
-    if problem:
-        raise CreateError(f"{path} is not a valid safetensors file: {problem}; copy the checkpoint again")
+        check_weight_shapes(HFWeights(base), config, base, vision=False)
+    except CheckpointError as error:
+        raise CreateError(str(error)) from error
 
 
 @torch.no_grad()
@@ -105,10 +98,17 @@ def create_solo_checkpoint(
     from solo.tokenizer import extend_tokenizer
 
     base, out = Path(base_dir), Path(out_dir)
-    _check_base(base)
+    base_config = _check_base(base)
+    _check_weights(base, base_config)
     check_output_dir(out, command=COMMAND, inputs=[base], overwrite=overwrite)
 
-    tokenizer = extend_tokenizer(AutoTokenizer.from_pretrained(base))
+    try:
+        tokenizer = extend_tokenizer(AutoTokenizer.from_pretrained(base))
+    except (OSError, ValueError) as error:
+        raise CreateError(f"{base}: its tokenizer cannot be used ({error})") from error
+    if len(tokenizer) < base_config["vocab_size"]:
+        raise CreateError(f"{base}: the tokenizer has {len(tokenizer)} entries but the model has "
+                          f"{base_config['vocab_size']} embedding rows; is the tokenizer the model's?")
     config = SoloConfig.from_pretrained(base)
     config.architectures = ["SoloForCausalLM"]
     # The patch projection is new by design: transformers' load report would list it as MISSING
@@ -116,7 +116,8 @@ def create_solo_checkpoint(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, loading = SoloForCausalLM.from_pretrained(base, config=config, dtype="auto", output_loading_info=True)
+        model, loading = SoloForCausalLM.from_pretrained(base, config=config, dtype="auto", output_loading_info=True,
+                                                         use_safetensors=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = sorted(set(loading["missing_keys"]) - {NEW_WEIGHT})

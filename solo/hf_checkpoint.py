@@ -16,7 +16,9 @@ Both carry ``rope_theta`` at the top level (older readers look only there) and S
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -85,9 +87,13 @@ _SAFETENSORS_DTYPES = {
 
 
 def _safetensors_header(path: Path) -> tuple[Dict[str, Any], int]:
-    """Parse a safetensors header and check the file holds every byte it announces; return the
-    header and the offset where the tensor data starts."""
+    """Parse a safetensors header and check every entry (dtype, shape, offsets that match the shape)
+    and that the file holds every byte it announces; return the header and where the data starts."""
     size = path.stat().st_size
+
+    def invalid(problem: str) -> CheckpointError:
+        return CheckpointError(f"{path} is not a valid safetensors file: {problem}; copy it again")
+
     try:
         with open(path, "rb") as fh:
             (length,) = struct.unpack("<Q", fh.read(8))
@@ -95,12 +101,30 @@ def _safetensors_header(path: Path) -> tuple[Dict[str, Any], int]:
                 raise ValueError("header longer than the file")
             header = json.loads(fh.read(length))
     except (OSError, ValueError, struct.error) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({error}); copy it again") from error
-    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        raise invalid(f"its header is unreadable ({error})") from error
+    if not isinstance(header, dict):
+        raise invalid(f"its header is a JSON {type(header).__name__}, not an object of tensors")
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise invalid(f"tensor {key!r} lacks dtype, shape or data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise invalid(f"tensor {key!r} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise invalid(f"tensor {key!r} has shape {shape!r}, not a list of sizes")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise invalid(f"tensor {key!r} has data_offsets {offsets!r}, not [start, end]")
+        expected = math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize
+        if offsets[1] - offsets[0] != expected:
+            raise invalid(f"tensor {key!r} spans {offsets[1] - offsets[0]:,} bytes but shape {shape} of "
+                          f"{dtype} needs {expected:,}")
+        end = max(end, offsets[1])
     if 8 + length + end > size:
-        raise CheckpointError(
-            f"{path} is truncated: it should hold {8 + length + end:,} bytes but has {size:,}; copy it again"
-        )
+        raise invalid(f"it is truncated (it should hold {8 + length + end:,} bytes but has {size:,})")
     return header, 8 + length
 
 
@@ -139,8 +163,6 @@ class HFWeights:
             for key, entry in header.items():
                 if key == "__metadata__":
                     continue
-                if entry["dtype"] not in _SAFETENSORS_DTYPES:
-                    raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {entry['dtype']}")
                 self.location[key] = name
                 self.shapes[key] = tuple(entry["shape"])
                 start, end = entry["data_offsets"]
@@ -166,6 +188,68 @@ class HFWeights:
         if not buffer:
             return torch.empty(self.shapes[name], dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).reshape(self.shapes[name])
+
+
+_ARCH_NUMBERS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def check_weight_shapes(
+    weights: HFWeights, config: Dict[str, Any], source: str | os.PathLike, *, vocab_rows: Optional[int] = None,
+    vision: bool = True,
+) -> None:
+    """Config sanity before anything is allocated: config.json's architecture numbers are positive
+    integers, its layer count is the number of layers the files hold (checked first, so an absurd
+    ``num_hidden_layers`` costs nothing), and every tensor a Mistral/Llama decoder needs has the shape
+    those numbers imply. The first problem is named (CheckpointError).
+
+    ``vocab_rows``: the rows the embedding and LM head must have (default: config's ``vocab_size``).
+    ``vision``: whether ``model.embed_vision_patch.weight`` must be there (a SOLO checkpoint; not a base LLM).
+    """
+    numbers = {name: config.get(name) for name in _ARCH_NUMBERS}
+    numbers["num_key_value_heads"] = config.get("num_key_value_heads") or numbers["num_attention_heads"]
+    heads = numbers["num_attention_heads"]
+    numbers["head_dim"] = config.get("head_dim") or (
+        numbers["hidden_size"] // heads if type(heads) is int and heads > 0 and type(numbers["hidden_size"]) is int
+        else None)
+    for name, value in numbers.items():
+        if type(value) is not int or value < 1:
+            raise CheckpointError(f"{source}/config.json: {name} must be a positive integer, got {value!r}")
+    if heads % numbers["num_key_value_heads"]:
+        raise CheckpointError(f"{source}/config.json: num_attention_heads={heads} is not a multiple of "
+                              f"num_key_value_heads={numbers['num_key_value_heads']}")
+    layers = {int(match.group(1)) for name in weights.location if (match := _LAYER_NAME.match(name))}
+    count = numbers["num_hidden_layers"]
+    if len(layers) != count or layers != set(range(count)):  # the length first: never a set of `count` items
+        held = f"layers 0..{max(layers)}" if layers and layers == set(range(len(layers))) else f"{len(layers)} layers"
+        raise CheckpointError(f"{source}: config.json says num_hidden_layers={count} but the weights hold {held}; "
+                              "is config.json the one of these weights?")
+    h, f, dim = numbers["hidden_size"], numbers["intermediate_size"], numbers["head_dim"]
+    q, kv = heads * dim, numbers["num_key_value_heads"] * dim
+    rows = numbers["vocab_size"] if vocab_rows is None else vocab_rows
+    expected = {"model.embed_tokens.weight": (rows, h), "model.norm.weight": (h,)}
+    if "lm_head.weight" in weights or not config.get("tie_word_embeddings"):
+        expected["lm_head.weight"] = (rows, h)
+    if vision:
+        channels, patch = config.get("num_channels", 3), config.get("vision_patch_size", 32)
+        expected["model.embed_vision_patch.weight"] = (h, channels * patch * patch)
+    per_layer = {
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q), "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
+        "mlp.down_proj.weight": (h, f),
+    }
+    for i in range(count):
+        expected.update({f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()})
+    for name, shape in expected.items():
+        if name not in weights:
+            hint = ("run `solo create` on a text LLM first" if name == "model.embed_vision_patch.weight"
+                    else "is it a complete checkpoint?")
+            raise CheckpointError(f"{source} has no tensor {name!r}; {hint}")
+        if weights.shapes[name] != shape:
+            what = ("the tokenizer's vocabulary" if vocab_rows is not None and shape[0] == rows
+                    and name in ("model.embed_tokens.weight", "lm_head.weight") else "config.json")
+            raise CheckpointError(f"{source}: {name} has shape {weights.shapes[name]} but {what} implies {shape}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,6 +422,7 @@ def convert_hf_to_hf(
                 f"{hf_dir}: the tokenizer has {vocab} entries but the embedding has {rows} rows "
                 f"(config vocab_size {config.get('vocab_size')}); pass the matching --tokenizer"
             )
+        check_weight_shapes(weights, config, hf_dir, vocab_rows=vocab)
         write_config(config, staging, layout)
         for name in sorted(set(weights.location.values())) + ([INDEX_FILE] if (Path(hf_dir) / INDEX_FILE).is_file() else []):
             shutil.copyfile(Path(hf_dir) / name, staging / name)

@@ -279,7 +279,7 @@ def read_capped(handle: IO[bytes], limit: int, what: str) -> bytes:
     """Read all of ``handle`` if it holds at most ``limit`` bytes, else raise TooLargeError naming ``what``."""
     chunks, size = [], 0
     while size <= limit:  # a stream may return short reads: loop, but never past limit + 1 bytes
-        chunk = handle.read(limit + 1 - size)
+        chunk = handle.read(min(limit + 1 - size, 1 << 24))  # read(n) allocates n bytes up front
         if not chunk:
             break
         chunks.append(chunk)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import AddedToken, PreTrainedTokenizerBase
 
-from solo.hf.processing_solo import CHAT_TEMPLATE, VISION_TOKENS
+from solo.hf.processing_solo import CHAT_TEMPLATE, VISION_TOKENS, non_special_solo_tokens
 
 
 def extend_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -15,8 +15,12 @@ def extend_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerB
     yields SOLO-7B's ids (32000..33028, size 33,029). Other bases get them appended after their
     last id. Pad: the base's pad if it is not EOS, else `<unk>` (never seen in byte-fallback text,
     keeps the 33,029 layout of the released checkpoint), else a new `<pad>` token.
-    Idempotent: an already-extended tokenizer is returned unchanged (after checking its ids).
+    Idempotent: an already-extended tokenizer is returned unchanged (after checking its ids). SOLO
+    tokens it holds as ordinary tokens are made special (`non_special_solo_tokens`: text must never
+    produce their ids). Raises ValueError for a tokenizer that cannot be extended.
     """
+    if tokenizer.eos_token is None or tokenizer.bos_token is None:
+        raise ValueError("the base tokenizer must define bos_token and eos_token (Llama/Mistral style)")
     vocab = tokenizer.get_vocab()
     present = [token for token in VISION_TOKENS if token in vocab]
     if present:
@@ -27,7 +31,15 @@ def extend_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerB
             )
         ids = [vocab[token] for token in VISION_TOKENS]
         if ids != list(range(ids[0], ids[0] + len(ids))):
-            raise ValueError("tokenizer has the SOLO vision tokens but not at consecutive ids; rebuild it from the base")
+            raise ValueError("tokenizer has the SOLO vision tokens but not at consecutive ids in SOLO's order; "
+                             "rebuild it from the base")
+        ordinary = set(non_special_solo_tokens(tokenizer))
+        if ordinary:
+            tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in VISION_TOKENS
+                                  if token in ordinary], special_tokens=True)
+            if non_special_solo_tokens(tokenizer) or [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS] != ids:
+                raise ValueError("tokenizer holds the SOLO tokens as ordinary tokens and they could not be made "
+                                 "special; rebuild it from the base")
     else:
         start = len(tokenizer)
         tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in VISION_TOKENS],
@@ -41,8 +53,6 @@ def extend_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerB
             tokenizer.pad_token = tokenizer.unk_token
         else:
             tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    if tokenizer.eos_token is None or tokenizer.bos_token is None:
-        raise ValueError("the base tokenizer must define bos_token and eos_token (Llama/Mistral style)")
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.padding_side = "left"  # generation pads on the left; training code sets its own
     return tokenizer

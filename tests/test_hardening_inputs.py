@@ -273,3 +273,25 @@ def test_pack_and_processor_agree_on_a_hostile_chat(tokenizer, tokenizer_dir, tm
                    {"role": "assistant", "content": FORGERY}]
     expected = processor(processor.apply_chat_template(as_rendered), images=[image])["input_ids"][0].tolist()
     assert packed == expected
+
+
+def test_a_json_list_is_read_one_entry_at_a_time(tmp_path):
+    """A .json source costs memory per entry, not ~15x the file (the whole file and its parsed form)."""
+    import tracemalloc
+
+    from data_prep.sources import SourceOptions, iter_records
+
+    entries = [{"id": i, "conversations": [{"from": "human", "value": "q" * 4000},
+                                           {"from": "gpt", "value": f"answer {i}"}]} for i in range(3_000)]
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(entries))
+    size = path.stat().st_size
+    assert size > 10 * 1024 * 1024
+    tracemalloc.start()
+    try:
+        seen = [record.payload["id"] for record in iter_records([str(path)], SourceOptions(format="llava"))]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen == list(range(len(entries)))
+    assert peak < size / 2, f"reading a {size:,}-byte .json list peaked at {peak:,} bytes"

@@ -477,3 +477,34 @@ def test_text_llm_checkpoint_starts_a_solo_model_with_identical_text_logits(back
     with torch.no_grad():
         torch.testing.assert_close(solo_model.eval()(input_ids=text_ids).logits, text_model(text_ids).logits,
                                    atol=1e-6, rtol=0)
+
+
+def test_generation_continuing_a_cache_sees_an_image_in_the_continued_part(model):
+    """A cache of a text prefix, continued by `generate` over the rest of the prompt that holds an
+    image: the continued window's patches are the ones at its positions (not the prompt's start)."""
+    from transformers import DynamicCache
+
+    generator = torch.Generator().manual_seed(5)
+    ids, indices, patches = make_sample(generator, 6, [(2, 3)], 3)
+    prefix = 4  # text only: the image starts later, inside the continued window
+    assert all(i == -1 for i in indices[:prefix]) and any(i >= 0 for i in indices[prefix:])
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids[:prefix]]), cache=cache, use_cache=True)
+    continued = generate(model, collate([(ids, indices, patches)]), steps=4, cache=cache)
+    assert continued[0, len(ids):].tolist() == greedy_without_cache(model, (ids, indices, patches), steps=4)
+
+
+def test_shift_labels_give_the_loss_of_the_labels_they_shift(model):
+    batch = collate(mixed_samples(), padding_side="right")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    with torch.no_grad():
+        expected = model(**batch, labels=labels).loss
+        other = model(**batch, labels=labels.roll(1, dims=1)).loss
+        got = model(**batch, shift_labels=shifted).loss
+    assert got is not None and torch.allclose(got, expected) and not torch.allclose(got, other)
+    with torch.no_grad():  # as in transformers' loss: given both, the shifted labels are the ones used
+        assert torch.allclose(model(**batch, labels=labels.roll(1, dims=1), shift_labels=shifted).loss, expected)
+    with pytest.raises(ValueError, match="shift_labels have shape"):
+        model(**batch, shift_labels=shifted[:, 1:])

@@ -21,6 +21,7 @@ from solo.eval.samples import (
     multiple_choice_sample,
     parquet_files,
     parquet_split,
+    read_data_file,
     read_json_rows,
     read_rows,
     read_tsv,
@@ -97,8 +98,8 @@ def _read_mme_release(root: Path) -> list[Sample]:
             image = next((p for p in images if p.exists()), None)
             key = f"{subtask_dir.name}/{text_file.stem}"
             try:
-                lines = [line for line in text_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-            except (OSError, UnicodeDecodeError) as error:
+                lines = [line for line in read_data_file(text_file).decode("utf-8").splitlines() if line.strip()]
+            except (EvalDataError, UnicodeDecodeError) as error:
                 lines = [f"\t__unreadable__ {error}"]
             for number, line in enumerate(lines):
                 question, _, answer = line.rpartition("\t")

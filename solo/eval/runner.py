@@ -32,7 +32,7 @@ import torch
 
 from solo.eval.benchmarks import BENCHMARKS, Benchmark, load_samples
 from solo.eval.protocols import Protocol, resolve_protocol
-from solo.eval.samples import Sample
+from solo.eval.samples import MAX_IMAGE_FILE_BYTES, EvalDataError, Sample, read_data_file
 from solo.eval.score import PREDICTIONS, RESULTS, judge, record, summarize
 from solo.outputs import (
     OutputError,
@@ -87,8 +87,8 @@ def consolidate_predictions(out: Path) -> list[dict]:
     parts = sorted(out.glob("predictions.rank-*.jsonl"))
     by_row: dict[int, dict] = {}
     for path in [out / PREDICTIONS, *parts]:
-        for record in _read_records(path):
-            by_row[record["row"]] = record
+        for line in _read_records(path):
+            by_row[line["row"]] = line
     records = [by_row[row] for row in sorted(by_row)]
     write_text_atomic(out / PREDICTIONS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     for path in parts:
@@ -96,11 +96,30 @@ def consolidate_predictions(out: Path) -> list[dict]:
     return records
 
 
-def _samples_digest(samples: list[Sample]) -> str:
-    """Identity of the sample list, so a resumed run notices data that changed under it."""
+def _read_image(sample: Sample) -> bytes | None:
+    """The bytes of a sample's image (a path is read capped, regular files only); EvalDataError otherwise."""
+    if isinstance(sample.image, str):
+        return read_data_file(sample.image, MAX_IMAGE_FILE_BYTES, "image file")
+    return sample.image
+
+
+def _samples_digest(samples: list[Sample], benchmark: Benchmark, mode: str) -> str:
+    """Identity of everything a prediction depends on: each sample's question as ``mode`` puts it to the
+    model (prompt and options), its answer and its image's bytes. A resumed run whose data changed under
+    it (other questions, options or images at the same rows) does not reuse the earlier predictions."""
     digest = hashlib.sha256()
     for sample in samples:
-        digest.update(f"{sample.row}\t{sample.id}\t{sample.answer}\n".encode())
+        if mode == "generate":
+            question: Any = benchmark.prompt(sample)
+        else:
+            question = [benchmark.cloze_prompt(sample), benchmark.candidates(sample)]
+        try:
+            image = _read_image(sample)
+            image_id = hashlib.sha256(image).hexdigest() if image is not None else None
+        except EvalDataError as error:
+            image_id = str(error)  # reported when the sample is predicted
+        fields = [sample.row, sample.id, sample.answer, sample.error, sample.groups, sample.image_key, question, image_id]
+        digest.update(json.dumps(fields, sort_keys=True).encode() + b"\n")
     return digest.hexdigest()
 
 
@@ -256,9 +275,9 @@ def _open_images(samples: list[Sample], image_processor) -> tuple[list[tuple[Sam
             continue
         name = sample.image if isinstance(sample.image, str) else f"image of sample {sample.id}"
         try:
-            good.append((sample, load_image(sample.image, name=name, max_pixels=image_processor.max_pixels,
+            good.append((sample, load_image(_read_image(sample), name=name, max_pixels=image_processor.max_pixels,
                                             legacy_solo7b=legacy)))
-        except ImageLoadError as error:
+        except (EvalDataError, ImageLoadError) as error:
             bad.append(record(sample, error=str(error)))
     return good, bad
 
@@ -354,7 +373,7 @@ def run_eval(
     refusal = None
     if state.is_main_process:
         try:
-            resumed = prepare_output_dir(out, settings, _samples_digest(samples), overwrite)
+            resumed = prepare_output_dir(out, settings, _samples_digest(samples, spec, mode), overwrite)
         except OutputError as error:
             refusal = str(error)
         else:
@@ -368,7 +387,7 @@ def run_eval(
         refusal = box[0]
     if refusal:
         raise OutputError(refusal)
-    done_rows = {record["row"] for record in _read_records(out / PREDICTIONS)}
+    done_rows = {line["row"] for line in _read_records(out / PREDICTIONS)}
     remaining = [s for s in samples if s.row not in done_rows]
     mine = remaining[state.process_index :: state.num_processes]
 

@@ -10,19 +10,50 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import io
 import json
 import math
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
+
+from solo.eval.scoring import LETTERS
+from solo.outputs import NotRegularFileError, TooLargeError, open_regular_file, read_capped
 
 ImageRef = str | bytes  # a file path, or the encoded image bytes
 
 
+# Whole-file reads (a JSON/JSONL question file, an MME .txt, an image): the published benchmark
+# files are far below these, and a link to /dev/zero or a runaway file stops here, not at memory's end.
+MAX_DATA_FILE_BYTES = 1024**3
+MAX_IMAGE_FILE_BYTES = 64 * 1024**2
+
+
 class EvalDataError(ValueError):
     """The benchmark data cannot be read at all (the message names the path and what to do)."""
+
+
+def open_data_file(path: str | os.PathLike, what: str = "benchmark file") -> IO[bytes]:
+    """``path`` opened for reading if it is a regular file (a FIFO would hang, a device never end)."""
+    try:
+        return open_regular_file(path, what)
+    except (OSError, NotRegularFileError) as error:
+        raise EvalDataError(f"cannot read file {path} ({getattr(error, 'strerror', None) or error})") from error
+
+
+def read_data_file(path: str | os.PathLike, limit: int | None = None, what: str = "benchmark file") -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (default ``MAX_DATA_FILE_BYTES``);
+    EvalDataError naming it otherwise."""
+    limit = MAX_DATA_FILE_BYTES if limit is None else limit
+    with open_data_file(path, what) as handle:
+        try:
+            return read_capped(handle, limit, f"{what} {path}")
+        except TooLargeError as error:
+            raise EvalDataError(f"{error}; shrink or split it") from error
+        except OSError as error:
+            raise EvalDataError(f"cannot read file {path} ({error.strerror or error})") from error
 
 
 @dataclass
@@ -110,12 +141,13 @@ def iter_parquet(path: Path) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     for file in parquet_files(path):
-        try:
-            parquet = pq.ParquetFile(file)
-        except Exception as error:  # pyarrow raises several types for a broken file
-            raise EvalDataError(f"{file} is not a readable parquet file ({error})") from error
-        for batch in parquet.iter_batches(batch_size=256):
-            yield from batch.to_pylist()
+        with open_data_file(file, "parquet file") as handle:
+            try:
+                parquet = pq.ParquetFile(handle)
+            except Exception as error:  # pyarrow raises several types for a broken file
+                raise EvalDataError(f"{file} is not a readable parquet file ({error})") from error
+            for batch in parquet.iter_batches(batch_size=256):
+                yield from batch.to_pylist()
 
 
 def read_tsv(path: Path) -> list[dict[str, Any]]:
@@ -126,7 +158,7 @@ def read_tsv(path: Path) -> list[dict[str, Any]]:
     """
     csv.field_size_limit(sys.maxsize)  # base64 images are far larger than csv's 128 KiB default
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
+        with open_data_file(path, "TSV file") as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as handle:
             rows = list(csv.DictReader(handle, delimiter="\t"))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise EvalDataError(f"cannot read the TSV {path} ({error})") from error
@@ -146,8 +178,8 @@ def read_tsv(path: Path) -> list[dict[str, Any]]:
 def read_json_rows(path: Path) -> list[Any]:
     """A JSON file's top-level value, or a JSONL file's objects (a broken line becomes an error row)."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
+        text = read_data_file(path).decode("utf-8")
+    except UnicodeDecodeError as error:
         raise EvalDataError(f"cannot read {path} ({error})") from error
     if path.suffix == ".jsonl":
         rows: list[Any] = []
@@ -179,7 +211,7 @@ def read_rows(path: Path) -> tuple[list[dict[str, Any]], str]:
 def letter_columns(row: dict[str, Any]) -> list[str]:
     """The option texts of a VLMEvalKit row (columns A, B, C, … up to the first empty one)."""
     options = []
-    for letter in "ABCDEFGHIJKLMNOPQRSTUVWXYZ":
+    for letter in LETTERS:
         value = row.get(letter)
         if is_missing(value):
             break
@@ -194,7 +226,7 @@ def answer_letter(answer: Any, count: int) -> str:
     text = str(answer).strip()
     if text.isdigit():
         index = int(text)
-    elif len(text) == 1 and text.upper() in "ABCDEFGHIJKLMNOPQRSTUVWXYZ":
+    elif len(text) == 1 and text.upper() in LETTERS:
         index = ord(text.upper()) - ord("A")
     else:
         raise ValueError(f"answer {text!r} is neither an option letter nor an option index")
@@ -225,6 +257,8 @@ def multiple_choice_sample(
         sample.question = str(question).strip()
         if not isinstance(options, (list, tuple)) or len(options) < 2 or any(is_missing(o) for o in options):
             raise ValueError(f"options must be a list of at least 2 non-empty texts, got {options!r}")
+        if len(options) > len(LETTERS):
+            raise ValueError(f"{len(options)} options, but only {len(LETTERS)} can be labelled A-Z")
         sample.options = [str(option).strip() for option in options]
         sample.answer = answer_letter(answer, len(sample.options))
         if image is None or is_missing(image):

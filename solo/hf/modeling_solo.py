@@ -207,16 +207,26 @@ class SoloModel(SoloPreTrainedModel, MistralModel):
 
 
 def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+    logits: torch.Tensor, labels: torch.Tensor | None, num_items_in_batch: int | torch.Tensor | None = None,
+    *, shift_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy: logits at t predict labels at t+1; labels == -100 carry no loss.
 
+    `shift_labels` (transformers' name, e.g. from context-parallel splitting) are labels already
+    shifted: logits at t predict `shift_labels` at t. When given they are used (and `labels` not), as
+    transformers' causal-LM loss does.
     Returns the mean over labelled tokens, or the sum divided by `num_items_in_batch` when given
     (per-token normalisation across micro-batches, as the HF Trainer passes it). A batch without
     any labelled token gives 0 (finite, attached to the graph, zero gradient) instead of NaN.
     """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
+    if labels is None and shift_labels is None:
+        raise ValueError("causal_lm_loss needs labels or shift_labels")
+    if shift_labels is None:
+        shift_logits = logits[:, :-1, :].float()
+        shift_labels = labels[:, 1:]
+    else:
+        shift_logits = logits.float()
+    shift_labels = shift_labels.to(shift_logits.device)
     total = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]),
         shift_labels.reshape(-1),
@@ -273,13 +283,16 @@ class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
             position_ids, past_key_values (alias `cache`), inputs_embeds, use_cache: as in Mistral.
             labels: (B, S), shifted inside; -100 marks tokens without loss. Loss is the mean over
                 labelled tokens (0, not NaN, when there are none); pass `num_items_in_batch` to
-                divide the sum by a global token count instead.
+                divide the sum by a global token count instead. `shift_labels=` (keyword, as
+                transformers names it): labels already shifted, used instead of `labels` when given.
             logits_to_keep: if > 0, compute logits only for the last that many positions.
             return_dict: False gives the output as a tuple (loss first when there is one).
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
         cache = _merge_cache_arguments(past_key_values, cache)
-        if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        supervised = labels is not None or shift_labels is not None
+        if supervised and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("labels need logits for every position; do not combine them with logits_to_keep")
         outputs = self.model(
             input_ids=input_ids,
@@ -301,12 +314,13 @@ class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
             logits = self.lm_head(hidden_states[:, logits_to_keep, :])
 
         loss = None
-        if labels is not None:
-            if tuple(labels.shape) != tuple(logits.shape[:2]):
-                raise ValueError(
-                    f"labels have shape {tuple(labels.shape)} but the sequence is {tuple(logits.shape[:2])}"
-                )
-            loss = causal_lm_loss(logits, labels, num_items_in_batch)
+        if supervised:
+            for name, given in (("labels", labels), ("shift_labels", shift_labels)):
+                if given is not None and tuple(given.shape) != tuple(logits.shape[:2]):
+                    raise ValueError(
+                        f"{name} have shape {tuple(given.shape)} but the sequence is {tuple(logits.shape[:2])}"
+                    )
+            loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels=shift_labels)
 
         return CausalLMOutputWithPast(
             loss=loss,

@@ -33,7 +33,10 @@ VISION_TOKENS = (VISION_START, VISION_PATCH, VISION_ROW_SEP, VISION_FRAME_SEP, V
 IMAGE_PLACEHOLDER = "<image>"
 
 # Mistral-Instruct turns; an image item renders as the `<image>` placeholder, which the processor
-# expands into the same `<vision> … </vision>` block that pretraining uses.
+# expands into the same `<vision> … </vision>` block that pretraining uses. Consecutive messages of
+# one role are ONE turn, their contents joined as they are: the rule `solo-data pack` applies too
+# (data_prep.encode: consecutive segments of one role form one message), so training and inference
+# see the same tokens. A system text goes, followed by a blank line, into the next user turn.
 CHAT_TEMPLATE = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{ content }}"
@@ -46,14 +49,36 @@ CHAT_TEMPLATE = (
     "{{- bos_token -}}"
     "{%- set ns = namespace(system='') -%}"
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{%- set ns.system = render(message['content']) ~ '\n\n' -%}"
-    "{%- elif message['role'] == 'user' -%}[INST] {{ ns.system }}{{ render(message['content']) }} [/INST]"
-    "{%- set ns.system = '' -%}"
-    "{%- elif message['role'] == 'assistant' -%}{{ ' ' ~ render(message['content']) ~ eos_token }}"
+    "{%- set previous = loop.previtem['role'] if not loop.first else '' -%}"
+    "{%- set following = loop.nextitem['role'] if not loop.last else '' -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- set ns.system = (ns.system if previous == 'system' else '') ~ render(message['content']) -%}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{%- if previous != 'user' -%}{{ '[INST] ' ~ (ns.system ~ '\n\n' if ns.system else '') }}"
+    "{%- set ns.system = '' -%}{%- endif -%}"
+    "{{ render(message['content']) }}"
+    "{%- if following != 'user' -%}{{ ' [/INST]' }}{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- if previous != 'assistant' -%}{{ ' ' }}{%- endif -%}"
+    "{{ render(message['content']) }}"
+    "{%- if following != 'assistant' -%}{{ eos_token }}{%- endif -%}"
     "{%- else -%}{{ raise_exception('unknown role ' ~ message['role'] ~ '; use system, user or assistant') }}"
     "{%- endif -%}"
     "{%- endfor -%}"
 )
+
+
+def non_special_solo_tokens(tokenizer) -> list[str]:
+    """The SOLO tokens (vision and location) that ``tokenizer`` holds as ordinary added tokens.
+
+    The tokenizer rule: SOLO tokens must be special. A non-special added token is matched in text
+    even with ``split_special_tokens``, so a caption "<vpatch> <loc_5>" would become vision and
+    location ids. ``solo.tokenizer.extend_tokenizer`` (`solo create`) makes them special; the
+    processor and `solo-data pack` refuse a tokenizer that breaks the rule.
+    """
+    solo = set(VISION_TOKENS)
+    return [token.content for token in tokenizer.added_tokens_decoder.values()
+            if token.content in solo and not token.special]
 
 
 @dataclass(frozen=True)
@@ -73,6 +98,13 @@ class VisionTokenIds:
             raise ValueError(
                 f"tokenizer lacks the SOLO vision tokens {missing}; extend it with solo.tokenizer.extend_tokenizer "
                 "or create the checkpoint with `solo create`"
+            )
+        ordinary = non_special_solo_tokens(tokenizer)
+        if ordinary:
+            raise ValueError(
+                f"tokenizer holds {len(ordinary)} SOLO token(s) as ordinary, non-special tokens (e.g. {ordinary[0]!r}): "
+                "text containing them would become vision or location ids; rebuild it with "
+                "solo.tokenizer.extend_tokenizer (or `solo create`), which makes them special"
             )
         return cls(vocab[VISION_START], vocab[VISION_PATCH], vocab[VISION_ROW_SEP], vocab[VISION_END])
 
@@ -319,16 +351,29 @@ class SoloProcessor(ProcessorMixin):
             hidden.append(value)
             return f"{_HIDE_OPEN}{len(hidden) - 1}{_HIDE_CLOSE}"
 
-        def hide_content(content):
+        def hide_content(content, number: int):
+            # Text is a string, nothing else: a dict or list rendered by the template would show
+            # its repr, in which "</s>" would become a real EOS.
             if isinstance(content, str):
                 return hide(content)
-            if isinstance(content, list):
-                return [dict(item, text=hide(item["text"])) if isinstance(item, dict) and item.get("type") == "text"
-                        and isinstance(item.get("text"), str) else item for item in content]
-            return content
+            if not isinstance(content, list):
+                raise ValueError(f"message {number}: content must be a string or a list of items, "
+                                 f"got {type(content).__name__}")
+            for item in content:
+                if not isinstance(item, dict):
+                    raise ValueError(f"message {number}: a content item must be an object such as "
+                                     f"{{'type': 'text', 'text': '...'}}, got {type(item).__name__}")
+                if item.get("type") == "text" and not isinstance(item.get("text"), str):
+                    raise ValueError(f"message {number}: the 'text' of a text item must be a string, "
+                                     f"got {type(item.get('text')).__name__}")
+            return [dict(item, text=hide(item["text"])) if item.get("type") == "text" else item for item in content]
 
-        masked = [dict(message, content=hide_content(message.get("content"))) if isinstance(message, dict) else message
-                  for message in conversation]
+        for number, message in enumerate(conversation):
+            if not isinstance(message, dict):
+                raise ValueError(f"message {number} must be an object with 'role' and 'content', "
+                                 f"got {type(message).__name__}")
+        masked = [dict(message, content=hide_content(message.get("content"), number))
+                  for number, message in enumerate(conversation)]
         skeleton = render(masked)  # the template's own text, each message text replaced by its index
         markers = {token: self.tokenizer.convert_tokens_to_ids(token)
                    for token in (self.tokenizer.bos_token, self.tokenizer.eos_token) if token}
