@@ -103,14 +103,14 @@ def _read_image(sample: Sample) -> bytes | None:
     return sample.image
 
 
-def _samples_digest(samples: list[Sample], benchmark: Benchmark, mode: str) -> str:
+def _samples_digest(samples: list[Sample], benchmark: Benchmark, rules: Protocol, mode: str) -> str:
     """Identity of everything a prediction depends on: each sample's question as ``mode`` puts it to the
     model (prompt and options), its answer and its image's bytes. A resumed run whose data changed under
     it (other questions, options or images at the same rows) does not reuse the earlier predictions."""
     digest = hashlib.sha256()
     for sample in samples:
         if mode == "generate":
-            question: Any = benchmark.prompt(sample)
+            question: Any = rules.prompt(sample)
         else:
             question = [benchmark.cloze_prompt(sample), benchmark.candidates(sample)]
         try:
@@ -373,7 +373,7 @@ def run_eval(
     refusal = None
     if state.is_main_process:
         try:
-            resumed = prepare_output_dir(out, settings, _samples_digest(samples, spec, mode), overwrite)
+            resumed = prepare_output_dir(out, settings, _samples_digest(samples, spec, rules, mode), overwrite)
         except OutputError as error:
             refusal = str(error)
         else:
