@@ -231,7 +231,7 @@ class PackedReader:
         else:
             patches = np.zeros((0, PATCH_DIM), np.uint8)
         return {"tokens": tokens, "loss_mask": loss_mask, "cu_seqlens": cu_seqlens,
-                "patches": patches, "vision_patch_indices": indices}
+                "patches": patches, "vision_patch_indices": indices, "image_layout": layout}
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return self.get(index)
