@@ -3,10 +3,12 @@ compute the same function for every combination, the masks and positions are the
 KV-cache generation equals a full forward, and the switches travel through conversion."""
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from megatron_patch import compat
 
@@ -218,3 +220,27 @@ def test_recorded_image_layout_is_checked_against_the_patches():
     shifted = dict(pack, image_layout=recorded["image_layout"] + np.array([1, 0, 0], np.int32))
     with pytest.raises(ValueError, match="image_layout does not match"):
         make_training_sample(shifted, 128, PAD)
+
+
+GOLDEN = Path(__file__).resolve().parent / "assets" / "default_switch_outputs.safetensors"
+
+
+def test_default_switches_are_bit_identical_to_the_outputs_before_them(megatron_world):
+    """SOLO's switches (causal, sequential) compute exactly what the code before the switches did
+    (commit 7945471 wrote the golden file, same tiny models and inputs): megatron-core per-token losses
+    with and without a window, the HF model's logits and its greedy tokens."""
+    from test_hf_model import collate, mixed_samples, tiny_config as hf_tiny_config
+    from test_megatron_model import per_token_losses, tiny_model
+
+    golden = load_file(str(GOLDEN))
+    batch = packed_row()
+    for window, key in ((None, "mcore_losses_full_attention"), (6, "mcore_losses_window_6")):
+        with torch.no_grad():
+            assert torch.equal(per_token_losses(tiny_model(sliding_window=window), batch), golden[key]), key
+    torch.manual_seed(0)
+    hf = SoloForCausalLM(hf_tiny_config(sliding_window=12)).eval()
+    inputs = collate(mixed_samples(), padding_side="left")
+    with torch.no_grad():
+        assert torch.equal(hf(**inputs).logits[:, -1], golden["hf_last_logits"])
+        tokens = hf.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(tokens, golden["hf_greedy_tokens"])
