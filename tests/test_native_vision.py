@@ -244,3 +244,60 @@ def test_default_switches_are_bit_identical_to_the_outputs_before_them(megatron_
         assert torch.equal(hf(**inputs).logits[:, -1], golden["hf_last_logits"])
         tokens = hf.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(tokens, golden["hf_greedy_tokens"])
+
+
+@pytest.mark.parametrize("resize_mode", ["fit", "solo"])
+def test_pack_max_patches_scales_images_down_with_exact_accounting(tmp_path, tokenizer_dir, resize_mode, capsys):
+    """--max-patches N: every image's grid is the resize rule's at a budget of N patches (aspect kept),
+    no image exceeds N, small images keep their grid; report.json counts the patches before and after,
+    and the reader decodes the packs back at the recorded (reduced) grids."""
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    from data_prep.cli import main as solo_data
+    from data_prep.reader import PackedReader
+    from solo.hf.image_processing_solo import resize_size
+
+    budget = 16
+    sizes = [(300, 200), (40, 40), (200, 330), (96, 64), (500, 90)]
+    records = []
+    for number, (width, height) in enumerate(sizes):
+        buffer = io.BytesIO()
+        pixels = np.random.default_rng(number).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        records.append(json.dumps([{"role": "assistant", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": f"picture {number}"}]}]))
+    (tmp_path / "chat.jsonl").write_text("\n".join(records) + "\n")
+    argv = ["pack", str(tmp_path / "chat.jsonl"), "--format", "chat", "--tokenizer", tokenizer_dir, "--seq-length",
+            "512", "--output", str(tmp_path / "out"), "--no-progress", "--resize-mode", resize_mode,
+            "--max-patches", str(budget)]
+    assert solo_data(argv) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+
+    def grid(size, max_patches):
+        width, height = resize_size(*size, resize_mode, max_patches)
+        return height // 32, width // 32
+
+    expected = [grid(size, budget) for size in sizes]
+    before = [rows * cols for rows, cols in (grid(size, 1024) for size in sizes)]
+    assert all(rows * cols <= budget for rows, cols in expected)
+    assert expected[1] == grid(sizes[1], 1024), "an image within the budget keeps its grid"
+    reader = PackedReader(tmp_path / "out")
+    assert reader.max_patches == budget
+    found = []
+    for index in range(len(reader)):
+        pack = reader[index]  # decodes every image at its recorded grid (checked by the reader)
+        layout = reader.image_layout(index)
+        assert pack["patches"].shape[0] == int((layout[:, 1] * layout[:, 2]).sum())
+        found += [tuple(image) for image in layout[:, 1:].tolist()]
+    assert sorted(found) == sorted(expected)
+    assert report["patches"] == sum(rows * cols for rows, cols in expected)
+    assert report["patches_before_max_patches"] == sum(before)
+    assert report["images_scaled_down"] == sum(b > r * c for b, (r, c) in zip(before, expected)) >= 3
+
+    assert solo_data(argv[:-1] + ["0"]) == 2
+    assert "--max-patches must be from 1 to 1024" in capsys.readouterr().err
