@@ -68,12 +68,17 @@ def megatron_logits(model, batch) -> torch.Tensor:
     return out.reshape(-1, out.shape[-1])[:, :VOCAB]
 
 
-def hf_logits(hf, batch) -> torch.Tensor:
+def hf_forward(hf, batch) -> torch.Tensor:
+    """The HF model's logits on a packed row (position ids restarting per document, no cache)."""
     cu = batch["cu_seqlens"].long()
     position_ids = torch.cat([torch.arange(int(n)) for n in cu[1:] - cu[:-1]])[None]
+    return hf(input_ids=batch["tokens"], position_ids=position_ids, vision_patches=batch["patches"],
+              vision_patch_indices=batch["vision_patch_indices"], use_cache=False).logits[0]
+
+
+def hf_logits(hf, batch) -> torch.Tensor:
     with torch.no_grad():
-        return hf(input_ids=batch["tokens"], position_ids=position_ids, vision_patches=batch["patches"],
-                  vision_patch_indices=batch["vision_patch_indices"], use_cache=False).logits[0]
+        return hf_forward(hf, batch)
 
 
 @pytest.mark.parametrize("backend", ["local", "flex"])
@@ -99,11 +104,12 @@ def _first_image(batch):
     return offset, first_patch, last_patch
 
 
+@pytest.mark.parametrize("backend", ["local", "flex"])
 @pytest.mark.parametrize("image_attention", ["causal", "bidirectional"])
-def test_perturbing_the_last_patch_reaches_exactly_the_allowed_tokens(megatron_world, image_attention):
+def test_perturbing_the_last_patch_reaches_exactly_the_allowed_tokens(megatron_world, image_attention, backend):
     """Last patch of an image changed: under bidirectional the image's first patch (and everything
     of the block) sees it, nothing before <vision> does; under causal nothing before the patch does."""
-    model, model_cfg = megatron_model(image_attention, "2d")
+    model, model_cfg = megatron_model(image_attention, "2d", backend)
     hf = exported_hf(model, model_cfg)
     pack = make_pack(documents())
     batch = packed_row(pack)
@@ -122,6 +128,28 @@ def test_perturbing_the_last_patch_reaches_exactly_the_allowed_tokens(megatron_w
         else:
             assert changed[0] == last_patch, changed
         assert changed[-1] < document_end, "another document saw the patch"
+
+
+def test_native_training_gradients_match_the_exported_hf_model(megatron_world):
+    """Backward through the local backend's image-block masks and 2-D rotary positions gives the HF
+    model's gradients (same summed loss over the packed row)."""
+    model, model_cfg = megatron_model("bidirectional", "2d")
+    hf = exported_hf(model, model_cfg)
+    batch = packed_row()
+    mask = batch["loss_mask"][0]
+    losses = model(input_ids=batch["tokens"], labels=batch["labels"], packed_seq_params=packed_seq_params(batch),
+                   patches=batch["patches"], vision_patch_indices=batch["vision_patch_indices"],
+                   image_layout=batch["image_layout"])
+    (losses[0] * mask).sum().backward()
+    logits = hf_forward(hf, batch)
+    theirs = torch.nn.functional.cross_entropy(logits, batch["labels"][0], reduction="none")
+    (theirs * mask).sum().backward()
+    pairs = [(model.vision_patch_projection.weight, hf.model.embed_vision_patch.weight),
+             (model.language_model.decoder.final_layernorm.weight, hf.model.norm.weight),
+             (model.language_model.decoder.layers[0].mlp.linear_fc2.weight, hf.model.layers[0].mlp.down_proj.weight)]
+    for ours, reference in pairs:
+        scale = reference.grad.abs().max().item()
+        assert scale > 0 and (ours.grad - reference.grad).abs().max().item() <= 1e-5 * max(scale, 1.0)
 
 
 @pytest.mark.parametrize("image_attention,vision_positions", SWITCHES)
