@@ -86,8 +86,6 @@ def hf_logits(hf, batch) -> torch.Tensor:
 def test_megatron_and_exported_hf_logits_agree_on_packed_rows_with_images(
     megatron_world, image_attention, vision_positions, backend
 ):
-    if backend == "flex" and (image_attention, vision_positions) == ("causal", "sequential"):
-        pytest.skip("the flex default is covered by the GPU tests")
     model, model_cfg = megatron_model(image_attention, vision_positions, backend)
     hf = exported_hf(model, model_cfg)
     assert (hf.config.image_attention, hf.config.vision_positions) == (image_attention, vision_positions)
