@@ -646,7 +646,8 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
             tokens, loss, cu, layout, origin, pack_images = [], [], [0], [], [], []
             for _, length, (piece, chunk, image_refs, piece_origin, _) in pack.items:
                 piece_tokens, piece_loss, piece_layout = piece
-                for offset, rows, cols, image_index, full_patches in piece_layout:
+                for offset, rows, cols, image_index, *full in piece_layout:
+                    full_patches = full[0] if full else rows * cols  # work files of an earlier version: no budget
                     layout.append((cu[-1] + offset, rows, cols))
                     pack_images.append(images.read(chunk, image_refs[image_index]))
                     accounting.patches += rows * cols
