@@ -154,7 +154,7 @@ def _demo(args: argparse.Namespace) -> int:
         if args.max_patches is not None:
             check_max_patches(args.max_patches)
     except ValueError as error:
-        print(f"solo demo: error: --{error}", file=sys.stderr)
+        print(f"solo demo: error: --{str(error).replace('max_patches', 'max-patches', 1)}", file=sys.stderr)
         return 2
     if args.compare is not None and not (Path(args.compare) / "demo.json").is_file():
         print(f"solo demo: error: --compare {args.compare} is not a demo output directory (no demo.json)",
