@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "else every N-th record; each shard is a complete output of its own")
     pack.add_argument("--exclude-subset", action="append", default=[], metavar="NAME",
                       help="text: drop records of this subset (meta.redpajama_set_name); repeatable")
+    pack.add_argument("--max-patches", type=int, default=None, metavar="N",
+                      help="visual-token budget of this stage: scale images down (aspect kept, the resize rule "
+                           "otherwise unchanged) so that none exceeds N patches (1-1024; default 1024, full size); "
+                           "report.json gives the patches before and after")
     pack.add_argument("--max-image-pixels", type=int, default=None, metavar="P",
                       help="reject images that decode to more pixels (default: the image processor's cap, "
                            "64 Mpx = 67108864)")
@@ -193,12 +197,18 @@ def _pack(args) -> int:
     from .pack import PackConfig, run_pack
     from .sources import SourceOptions, load_class_map
 
-    from solo.hf.image_processing_solo import DEFAULT_MAX_PIXELS, RESIZE_MODES
+    from solo.hf.image_processing_solo import DEFAULT_MAX_PIXELS, MAX_PATCHES, RESIZE_MODES, check_max_patches
 
     if args.resize_mode not in RESIZE_MODES:
         raise ValueError(f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, got {args.resize_mode!r}")
     if args.max_image_pixels is None:
         args.max_image_pixels = DEFAULT_MAX_PIXELS
+    if args.max_patches is None:
+        args.max_patches = MAX_PATCHES
+    try:
+        check_max_patches(args.max_patches)
+    except ValueError:
+        raise ValueError(f"--max-patches must be from 1 to {MAX_PATCHES} (patches per image), got {args.max_patches}") from None
     if args.format == "imagenet" and not args.class_map:
         raise ValueError("--format imagenet needs --class-map FILE (synset → class name)")
     if args.class_names and not args.class_map:
@@ -212,7 +222,8 @@ def _pack(args) -> int:
         max_record_bytes=args.max_record_bytes, missing_images=args.missing_images, image_index=args.image_index,
         shard=parse_shard(args.shard) if args.shard else None)
     encode = EncodeOptions(seq_length=args.seq_length, template=args.template, loss_on_user=args.loss_on_user,
-                           resize_mode=args.resize_mode, max_pixels=args.max_image_pixels)
+                           resize_mode=args.resize_mode, max_pixels=args.max_image_pixels,
+                           max_patches=args.max_patches)
     if args.seq_length < 8:
         raise ValueError("--seq-length must be at least 8")
     config = PackConfig(inputs=args.inputs, output=args.output, tokenizer=args.tokenizer, source=source,

@@ -42,6 +42,7 @@ import numpy as np
 
 from solo.hf.image_processing_solo import (
     DEFAULT_MAX_PIXELS,
+    MAX_PATCHES,
     ImageLoadError,
     image_tokens_count,
     load_image,
@@ -60,19 +61,22 @@ class EncodeOptions:
     loss_on_user: bool = False
     resize_mode: str = "fit"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_patches: int = MAX_PATCHES  # --max-patches: per-image patch budget (images scaled down to it)
 
     def fingerprint(self) -> dict:
+        budget = {} if self.max_patches == MAX_PATCHES else {"max_patches": self.max_patches}
         return dict(seq_length=self.seq_length, template=self.template, loss_on_user=self.loss_on_user,
-                    resize_mode=self.resize_mode, max_pixels=self.max_pixels)
+                    resize_mode=self.resize_mode, max_pixels=self.max_pixels, **budget)
 
 
 @dataclass
 class EncodedPiece:
-    """One packable unit: BOS … (EOS if last piece). `images`: (offset of <vision>, rows, cols, image index)."""
+    """One packable unit: BOS … (EOS if last piece). `images`: (offset of <vision>, rows, cols, image index,
+    patches the image would have without --max-patches)."""
 
     tokens: np.ndarray  # int32
     loss_mask: np.ndarray  # uint8
-    images: list[tuple[int, int, int, int]] = field(default_factory=list)
+    images: list[tuple[int, int, int, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -131,11 +135,14 @@ class DocumentEncoder:
         self.eos = tokenizer.eos_token_id
         self.loss_roles = {"assistant"} | ({"user"} if options.loss_on_user else set())
 
-    def image_grid(self, data: bytes, name: str) -> tuple[int, int]:
-        """Decode the image fully (so broken files are refused now) and return its patch grid."""
+    def image_grid(self, data: bytes, name: str) -> tuple[int, int, int]:
+        """Decode the image fully (so broken files are refused now) and return its patch grid (rows,
+        cols) and the patches it would have without the --max-patches budget."""
         try:
             image = load_image(data, name=name, max_pixels=self.options.max_pixels)
-            width, height = resize_size(image.width, image.height, self.options.resize_mode)
+            width, height = resize_size(image.width, image.height, self.options.resize_mode, self.options.max_patches)
+            full_width, full_height = (width, height) if self.options.max_patches == MAX_PATCHES else resize_size(
+                image.width, image.height, self.options.resize_mode)
         except ImageLoadError as error:
             raise RejectedInput(f"image {error}") from None
         except ValueError as error:  # e.g. an aspect ratio the 'solo' rule cannot handle
@@ -146,7 +153,7 @@ class DocumentEncoder:
                 f"image {name}: needs {image_tokens_count(rows, cols)} tokens; with BOS and EOS that exceeds "
                 f"--seq-length {self.options.seq_length}"
             )
-        return rows, cols
+        return rows, cols, (full_width // PATCH_SIZE) * (full_height // PATCH_SIZE)
 
     def _plan(self, document: Document) -> list[tuple]:
         """Items: ("text", str, loss) | ("ids", [ids], loss) | ("image", index_in_document)."""
@@ -217,11 +224,11 @@ class DocumentEncoder:
             position = 0
             for item in items:
                 if item[0] == "image":
-                    rows, cols = grids[item[1]]
+                    rows, cols, full_patches = grids[item[1]]
                     block = self.vision.image_block(rows, cols)
                     token_parts.append(block)
                     loss_parts.append(np.zeros(len(block), np.uint8))
-                    spans.append((position, position + len(block), rows, cols, item[1]))
+                    spans.append((position, position + len(block), rows, cols, item[1], full_patches))
                     position += len(block)
                 elif item[0] == "text":
                     ids, offsets = next(encoded_texts)
@@ -287,7 +294,7 @@ class DocumentEncoder:
             if last and tail:
                 tokens.append(np.asarray(tail, np.int64))
                 loss.append(np.ones(len(tail), np.uint8))
-            piece_images = [(1 + s - start, rows, cols, index) for s, e, rows, cols, index in spans
+            piece_images = [(1 + s - start, rows, cols, index, full) for s, e, rows, cols, index, full in spans
                             if start <= s and e <= end]
             pieces.append(EncodedPiece(np.concatenate(tokens).astype(np.int32),
                                        np.concatenate(loss).astype(np.uint8), piece_images))

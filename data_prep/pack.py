@@ -519,6 +519,8 @@ class _Accounting:
         self.images = 0
         self.image_bytes = 0
         self.patches = 0
+        self.patches_before_max_patches = 0
+        self.images_scaled_down = 0
         self.max_pack_length = 0
         self.images_dropped: dict[str, int] = {}  # interleaved images left out as missing, by reason
 
@@ -545,6 +547,8 @@ class _Accounting:
             "text_tokens": self.tokens - self.vision_tokens,
             "images": self.images,
             "patches": self.patches,
+            "patches_before_max_patches": self.patches_before_max_patches,
+            "images_scaled_down": self.images_scaled_down,
             "image_bytes": self.image_bytes,
             "images_dropped": sum(self.images_dropped.values()),
             "images_dropped_by_reason": dict(sorted(self.images_dropped.items())),
@@ -706,10 +710,13 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
             tokens, loss, cu, layout, origin, pack_images = [], [], [0], [], [], []
             for _, length, (piece, chunk, image_refs, piece_origin, _) in pack.items:
                 piece_tokens, piece_loss, piece_layout = piece
-                for offset, rows, cols, image_index in piece_layout:
+                for offset, rows, cols, image_index, *full in piece_layout:
+                    full_patches = full[0] if full else rows * cols  # work files of an earlier version: no budget
                     layout.append((cu[-1] + offset, rows, cols))
                     pack_images.append(images.read(chunk, image_refs[image_index]))
                     accounting.patches += rows * cols
+                    accounting.patches_before_max_patches += full_patches
+                    accounting.images_scaled_down += full_patches > rows * cols
                 tokens.append(piece_tokens)
                 loss.append(piece_loss)
                 cu.append(cu[-1] + length)
@@ -835,6 +842,7 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
         },
         "resize_mode": config.encode.resize_mode,
         "max_pixels": config.encode.max_pixels,
+        "max_patches": config.encode.max_patches,
         "template": config.encode.template,
         "loss_on_user": config.encode.loss_on_user,
         "source_format": config.source.format,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from typing import Optional
 
 import numpy as np
 
@@ -112,6 +113,8 @@ class PackedReader:
         self.resize_mode: str = self.metadata["resize_mode"]
         # The decoded-pixel cap the images were accepted under: a larger --max-image-pixels must read back.
         self.max_pixels: int = self.metadata["max_pixels"]
+        # The per-image patch budget (--max-patches) the grids were made under (None: packed before it existed).
+        self.max_patches: Optional[int] = self.metadata.get("max_patches")
         self.vision_patch_id: int = self.tokenizer_info["vision_patch_id"]
         self._datasets = self._image_processor = None
 
@@ -120,7 +123,8 @@ class PackedReader:
         if self._image_processor is None:
             from solo.hf.image_processing_solo import SoloImageProcessor
 
-            self._image_processor = SoloImageProcessor(resize_mode=self.resize_mode, max_pixels=self.max_pixels)
+            budget = {} if self.max_patches is None else {"max_patches": self.max_patches}
+            self._image_processor = SoloImageProcessor(resize_mode=self.resize_mode, max_pixels=self.max_pixels, **budget)
         return self._image_processor
 
     def load_tokenizer(self):
@@ -231,7 +235,7 @@ class PackedReader:
         else:
             patches = np.zeros((0, PATCH_DIM), np.uint8)
         return {"tokens": tokens, "loss_mask": loss_mask, "cu_seqlens": cu_seqlens,
-                "patches": patches, "vision_patch_indices": indices}
+                "patches": patches, "vision_patch_indices": indices, "image_layout": layout}
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return self.get(index)

@@ -451,9 +451,10 @@ def check_init_from(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.init_from: {error}") from error
     from megatron.core import dist_checkpointing
 
-    from megatron_patch.convert import ARCH_FIELDS
+    from megatron_patch.convert import ARCH_DEFAULTS, ARCH_FIELDS
 
     saved = (dist_checkpointing.load_common_state_dict(ckpt_dir).get("config") or {}).get("model") or {}
+    saved = {**ARCH_DEFAULTS, **saved} if saved else saved
     for field in ARCH_FIELDS:
         ours, theirs = getattr(cfg.model, field), saved.get(field)
         if field not in saved or (field == "vocab_size" and ours is None):

@@ -15,6 +15,15 @@ from typing import Optional
 from solo.recipe import ConfigError, load_recipe
 
 
+def native_backend_message(image_attention: str, vision_positions: str) -> str:
+    """Why Transformer Engine cannot run the native-VLM switches, and what to use instead."""
+    return (
+        f"model.image_attention={image_attention} / model.vision_positions={vision_positions} need "
+        "model.backend=flex (GPU, PyTorch flex_attention) or local (CPU): Transformer Engine's packed THD "
+        "attention is causal per document with sequential RoPE and cannot express image blocks or 2-D positions"
+    )
+
+
 @dataclass
 class ModelConfig:
     """Mistral/Llama-style decoder; defaults are Mistral-7B's."""
@@ -39,6 +48,10 @@ class ModelConfig:
     attention_dropout: float = 0.0
     # auto: te on a GPU with Transformer Engine, else flex (PyTorch flex_attention) on a GPU, else local (CPU).
     backend: str = "auto"  # auto | te | flex | local
+    # Native-VLM switches (solo/hf/native_vision.py has the exact rules); SOLO's are the defaults.
+    # Either non-default needs backend flex (GPU) or local (CPU): Transformer Engine cannot express them.
+    image_attention: str = "causal"  # causal | bidirectional (an image block's tokens see each other)
+    vision_positions: str = "sequential"  # sequential | 2d (rotary row/column sections for patches)
 
 
 @dataclass
@@ -165,6 +178,15 @@ def validate(cfg: Config) -> None:
         )
     if m.backend not in ("auto", "te", "flex", "local"):
         raise ConfigError(f"model.backend must be auto, te, flex or local; got {m.backend!r}")
+    if (m.image_attention, m.vision_positions) != (ModelConfig.image_attention, ModelConfig.vision_positions):
+        from solo.hf.native_vision import check_switches  # the choices, declared once (imports torch)
+
+        try:
+            check_switches(m.image_attention, m.vision_positions, where="model.")
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        if m.backend == "te":
+            raise ConfigError(native_backend_message(m.image_attention, m.vision_positions))
     if p.overlap_param_gather and not o.use_distributed_optimizer:
         raise ConfigError("parallel.overlap_param_gather needs optimizer.use_distributed_optimizer=true")
     if (t.train_iters is None) == (t.train_tokens is None):

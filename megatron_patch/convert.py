@@ -53,7 +53,9 @@ from solo.processes import free_local_port
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # ModelConfig fields that define the architecture (what the checkpoint carries and training checks).
 ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-               "vocab_size", "rope_theta", "rms_norm_eps", "sliding_window")
+               "vocab_size", "rope_theta", "rms_norm_eps", "sliding_window", "image_attention", "vision_positions")
+# Architecture fields added later, with the value a checkpoint that lacks them was trained with (SOLO's).
+ARCH_DEFAULTS = {"image_attention": "causal", "vision_positions": "sequential"}
 
 
 @contextlib.contextmanager
@@ -107,7 +109,20 @@ def model_config_from_hf(config: Dict[str, Any], vocab_size: int, divisible_by: 
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         # config.json holds SOLO-7B's number (earlier tokens seen), which is ModelConfig's meaning too.
         sliding_window=config.get("sliding_window"),
+        **{field: config.get(field, default) for field, default in ARCH_DEFAULTS.items()},
         make_vocab_size_divisible_by=divisible_by,
+    )
+
+
+def hf_architecture_config(model_cfg: Dict[str, Any], arch: Architecture) -> Dict[str, Any]:
+    """The config.json architecture fields of a megatron-core model config (the export's)."""
+    return dict(
+        vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, intermediate_size=arch.ffn_hidden_size,
+        num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_query_groups, head_dim=arch.head_dim,
+        rms_norm_eps=model_cfg["rms_norm_eps"], rope_parameters={"rope_type": "default", "rope_theta": model_cfg["rope_theta"]},
+        sliding_window=model_cfg.get("sliding_window"), tie_word_embeddings=False,
+        **{field: model_cfg.get(field, default) for field, default in ARCH_DEFAULTS.items()},
     )
 
 
@@ -237,6 +252,8 @@ def convert_mcore_to_hf(
     except Exception as error:  # noqa: BLE001 - any unreadable common state means the same to the user
         raise CheckpointError(f"{iter_dir}: cannot read the checkpoint's common state ({error})") from error
     model_cfg = (common.get("config") or {}).get("model") if isinstance(common, dict) else None
+    if model_cfg:
+        model_cfg = {**ARCH_DEFAULTS, **model_cfg}
     if not model_cfg or any(model_cfg.get(f) is None for f in ARCH_FIELDS if f not in ("vocab_size", "sliding_window")):
         raise CheckpointError(f"{iter_dir} carries no SOLO model config: not a checkpoint of this stack's SOLO model")
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else save_dir / TOKENIZER_DIR
@@ -280,14 +297,7 @@ def convert_mcore_to_hf(
                     export(mapping, layer)
         writer.finish()
         hf_config = dict(common.get("hf_config") or {})
-        hf_config.update(
-            vocab_size=vocab, hidden_size=arch.hidden_size, intermediate_size=arch.ffn_hidden_size,
-            num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_attention_heads,
-            num_key_value_heads=arch.num_query_groups, head_dim=arch.head_dim,
-            rms_norm_eps=model_cfg["rms_norm_eps"], rope_parameters={"rope_type": "default", "rope_theta": model_cfg["rope_theta"]},
-            sliding_window=model_cfg.get("sliding_window"), tie_word_embeddings=False,
-            dtype=str(out_dtype).replace("torch.", ""),
-        )
+        hf_config.update(hf_architecture_config(model_cfg, arch), dtype=str(out_dtype).replace("torch.", ""))
         hf_config.pop("rope_theta", None)
         hf_config.pop("torch_dtype", None)
         if patch_dim:

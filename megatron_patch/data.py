@@ -15,7 +15,10 @@
 Reader contract (``data_prep.reader.PackedReader``): ``len(r)``; ``r[i]`` is a dict with
 ``tokens`` int32[L], ``loss_mask`` uint8[L] (1: token t is a target, predicted from position t-1),
 ``cu_seqlens`` int32[D+1] (document boundaries, 0 .. L), ``patches`` uint8[N, 3072],
-``vision_patch_indices`` int64[L] (-1 for non-patch tokens, else a row of ``patches``).
+``vision_patch_indices`` int64[L] (-1 for non-patch tokens, else a row of ``patches``), and
+optionally ``image_layout`` int32[n_images, 3] (offset of ``<vision>``, rows, cols: what the packer
+records; read back from ``vision_patch_indices`` when a reader has none), which the native-VLM
+switches (``model.image_attention``, ``model.vision_positions``) use.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class SyntheticImageTask:
         return self.num_packs
 
     def _image_doc(self, rng, patches: List[np.ndarray], n_before: int):
+        """tokens, loss mask, patch indices of one image document; its image is at offset 1."""
         rows, cols = int(rng.integers(1, 3)), int(rng.integers(1, 3))
         cls = int(rng.integers(self.num_classes))
         tokens, vpi = [self.BOS, self.VISION], [-1, -1]
@@ -82,7 +86,7 @@ class SyntheticImageTask:
         tokens += [self.VISION_END, self.CLASS0 + cls, self.EOS]
         vpi += [-1, -1, -1]
         loss = [0] * (len(tokens) - 2) + [1, 1]
-        return tokens, loss, vpi
+        return tokens, loss, vpi, (rows, cols)
 
     def _text_doc(self, rng):
         length = int(rng.integers(4, 12))
@@ -96,17 +100,20 @@ class SyntheticImageTask:
         if not 0 <= idx < self.num_packs:
             raise IndexError(idx)
         rng = np.random.default_rng(self.seed * 1_000_003 + idx)
-        tokens, loss, vpi, cu, patches = [], [], [], [0], []
+        tokens, loss, vpi, cu, patches, layout = [], [], [], [0], [], []
         # Fill to roughly 70-100% of the pack, like real packs.
         budget = int(self.seq_length * rng.uniform(0.7, 1.0))
         while True:
             patches_new: List[np.ndarray] = []
+            grid = None
             if rng.uniform() < 0.6:
-                t, m, v = self._image_doc(rng, patches_new, len(patches))
+                t, m, v, grid = self._image_doc(rng, patches_new, len(patches))
             else:
                 t, m, v = self._text_doc(rng)
             if len(tokens) + len(t) > budget:
                 break
+            if grid is not None:
+                layout.append((len(tokens) + 1, *grid))
             tokens += t
             loss += m
             vpi += v
@@ -121,6 +128,7 @@ class SyntheticImageTask:
             cu_seqlens=np.asarray(cu, dtype=np.int32),
             patches=np.asarray(patches, dtype=np.uint8).reshape(-1, PATCH_DIM),
             vision_patch_indices=np.asarray(vpi, dtype=np.int64),
+            image_layout=np.asarray(layout, dtype=np.int32).reshape(-1, 3),
         )
 
 
@@ -154,6 +162,7 @@ def make_training_sample(pack: Dict[str, np.ndarray], seq_length: int, pad_token
     used = vpi[vpi >= 0]
     if used.size and used.max() >= patches.shape[0]:
         raise ValueError(f"vision_patch_indices reference patch {used.max()} of {patches.shape[0]}")
+    layout = image_layout(pack, vpi)
 
     labels = np.full(seq_length, pad_token_id, dtype=np.int64)
     loss_mask = np.zeros(seq_length, dtype=np.float32)
@@ -187,7 +196,25 @@ def make_training_sample(pack: Dict[str, np.ndarray], seq_length: int, pad_token
         vision_patch_indices=out_vpi,
         doc_lengths=doc_lengths,
         real_tokens=real_tokens,
+        image_layout=layout,
     )
+
+
+def image_layout(pack: Dict[str, np.ndarray], vpi: np.ndarray) -> np.ndarray:
+    """int64 [n_images, 3] (offset of ``<vision>``, rows, cols) of a pack: its recorded
+    ``image_layout``, checked against the patch positions, else read from ``vision_patch_indices``."""
+    from data_prep.packed_format import vpatch_positions
+
+    if pack.get("image_layout") is None:
+        from solo.hf.native_vision import image_layout_from_patch_indices
+
+        return image_layout_from_patch_indices(torch.as_tensor(vpi)).numpy()
+    layout = np.asarray(pack["image_layout"], dtype=np.int64).reshape(-1, 3)
+    recorded = [vpatch_positions(*image) for image in layout.tolist()]
+    recorded = np.concatenate(recorded) if recorded else np.zeros(0, np.int64)
+    if not np.array_equal(np.sort(recorded), np.flatnonzero(vpi >= 0)):
+        raise ValueError("image_layout does not match the patch positions of vision_patch_indices")
+    return layout
 
 
 def collate_packed(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
@@ -197,7 +224,7 @@ def collate_packed(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     (the row positions of patch tokens, so the model needs no ``torch.nonzero`` host sync) and
     ``real_tokens`` and ``doc_lengths`` (tokens that are not padding and the real documents' lengths,
     for tokens/s and MFU)."""
-    tokens, labels, loss_mask, image_doc, vpi, patches, cu = [], [], [], [], [], [], [0]
+    tokens, labels, loss_mask, image_doc, vpi, patches, cu, layout = [], [], [], [], [], [], [0], []
     offset_tokens = offset_patches = 0
     for s in samples:
         tokens.append(torch.as_tensor(s["tokens"]))
@@ -210,6 +237,9 @@ def collate_packed(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         p = torch.as_tensor(s["patches"])
         patches.append(p)
         cu.extend((torch.as_tensor(s["cu_seqlens"][1:], dtype=torch.int64) + offset_tokens).tolist())
+        images = torch.as_tensor(s["image_layout"], dtype=torch.int64).reshape(-1, 3).clone()
+        images[:, 0] += offset_tokens
+        layout.append(images)
         offset_tokens += len(s["tokens"])
         offset_patches += p.shape[0]
     cu_t = torch.tensor(cu, dtype=torch.int32)
@@ -227,6 +257,7 @@ def collate_packed(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         sample_ids=[str(s["sample_id"]) for s in samples],
         doc_lengths=[n for s in samples for n in s["doc_lengths"]],
         real_tokens=sum(int(s.get("real_tokens", len(s["tokens"]))) for s in samples),
+        image_layout=torch.cat(layout),
     )
 
 

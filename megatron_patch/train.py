@@ -153,6 +153,8 @@ def build_model(cfg: Config):
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         real_vocab_size=cfg.model.vocab_size,
+        image_attention=cfg.model.image_attention,
+        vision_positions=cfg.model.vision_positions,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
@@ -259,6 +261,7 @@ def forward_step(state: dict, data_iterator: Iterator, model):
         patches=to(batch["patches"]),
         vision_patch_indices=to(batch["vision_patch_indices"]),
         patch_positions=to(batch["patch_positions"]),
+        image_layout=to(batch["image_layout"]),
     )
     return output, partial(loss_func, to(batch["loss_mask"]), to(batch["image_doc"]), state["nan"])
 

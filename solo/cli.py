@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def _without_deepspeed() -> None:
@@ -25,7 +26,8 @@ def _create(args: argparse.Namespace) -> int:
 
     try:
         out = create_solo_checkpoint(
-            args.base, args.out, seed=args.seed, resize_mode=args.resize_mode, overwrite=args.overwrite
+            args.base, args.out, seed=args.seed, resize_mode=args.resize_mode, overwrite=args.overwrite,
+            image_attention=args.image_attention, vision_positions=args.vision_positions,
         )
     except (CreateError, OutputError) as error:
         print(f"solo create: error: {error}", file=sys.stderr)
@@ -213,18 +215,31 @@ def build_eval_score_parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from solo.demo.pipeline import FAST, FULL, run_demo
 
-    config = FAST if args.fast else FULL
-    if args.blank_images:
-        import dataclasses
+    from solo.hf.image_processing_solo import check_max_patches
 
-        config = dataclasses.replace(config, blank_images=True)
-    out = args.out or ("runs/demo" + ("-fast" if args.fast else "") + ("-blank" if args.blank_images else ""))
+    try:
+        if args.max_patches is not None:
+            check_max_patches(args.max_patches)
+    except ValueError as error:
+        print(f"solo demo: error: --{str(error).replace('max_patches', 'max-patches', 1)}", file=sys.stderr)
+        return 2
+    if args.compare is not None and not (Path(args.compare) / "demo.json").is_file():
+        print(f"solo demo: error: --compare {args.compare} is not a demo output directory (no demo.json)",
+              file=sys.stderr)
+        return 2
+    config = dataclasses.replace(FAST if args.fast else FULL, blank_images=args.blank_images, variant=args.variant,
+                                 max_patches=args.max_patches)
+    out = args.out or ("runs/demo" + ("-fast" if args.fast else "") + ("-blank" if args.blank_images else "")
+                       + ("" if args.variant == "solo" else f"-{args.variant}")
+                       + (f"-patches{args.max_patches}" if args.max_patches else ""))
     from solo.outputs import OutputError
 
     try:
-        return run_demo(out, config, until=args.until)
+        return run_demo(out, config, until=args.until, compare=args.compare)
     except OutputError as error:
         print(f"solo demo: error: {error}", file=sys.stderr)
         return 2
@@ -252,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="image resize rule stored in the processor: 'fit' keeps the aspect ratio (default), "
         "'solo' reproduces SOLO-7B's sizes",
     )
+    create.add_argument("--image-attention", default="causal", metavar="MODE",
+                        help="causal (SOLO, default) or bidirectional: an image block's tokens see each other")
+    create.add_argument("--vision-positions", default="sequential", metavar="MODE",
+                        help="sequential (SOLO, default) or 2d: rotary row/column sections for patches")
     create.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     create.set_defaults(handler=_create)
     _add_convert(commands)
@@ -282,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="generation length limit (default: the protocol's, e.g. lmms-eval's 16 for MME)")
     evaluate.set_defaults(handler=_eval)
 
-    from solo.demo.pipeline import stage_names
+    from solo.demo.pipeline import VARIANTS, stage_names
 
     demo = commands.add_parser(
         "demo",
@@ -303,6 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--blank-images", action="store_true",
                       help="the control: every picture blanked (questions and answers unchanged), so the model "
                       "can only use the text and should stay near chance")
+    demo.add_argument("--variant", choices=tuple(VARIANTS), default="solo",
+                      help="solo: SOLO's model (default); native: image blocks attended both ways and 2-D rotary "
+                      "positions for patches (model.image_attention=bidirectional, model.vision_positions=2d)")
+    demo.add_argument("--max-patches", type=int, metavar="N",
+                      help="stage 1's visual-token budget: pack its pictures at most N patches each "
+                      "(solo-data pack --max-patches; the later stages at full size)")
+    demo.add_argument("--compare", metavar="OTHER_OUT",
+                      help="another demo run's output directory: the report shows its loss curves and held-out "
+                      "accuracy beside this run's (e.g. --variant native --compare runs/demo)")
     demo.set_defaults(handler=_demo)
     return parser
 

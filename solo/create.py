@@ -82,6 +82,8 @@ def create_solo_checkpoint(
     seed: int = 0,
     resize_mode: str = "fit",
     overwrite: bool = False,
+    image_attention: str = "causal",
+    vision_positions: str = "sequential",
 ) -> Path:
     """Build a SOLO checkpoint in `out_dir` from the Mistral/Llama checkpoint in `base_dir`.
 
@@ -89,15 +91,21 @@ def create_solo_checkpoint(
     with mean-of-old rows, adds the patch projection drawn from N(0, 0.02) with `seed`, and saves
     model (safetensors), tokenizer and processor so the Auto classes load the directory with
     `trust_remote_code=True`. The directory appears atomically: all is written to a temporary
-    sibling that is renamed into place at the end.
+    sibling that is renamed into place at the end. `image_attention` / `vision_positions` are the
+    native-VLM switches of the new model (`solo.hf.native_vision`; SOLO's by default).
     """
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from solo.hf import SoloConfig, SoloForCausalLM, SoloImageProcessor, SoloProcessor
+    from solo.hf.native_vision import check_switches
     from solo.tokenizer import extend_tokenizer
 
     base, out = Path(base_dir), Path(out_dir)
+    try:
+        check_switches(image_attention, vision_positions, where="--")
+    except ValueError as error:
+        raise CreateError(str(error).replace("_", "-", 1)) from None
     base_config = _check_base(base)
     _check_weights(base, base_config)
     check_output_dir(out, command=COMMAND, inputs=[base], overwrite=overwrite)
@@ -111,6 +119,7 @@ def create_solo_checkpoint(
                           f"{base_config['vocab_size']} embedding rows; is the tokenizer the model's?")
     config = SoloConfig.from_pretrained(base)
     config.architectures = ["SoloForCausalLM"]
+    config.image_attention, config.vision_positions = image_attention, vision_positions
     # The patch projection is new by design: transformers' load report would list it as MISSING
     # in a table. Quiet the report, check that nothing else is missing, and say so in one line.
     verbosity = hf_logging.get_verbosity()

@@ -31,7 +31,8 @@ from solo.outputs import atomic_output_dir
 LAYOUTS = ("native", "solo7b")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-CODE_FILES = ("configuration_solo.py", "modeling_solo.py", "image_processing_solo.py", "processing_solo.py")
+CODE_FILES = ("configuration_solo.py", "modeling_solo.py", "image_processing_solo.py", "processing_solo.py",
+              "native_vision.py")
 AUTO_MAP = {"AutoConfig": "configuration_solo.SoloConfig", "AutoModelForCausalLM": "modeling_solo.SoloForCausalLM"}
 # Files of a model directory that are not tokenizer/processor files.
 _MODEL_FILES = {"config.json", "generation_config.json", INDEX_FILE, *CODE_FILES}
@@ -305,6 +306,7 @@ class ShardWriter:
 def write_config(config: Dict[str, Any], out_dir: str | os.PathLike, layout: str) -> None:
     """Write ``config.json`` (and ``generation_config.json``) for ``layout``; native also gets the code."""
     from solo.hf import SoloConfig
+    from solo.hf.native_vision import is_native
 
     if layout not in LAYOUTS:
         raise CheckpointError(f"--layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
@@ -313,6 +315,12 @@ def write_config(config: Dict[str, Any], out_dir: str | os.PathLike, layout: str
     clean = {k: v for k, v in config.items() if k not in ("auto_map", "model_type", "transformers_version")}
     solo_config = SoloConfig.from_dict(clean)
     solo_config.architectures = ["SoloForCausalLM"]
+    if layout != "native" and is_native(solo_config.image_attention, solo_config.vision_positions):
+        raise CheckpointError(
+            f"image_attention={solo_config.image_attention}, vision_positions={solo_config.vision_positions}: "
+            f"the {layout} layout's code (SOLO's released modeling) would ignore them and compute another "
+            "function; export with --layout native"
+        )
     full = solo_config.to_dict()
     # The non-default fields, plus every architecture field spelled out (readers of SOLO-7B's
     # config, and older transformers, do not know this class's defaults).
@@ -326,6 +334,8 @@ def write_config(config: Dict[str, Any], out_dir: str | os.PathLike, layout: str
             shutil.copyfile(source / name, out / name)
     else:
         data["model_type"] = "mistral"
+        for field in ("image_attention", "vision_positions"):  # SOLO's (checked above): the released layout
+            data.pop(field, None)
     (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     generation = {k: data.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if data.get(k) is not None}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")

@@ -415,3 +415,31 @@ def test_window_edge_follows_solo7b(engine):
         a, b = out, out2
     changed = [(a[t] - b[t]).abs().max().item() > 1e-6 for t in range(6)]
     assert changed == [True] * (W + 1) + [False]
+
+
+def test_native_switches_travel_through_conversion_and_are_checked_against_the_recipe(work, solo_hf):
+    """image_attention / vision_positions: config fields (no new weights) carried HF -> megatron-core -> HF, and
+    a checkpoint whose switches differ from the recipe's is refused like any other architecture field."""
+    from megatron_patch.checkpointing import check_init_from
+    from megatron_patch.config import Config, ConfigError, ModelConfig
+    from solo.hf import SoloForCausalLM
+
+    native = work / "solo_native"
+    shutil.copytree(solo_hf, native)
+    config = json.loads((native / "config.json").read_text())
+    config.update(image_attention="bidirectional", vision_positions="2d")
+    (native / "config.json").write_text(json.dumps(config))
+    solo("hf-to-mcore", "--hf", native, "--out", work / "mcore_native")
+    solo("mcore-to-hf", "--ckpt", work / "mcore_native", "--out", work / "native_back")
+    assert_same_weights(native, work / "native_back")
+    back = SoloForCausalLM.from_pretrained(work / "native_back").config
+    assert (back.image_attention, back.vision_positions) == ("bidirectional", "2d")
+
+    arch = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                vocab_size=33029, sliding_window=4096, backend="local")
+    recipe = Config(model=ModelConfig(**arch, image_attention="bidirectional", vision_positions="2d"))
+    recipe.checkpoint.init_from = str(work / "mcore_native")
+    check_init_from(recipe)  # the same switches: accepted
+    recipe.model.vision_positions = "sequential"
+    with pytest.raises(ConfigError, match="model.vision_positions=sequential .* has vision_positions=2d"):
+        check_init_from(recipe)

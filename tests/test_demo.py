@@ -156,3 +156,48 @@ def test_fast_demo_runs_resumes_and_reports_a_failing_stage(tmp_path):
     assert str(out / "logs" / "eval_pretrain.log") in failed.stderr
     assert "cannot read the held-out questions" in failed.stderr
     assert f"--out {out}" in failed.stderr and f"{stages - 1} finished stages are reused" in failed.stderr
+
+
+def test_native_variant_runs_the_switches_in_every_stage_and_the_budget_in_stage_one():
+    """--variant native: the created model and every pretraining stage carry the two switches (the recipe
+    check would refuse a mismatch); --max-patches packs stage 1's pictures only."""
+    import dataclasses
+
+    from solo.demo.pipeline import build_stages
+
+    stages = {s.name: s.command for s in build_stages(Path("OUT"), dataclasses.replace(
+        FAST, variant="native", max_patches=1)) if s.command}
+    create = stages["create"]
+    assert create[create.index("--image-attention") + 1] == "bidirectional"
+    assert create[create.index("--vision-positions") + 1] == "2d"
+    for number in (1, 2, 3):
+        assert {"model.image_attention=bidirectional", "model.vision_positions=2d"} <= set(stages[f"stage{number}"])
+    assert stages["pack_labels"][-2:] == ["--max-patches", "1"]  # stage 1's data
+    assert all("--max-patches" not in stages[f"pack_{s}"] for s in ("captions", "instructions", "heldout"))
+
+
+def test_report_sets_two_runs_side_by_side(tmp_path):
+    """--compare: each stage's two loss curves on shared axes, and both runs' accuracies in one table."""
+    from solo.demo.report import write_report
+
+    def fake_run(name, variant, losses, accuracy):
+        out = tmp_path / name
+        (out / "runs").mkdir(parents=True)
+        (out / "demo.json").write_text(json.dumps({"variant": variant, "max_patches": None}))
+        for stage in ("stage1", "sft"):
+            (out / "runs" / stage).mkdir()
+            (out / "runs" / stage / "metrics.jsonl").write_text(
+                "".join(json.dumps({"step": i + 1, "loss": loss}) + "\n" for i, loss in enumerate(losses)))
+        correct = int(accuracy * 400)
+        (out / "eval.json").write_text(json.dumps({
+            "accuracy": accuracy, "correct": correct, "total": 400, "chance": 0.25, "per_type": {}, "answers": []}))
+        return out
+
+    solo = fake_run("solo", "solo", [3.0, 2.0, 1.5], 0.9)
+    native = fake_run("native", "native", [3.1, 1.8, 1.2], 0.95)
+    page = write_report(native, compare=solo).read_text()
+    side = page[page.index("Side by side"):page.index("Training loss")]
+    assert side.count("<polyline") == 4  # stage1 and sft, two runs each
+    assert "native (native)" in side and "solo (solo)" in side
+    assert "0.950 (380/400)" in side and "0.900 (360/400)" in side
+    assert "1.2000" in side and "1.5000" in side  # last losses

@@ -36,6 +36,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from solo.hf.native_vision import column_frequencies
+
 try:
     import transformer_engine  # noqa: F401
 
@@ -109,23 +111,29 @@ class PackedDotProductAttention(MegatronModule):
         self.window_left = _window_left(config)
 
     def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_lengths: Optional[list] = None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_lengths: Optional[list] = None,
+        image_blocks: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """One document, or a segment of several (``doc_lengths``): q [L, hq, d], k/v [L, hkv, d]
-        -> [L, hq*d]."""
+        -> [L, hq*d]. ``image_blocks`` [L] (``image_attention=bidirectional``): the image block of
+        each token (-1 outside one); a block's tokens also see each other both ways."""
         length = q.shape[0]
         q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, h, L, d]
         dropout_p = self.dropout_p if self.training else 0.0
         gqa = q.shape[1] != k.shape[1]
-        if doc_lengths is not None and len(doc_lengths) > 1:
+        has_blocks = image_blocks is not None and bool((image_blocks >= 0).any())
+        if has_blocks or (doc_lengths is not None and len(doc_lengths) > 1):
             pos = torch.arange(length, device=q.device)
+            lengths = doc_lengths if doc_lengths else [length]
             doc = torch.repeat_interleave(
-                torch.arange(len(doc_lengths), device=q.device), torch.tensor(doc_lengths, device=q.device)
+                torch.arange(len(lengths), device=q.device), torch.tensor(lengths, device=q.device)
             )
             delta = pos[:, None] - pos[None, :]
             allowed = (doc[:, None] == doc[None, :]) & (delta >= 0)
             if self.window_left is not None:
                 allowed &= delta <= self.window_left
+            if has_blocks:
+                allowed |= (image_blocks[:, None] == image_blocks[None, :]) & (image_blocks[:, None] >= 0)
             out = _masked_sdpa(q, k, v, allowed, dropout_p=dropout_p, scale=self.softmax_scale)
         elif self.window_left is None or length <= self.window_left + 1:
             out = F.scaled_dot_product_attention(
@@ -138,6 +146,31 @@ class PackedDotProductAttention(MegatronModule):
             band = (delta >= 0) & (delta <= self.window_left)
             out = _masked_sdpa(q, k, v, band, dropout_p=dropout_p, scale=self.softmax_scale)
         return out.squeeze(0).transpose(0, 1).reshape(length, -1)
+
+    def _attend_packed(self, query, key, value, cu: torch.Tensor, image_blocks: Optional[torch.Tensor] = None):
+        """[t, heads, dim] documents delimited by ``cu`` -> [t, heads*dim], in segments (class doc)."""
+        bounds = cu.tolist()
+        if bounds[-1] != query.shape[0]:
+            raise ValueError(
+                f"cu_seqlens end at {bounds[-1]} but the packed row has {query.shape[0]} "
+                "tokens: every token (padding included) must belong to a document"
+            )
+        outs = []
+        first = 0
+        while first < len(bounds) - 1:
+            last = first + 1  # documents [first, last) form one segment
+            while (
+                last < len(bounds) - 1
+                and bounds[last + 1] - bounds[first] <= self.segment_tokens
+            ):
+                last += 1
+            s, e = bounds[first], bounds[last]
+            if e > s:
+                lengths = [b - a for a, b in zip(bounds[first:last], bounds[first + 1:last + 1]) if b > a]
+                blocks = None if image_blocks is None else image_blocks[s:e]
+                outs.append(self._attend(query[s:e], key[s:e], value[s:e], lengths, blocks))
+            first = last
+        return torch.cat(outs, dim=0)
 
     def forward(
         self,
@@ -152,31 +185,16 @@ class PackedDotProductAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("PackedDotProductAttention does not take an attention bias")
         with tensor_parallel.get_cuda_rng_tracker().fork():  # TP-consistent dropout RNG
+            if isinstance(packed_seq_params, DocumentMaskParams):
+                # Native-VLM switches: one packed row [t, 1, heads, dim] (sbhd, per-token RoPE).
+                rows = (query.squeeze(1), key.squeeze(1), value.squeeze(1))
+                out = self._attend_packed(*rows, packed_seq_params.cu_seqlens_q, packed_seq_params.image_blocks)
+                return out.unsqueeze(1)
             if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
                 cu = packed_seq_params.cu_seqlens_q
                 if packed_seq_params.cu_seqlens_q_padded is not None:
                     cu = packed_seq_params.cu_seqlens_q_padded
-                bounds = cu.tolist()
-                if bounds[-1] != query.shape[0]:
-                    raise ValueError(
-                        f"cu_seqlens end at {bounds[-1]} but the packed row has {query.shape[0]} "
-                        "tokens: every token (padding included) must belong to a document"
-                    )
-                outs = []
-                first = 0
-                while first < len(bounds) - 1:
-                    last = first + 1  # documents [first, last) form one segment
-                    while (
-                        last < len(bounds) - 1
-                        and bounds[last + 1] - bounds[first] <= self.segment_tokens
-                    ):
-                        last += 1
-                    s, e = bounds[first], bounds[last]
-                    if e > s:
-                        lengths = [b - a for a, b in zip(bounds[first:last], bounds[first + 1:last + 1]) if b > a]
-                        outs.append(self._attend(query[s:e], key[s:e], value[s:e], lengths))
-                    first = last
-                return torch.cat(outs, dim=0)
+                return self._attend_packed(query, key, value, cu)
             # Unpacked [s, b, h, d]: each row is one causal document.
             rows = [
                 self._attend(query[:, b], key[:, b], value[:, b]) for b in range(query.shape[1])
@@ -193,23 +211,31 @@ FLEX_BLOCK = 128  # flex_attention's sparse block size (its kernels' tile on H10
 
 @dataclass
 class DocumentMaskParams(PackedSeqParams):
-    """What the flex backend hands every layer of one micro-batch, built once by
-    :func:`document_mask_params`. ``qkv_format="sbhd"`` on purpose: megatron-core then applies RoPE
-    with the per-token frequencies of :class:`DocumentRotaryEmbedding` instead of its THD path."""
+    """What the flex backend (and the local one under the native-VLM switches) hands every layer of
+    one micro-batch, built once by :func:`document_mask_params`. ``qkv_format="sbhd"`` on purpose:
+    megatron-core then applies RoPE with the per-token frequencies of
+    :class:`DocumentRotaryEmbedding` instead of its THD path."""
 
-    block_mask: Optional[object] = None  # torch.nn.attention.flex_attention.BlockMask
+    block_mask: Optional[object] = None  # torch.nn.attention.flex_attention.BlockMask (flex only)
     position_ids: Optional[torch.Tensor] = None  # [t] position of each token inside its document
     window_left: Optional[int] = None
+    image_blocks: Optional[torch.Tensor] = None  # [t] image block of each token, -1 outside (bidirectional)
 
 
-def document_mask_params(cu_seqlens: torch.Tensor, total: int, window_left: Optional[int]) -> DocumentMaskParams:
+def document_mask_params(
+    cu_seqlens: torch.Tensor, total: int, window_left: Optional[int],
+    image_blocks: Optional[torch.Tensor] = None, block_mask: bool = True,
+) -> DocumentMaskParams:
     """Document-causal (+ sliding-window) flex block mask and per-document positions for one packed
     row of ``total`` tokens delimited by ``cu_seqlens``; device tensor ops only (no host sync).
+    ``image_blocks`` ([t], -1 outside an image block) opens each image block both ways
+    (``image_attention=bidirectional``); ``block_mask=False`` skips the flex mask (local backend).
 
     Block (i, j) of the ``FLEX_BLOCK``-tiled score matrix is *full* when every query of tile i may see
     every key of tile j (one document, keys all before the queries, all within the window) and
     *partial* when some may (the mask function decides per element there). Documents are contiguous,
-    so a tile's documents are the range between its first and last token's document.
+    so a tile's documents are the range between its first and last token's document; image blocks
+    too, so two tiles share one when their ranges of image numbers meet.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -218,6 +244,11 @@ def document_mask_params(cu_seqlens: torch.Tensor, total: int, window_left: Opti
     pos = torch.arange(total, device=device)
     doc = torch.searchsorted(cu[1:], pos, right=True)  # document of each token
     positions = pos - cu[doc]
+    if not block_mask:
+        return DocumentMaskParams(
+            qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=total,
+            max_seqlen_kv=total, position_ids=positions, window_left=window_left, image_blocks=image_blocks,
+        )
     n_blocks = -(-total // FLEX_BLOCK)
     # Padded to whole tiles so the mask function never reads past the end (-1: no document).
     doc_padded = torch.full((n_blocks * FLEX_BLOCK,), -1, dtype=torch.int64, device=device)
@@ -237,6 +268,16 @@ def document_mask_params(cu_seqlens: torch.Tensor, total: int, window_left: Opti
     if window_left is not None:
         any_allowed &= q_first - k_last <= window_left
         all_allowed &= q_last - k_first <= window_left
+    if image_blocks is not None:
+        blocks_padded = torch.full((n_blocks * FLEX_BLOCK,), -1, dtype=torch.int64, device=device)
+        blocks_padded[:total] = image_blocks
+        tiles = blocks_padded.view(n_blocks, FLEX_BLOCK)
+        lowest = torch.where(tiles >= 0, tiles, total).amin(dim=-1)
+        highest = tiles.amax(dim=-1)
+        any_allowed |= (
+            (highest[:, None] >= 0) & (highest[None, :] >= 0)
+            & (lowest[:, None] <= highest[None, :]) & (lowest[None, :] <= highest[:, None])
+        )
     partial = any_allowed & ~all_allowed
 
     def to_kv_blocks(blocks: torch.Tensor):
@@ -249,16 +290,19 @@ def document_mask_params(cu_seqlens: torch.Tensor, total: int, window_left: Opti
         allowed = (doc_padded[q_idx] == doc_padded[kv_idx]) & (q_idx >= kv_idx)
         if window_left is not None:
             allowed = allowed & (q_idx - kv_idx <= window_left)
+        if image_blocks is not None:
+            allowed = allowed | ((blocks_padded[q_idx] == blocks_padded[kv_idx]) & (blocks_padded[q_idx] >= 0))
         return allowed
 
     kv_num, kv_idx = to_kv_blocks(partial)
     full_num, full_idx = to_kv_blocks(all_allowed)
-    block_mask = BlockMask.from_kv_blocks(
+    mask = BlockMask.from_kv_blocks(
         kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(total, total)
     )
     return DocumentMaskParams(
         qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=total,
-        max_seqlen_kv=total, block_mask=block_mask, position_ids=positions, window_left=window_left,
+        max_seqlen_kv=total, block_mask=mask, position_ids=positions, window_left=window_left,
+        image_blocks=image_blocks,
     )
 
 
@@ -350,8 +394,9 @@ class DocumentRotaryEmbedding(torch.nn.Module):
 
     ``SoloGPTModel`` sets :attr:`position_ids` ([t], restarting at 0 in every document) before each
     forward; megatron-core then applies ``[t, 1, 1, dim]`` frequencies in one elementwise op instead
-    of splitting the row by ``cu_seqlens`` on the host in every layer. No parameters or buffers of
-    its own, so checkpoints are unchanged.
+    of splitting the row by ``cu_seqlens`` on the host in every layer. ``vision_positions=2d`` sets
+    ``[2, t]`` (row and column section, ``solo.hf.native_vision``): the odd frequencies turn by the
+    column section. No parameters or buffers of its own, so checkpoints are unchanged.
     """
 
     def __init__(self, base: torch.nn.Module):
@@ -366,7 +411,17 @@ class DocumentRotaryEmbedding(torch.nn.Module):
         if self.position_ids is None:
             raise RuntimeError("DocumentRotaryEmbedding: position_ids were not set for this forward")
         freqs = self.base(max_seq_len, offset=offset, packed_seq=False, cp_group=cp_group)  # [s, 1, 1, d]
-        return freqs.index_select(0, self.position_ids)
+        if self.position_ids.dim() == 1:
+            return freqs.index_select(0, self.position_ids)
+        row, col = (freqs.index_select(0, section) for section in self.position_ids)
+        # Rotate-half layout: dims [f, f] of d/2 frequencies each (megatron-core's default).
+        column = column_frequencies(freqs.shape[-1] // 2, device=freqs.device).repeat(2)
+        return torch.where(column, col, row)
+
+
+def uses_packed_attention(spec: ModuleSpec) -> bool:
+    """Whether a layer spec's core attention is the local backend's."""
+    return spec.submodules.self_attention.submodules.core_attention is PackedDotProductAttention
 
 
 def uses_flex_attention(spec: ModuleSpec) -> bool:

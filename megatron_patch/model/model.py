@@ -42,6 +42,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from solo.hf.image_processing_solo import PATCH_DIM, normalize_patches
+from solo.hf.native_vision import check_switches, image_block_ids, is_native, rope_section_positions
 
 from megatron_patch.model.layer_specs import (
     DocumentRotaryEmbedding,
@@ -49,6 +50,7 @@ from megatron_patch.model.layer_specs import (
     document_mask_params,
     resolve_backend,
     uses_flex_attention,
+    uses_packed_attention,
 )
 
 if TYPE_CHECKING:
@@ -144,6 +146,11 @@ class SoloGPTModel(MegatronModule):
     forward() takes one packed row per call (``[1, t]`` tensors, THD ``packed_seq_params``), the
     ``patches`` referenced by that row (uint8 ``[N, 3072]``) and ``vision_patch_indices`` (``[1, t]``,
     -1 where the token is not a patch, else the row into ``patches``).
+
+    ``image_attention`` / ``vision_positions`` are the native-VLM switches (``solo.hf.native_vision``;
+    SOLO's ``causal`` / ``sequential`` by default). Non-default, forward() also takes the row's
+    ``image_layout`` (int64 ``[n_images, 3]``: offset of ``<vision>``, rows, cols, as the packer
+    records them) and runs on the flex or local backend (Transformer Engine cannot express them).
     """
 
     def __init__(
@@ -157,8 +164,13 @@ class SoloGPTModel(MegatronModule):
         post_process: bool = True,
         patch_dim: int = PATCH_DIM,
         real_vocab_size: Optional[int] = None,
+        image_attention: str = "causal",
+        vision_positions: str = "sequential",
     ):
         super().__init__(config=config)
+        check_switches(image_attention, vision_positions, where="model.")
+        self.image_attention, self.vision_positions = image_attention, vision_positions
+        self.native = is_native(image_attention, vision_positions)
         self.pre_process = pre_process
         self.post_process = post_process
         self.model_type = ModelType.encoder_or_decoder
@@ -179,9 +191,13 @@ class SoloGPTModel(MegatronModule):
             # Patches are added to the full-sequence embeddings first, then scattered (below).
             scatter_embedding_sequence_parallel=False,
         )
-        # flex backend: RoPE positions restart per document through per-token frequencies.
+        # flex backend (and the native switches): RoPE positions per token, restarting per document.
         self.flex_attention = uses_flex_attention(transformer_layer_spec)
-        if self.flex_attention:
+        if self.native and not (self.flex_attention or uses_packed_attention(transformer_layer_spec)):
+            from megatron_patch.config import native_backend_message
+
+            raise ValueError(native_backend_message(image_attention, vision_positions))
+        if self.flex_attention or self.native:
             self.language_model.rotary_pos_emb = DocumentRotaryEmbedding(self.language_model.rotary_pos_emb)
             self.window_left = _window_left(config)
         if post_process and real_vocab_size is not None and real_vocab_size < vocab_size:
@@ -278,16 +294,18 @@ class SoloGPTModel(MegatronModule):
         patches: Optional[torch.Tensor] = None,
         vision_patch_indices: Optional[torch.Tensor] = None,
         patch_positions: Optional[torch.Tensor] = None,
+        image_layout: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Per-token losses [b, s] when ``labels`` are given (last stage), else logits/hidden.
 
         ``patch_positions`` (optional): flat indices into ``input_ids.view(-1)`` of the patch tokens,
-        computed by the data loader (``collate_packed``); without it they are found on the device."""
+        computed by the data loader (``collate_packed``); without it they are found on the device.
+        ``image_layout``: the row's images (class doc), needed by the native-VLM switches."""
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embed(input_ids, patches, vision_patch_indices, patch_positions)
-        if self.flex_attention:
-            packed_seq_params = self._document_mask(input_ids, packed_seq_params)
+        if self.flex_attention or self.native:
+            packed_seq_params = self._document_mask(input_ids, packed_seq_params, image_layout)
         return self.language_model(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -297,17 +315,26 @@ class SoloGPTModel(MegatronModule):
             packed_seq_params=packed_seq_params,
         )
 
-    def _document_mask(self, input_ids: torch.Tensor, packed_seq_params: Optional[PackedSeqParams]):
-        """flex backend: the micro-batch's block mask and per-document RoPE positions, built once
-        here for all layers (and kept for their recompute, which reuses these params)."""
+    def _document_mask(self, input_ids: torch.Tensor, packed_seq_params: Optional[PackedSeqParams],
+                       image_layout: Optional[torch.Tensor]):
+        """flex backend, native switches: the micro-batch's (block) mask and per-document RoPE
+        positions, built once here for all layers (and kept for their recompute, which reuses them)."""
         if packed_seq_params is None or packed_seq_params.qkv_format != "thd" or input_ids.shape[0] != 1:
-            raise ValueError("the flex backend takes one packed row per call: input_ids [1, t] and THD "
-                             "packed_seq_params (as megatron_patch.data.collate_packed makes them)")
+            raise ValueError("the flex backend and the native-VLM switches take one packed row per call: input_ids "
+                             "[1, t] and THD packed_seq_params (as megatron_patch.data.collate_packed makes them)")
+        if self.native and image_layout is None:
+            raise ValueError("model.image_attention / model.vision_positions need the row's image_layout "
+                             "(megatron_patch.data.collate_packed gives it)")
         cu = packed_seq_params.cu_seqlens_q
         if packed_seq_params.cu_seqlens_q_padded is not None:
             cu = packed_seq_params.cu_seqlens_q_padded
-        params = document_mask_params(cu, input_ids.shape[1], self.window_left)
-        self.language_model.rotary_pos_emb.position_ids = params.position_ids
+        total = input_ids.shape[1]
+        blocks = image_block_ids(image_layout, total) if self.image_attention == "bidirectional" else None
+        params = document_mask_params(cu, total, self.window_left, blocks, block_mask=self.flex_attention)
+        positions = params.position_ids
+        if self.vision_positions == "2d":
+            positions = rope_section_positions(positions, image_layout)
+        self.language_model.rotary_pos_emb.position_ids = positions
         return params
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):

@@ -109,6 +109,8 @@ def greedy_answers_megatron(model, vocab_size: int, eos_id: int, prompts: list, 
 
     from megatron.core.packed_seq_params import PackedSeqParams
 
+    from solo.hf.native_vision import image_layout_from_patch_indices
+
     generated: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for _ in range(max_new):
@@ -130,12 +132,14 @@ def greedy_answers_megatron(model, vocab_size: int, eos_id: int, prompts: list, 
         max_len = int((cu_t[1:] - cu_t[:-1]).max())
         params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t,
                                  max_seqlen_q=max_len, max_seqlen_kv=max_len)
+        row_vpi = torch.as_tensor(np.concatenate(vpi))
         with torch.no_grad():
             logits = model(
                 input_ids=torch.as_tensor(np.concatenate(tokens))[None],
                 packed_seq_params=params,
                 patches=torch.as_tensor(np.concatenate(patches)),
-                vision_patch_indices=torch.as_tensor(np.concatenate(vpi))[None],
+                vision_patch_indices=row_vpi[None],
+                image_layout=image_layout_from_patch_indices(row_vpi),  # for the native-VLM switches
             )
         last = logits[0, cu_t[1:].long() - 1, :vocab_size]  # padded vocabulary rows are never answers
         for i, token in zip(active, last.argmax(-1).tolist()):

@@ -18,6 +18,11 @@ Every finished stage leaves OUT/done/<stage>.json, so running the same command a
 with the first unfinished stage. A failing stage stops the run with its name, its log
 (OUT/logs/<stage>.log) and how to rerun. At the end (or at a failure) OUT/report.html shows the
 loss curves of every stage run so far and held-out pictures with questions and answers.
+
+`--variant native` runs the same pipeline on a native-VLM model (image blocks attended both ways,
+2-D rotary positions for patches: `solo.hf.native_vision`), `--max-patches N` packs stage 1's
+pictures at a visual-token budget of N patches (the later stages at full size), and `--compare
+OTHER_OUT` puts another run's loss curves and held-out accuracy beside this one's in the report.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from solo.outputs import atomic_output_dir, claim_output_dir, output_lock, write
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_RECIPE = REPO_ROOT / "megatron_patch" / "recipes" / "demo_cpu.yaml"
 SFT_RECIPE = "debug_cpu"  # the SFT engineer's packaged CPU recipe (solo/sft/recipes/)
+# --variant: the model's (image_attention, vision_positions); solo is SOLO's, native the native-VLM switches.
+VARIANTS = {"solo": ("causal", "sequential"), "native": ("bidirectional", "2d")}
 ACCELERATE_CONFIG = REPO_ROOT / "launch" / "accelerate" / "ddp.yaml"
 
 
@@ -67,6 +74,8 @@ class DemoConfig:
     base_vocab_size: int = 1024  # the tiny base's tokenizer (the model's shape comes from DEMO_RECIPE)
     seed: int = 0
     blank_images: bool = False
+    variant: str = "solo"  # a key of VARIANTS
+    max_patches: Optional[int] = None  # stage 1's visual-token budget (solo-data pack --max-patches)
 
 
 FULL = DemoConfig(
@@ -126,6 +135,8 @@ def build_stages(out: Path, config: DemoConfig) -> list[Stage]:
     """The demo's stage list, in order, with the exact commands."""
     raw, packed, runs = out / "raw", out / "packed", out / "runs"
     init_hf = out / "init_hf"
+    image_attention, vision_positions = VARIANTS[config.variant]
+    budget = {config.stages[0].source: ["--max-patches", str(config.max_patches)]} if config.max_patches else {}
     stages = [
         Stage("sources", "generate the raw sources (pictures, labels, captions, instructions, held-out set)",
               function=lambda: _atomic_dir(raw, lambda d: write_sources(d, config.sizes, config.seed,
@@ -134,7 +145,8 @@ def build_stages(out: Path, config: DemoConfig) -> list[Stage]:
               function=lambda: _atomic_dir(out / "base", lambda d: _make_base(d, config))),
         Stage("create", "solo create: SOLO checkpoint from the base",
               _python("-m", "solo.cli", "create", "--base", str(out / "base"), "--out", str(init_hf),
-                      "--seed", str(config.seed), "--overwrite")),
+                      "--seed", str(config.seed), "--image-attention", image_attention,
+                      "--vision-positions", vision_positions, "--overwrite")),
     ]
     # Questions are packed in the Mistral chat layout ([INST] picture question [/INST] answer</s>), the form
     # SFT and HF inference use, so stage 3 (instruction-like data, as SOLO's stage 3) and SFT agree.
@@ -145,7 +157,7 @@ def build_stages(out: Path, config: DemoConfig) -> list[Stage]:
             f"pack_{source}", f"solo-data pack: {file} ({fmt} format, {template} template)",
             _python("-m", "data_prep.cli", "pack", str(raw / file), "--format", fmt, "--template", template,
                     "--tokenizer", str(init_hf), "--seq-length", str(config.seq_length), "--output",
-                    str(packed / source), "--workers", "2", "--no-progress")))
+                    str(packed / source), "--workers", "2", "--no-progress", *budget.get(source, []))))
     init_mcore = out / "init_mcore"
     # Stage 1 starts from `solo create`'s weights, converted to megatron-core.
     stages.append(Stage("convert_init", "solo convert hf-to-mcore: the created model for megatron-core",
@@ -162,7 +174,8 @@ def build_stages(out: Path, config: DemoConfig) -> list[Stage]:
                       f"data.global_batch_size={config.global_batch}", f"training.train_iters={stage.iters}",
                       f"optimizer.lr={stage.lr}", f"optimizer.min_lr={stage.lr / 10}",
                       f"optimizer.warmup_iters={stage.warmup}", f"training.seed={1234 + config.seed}",
-                      f"checkpoint.save={save}", f"checkpoint.init_from={previous}"),
+                      f"checkpoint.save={save}", f"checkpoint.init_from={previous}",
+                      f"model.image_attention={image_attention}", f"model.vision_positions={vision_positions}"),
             metrics=save / METRICS_FILE, steps=stage.iters))
         previous = str(save)
     stages.append(Stage(
@@ -318,8 +331,10 @@ def stage_names(config: DemoConfig = FULL) -> list[str]:
     return [stage.name for stage in build_stages(Path("OUT"), config)]
 
 
-def run_demo(out: str | os.PathLike, config: DemoConfig, until: Optional[str] = None) -> int:
-    """Run (or continue) the demo in `out` up to and including stage `until` (default: all)."""
+def run_demo(out: str | os.PathLike, config: DemoConfig, until: Optional[str] = None,
+             compare: Optional[str | os.PathLike] = None) -> int:
+    """Run (or continue) the demo in `out` up to and including stage `until` (default: all); the
+    report sets the demo run in `compare` (another OUT) beside it."""
     out = Path(out).resolve()
     stages = build_stages(out, config)
     names = [stage.name for stage in stages]
@@ -329,10 +344,11 @@ def run_demo(out: str | os.PathLike, config: DemoConfig, until: Optional[str] = 
         stages = stages[:names.index(until) + 1]
     with output_lock(out, COMMAND):  # the whole run: a second demo on the same OUT is refused
         claim_output_dir(out, COMMAND)  # a new or empty OUT, or an earlier demo's: never another folder
-        return _run_stages(out, stages, names, config, until)
+        return _run_stages(out, stages, names, config, until, compare)
 
 
-def _run_stages(out: Path, stages: list[Stage], names: list[str], config: DemoConfig, until: Optional[str]) -> int:
+def _run_stages(out: Path, stages: list[Stage], names: list[str], config: DemoConfig, until: Optional[str],
+                compare: Optional[str | os.PathLike]) -> int:
     from solo.demo.report import write_report
 
     _check_settings(out, config)
@@ -370,7 +386,7 @@ def _run_stages(out: Path, stages: list[Stage], names: list[str], config: DemoCo
             write_json_atomic(marker, dict(stage=stage.name, seconds=seconds, cpu_seconds=cpu, command=stage.command))
             print(f"{prefix}: finished in {seconds:.0f} s ({cpu:.0f} CPU s)", flush=True)
     finally:
-        report = write_report(out)
+        report = write_report(out, compare)
         if report:
             print(f"report: {report}")
     timings = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in (out / "done").glob("*.json")}

@@ -17,6 +17,8 @@ from typing import Any
 
 from transformers import MistralConfig
 
+from .native_vision import check_switches
+
 # model_type values whose config.json a SoloConfig can read as is (SOLO-7B declares "mistral").
 _COMPATIBLE_MODEL_TYPES = ("mistral", "llama")
 
@@ -27,6 +29,10 @@ class SoloConfig(MistralConfig):
     Args (beyond MistralConfig's):
         vision_patch_size: side of a square image patch in pixels (32 for SOLO-7B).
         num_channels: colour channels per pixel (3, RGB).
+        image_attention: ``causal`` (SOLO) or ``bidirectional`` (an image block's tokens see each
+            other both ways); see `native_vision`.
+        vision_positions: ``sequential`` (SOLO) or ``2d`` (rotary row/column sections for patches);
+            see `native_vision` for the exact rule.
 
     A patch enters the model as a flat vector of `num_channels * vision_patch_size**2` values
     (3072 for SOLO-7B) in (channel, y, x) order, through one bias-free linear layer.
@@ -47,6 +53,8 @@ class SoloConfig(MistralConfig):
 
     vision_patch_size: int = 32
     num_channels: int = 3
+    image_attention: str = "causal"
+    vision_positions: str = "sequential"
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -58,6 +66,7 @@ class SoloConfig(MistralConfig):
             raise ValueError(f"vision_patch_size must be a positive int, got {self.vision_patch_size!r}")
         if not isinstance(self.num_channels, int) or self.num_channels < 1:
             raise ValueError(f"num_channels must be a positive int, got {self.num_channels!r}")
+        check_switches(self.image_attention, self.vision_positions)
         # Llama checkpoints with biases would load with their bias weights silently dropped.
         for flag in ("attention_bias", "mlp_bias"):
             if getattr(self, flag, False):

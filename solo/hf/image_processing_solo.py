@@ -159,14 +159,14 @@ def load_image(
 SOLO7B_SETTINGS = {"resize_mode": "solo", "legacy_image_opening": True}
 
 
-def solo_resize_size(width: int, height: int) -> tuple[int, int]:
+def solo_resize_size(width: int, height: int, max_side: int = MAX_IMAGE_SIDE) -> tuple[int, int]:
     """SOLO's resize rule, bit for bit: returns (new_width, new_height), multiples of 32.
 
-    new_long = min(ceil(long / 32) * 32, 1024); new_short = ceil(int(new_long * short / long) / 32) * 32.
-    It stretches thin images and gives a zero side beyond ~1024:1, which raises here.
+    new_long = min(ceil(long / 32) * 32, max_side); new_short = ceil(int(new_long * short / long) / 32) * 32,
+    max_side = 1024 in SOLO. It stretches thin images and gives a zero side beyond ~1024:1, which raises here.
     """
     long_side, short_side = max(width, height), min(width, height)
-    new_long = min(math.ceil(long_side / PATCH_SIZE) * PATCH_SIZE, MAX_IMAGE_SIDE)
+    new_long = min(math.ceil(long_side / PATCH_SIZE) * PATCH_SIZE, max_side)
     new_short = math.ceil(int(new_long * short_side / long_side) / PATCH_SIZE) * PATCH_SIZE
     if new_short == 0:
         raise ValueError(
@@ -206,12 +206,30 @@ def fit_grid(width: int, height: int, max_patches: int = MAX_PATCHES) -> tuple[i
         scale *= 0.995
 
 
-def resize_size(width: int, height: int, resize_mode: str = "fit") -> tuple[int, int]:
-    """Target (width, height) in pixels, multiples of 32, for `resize_mode` 'fit' (default) or 'solo'."""
+def check_max_patches(max_patches: int) -> int:
+    """`max_patches` if it is a patch budget the resize rules take (1 … 1024), else ValueError."""
+    if isinstance(max_patches, bool) or not isinstance(max_patches, int) or not 1 <= max_patches <= MAX_PATCHES:
+        raise ValueError(f"max_patches must be an integer from 1 to {MAX_PATCHES}, got {max_patches!r}")
+    return max_patches
+
+
+def resize_size(width: int, height: int, resize_mode: str = "fit", max_patches: int = MAX_PATCHES) -> tuple[int, int]:
+    """Target (width, height) in pixels, multiples of 32, for `resize_mode` 'fit' (default) or 'solo'.
+
+    `max_patches` (a per-stage visual-token budget, default 1,024 = no change) scales images down,
+    aspect kept, until their grid holds at most that many patches: 'fit' is `fit_grid` at that budget;
+    'solo' is SOLO's rule with the largest long side (a multiple of 32, at most 1,024) whose grid fits.
+    """
+    check_max_patches(max_patches)
     if resize_mode == "solo":
-        return solo_resize_size(width, height)
+        for max_side in range(MAX_IMAGE_SIDE, 0, -PATCH_SIZE):
+            new_width, new_height = solo_resize_size(width, height, max_side)
+            if (new_width // PATCH_SIZE) * (new_height // PATCH_SIZE) <= max_patches:
+                return new_width, new_height
+        raise ValueError(f"image of {width}x{height} cannot fit {max_patches} patches under the 'solo' rule "
+                         "(its thin side needs more); use resize_mode='fit'")
     if resize_mode == "fit":
-        rows, cols = fit_grid(width, height)
+        rows, cols = fit_grid(width, height, max_patches)
         return cols * PATCH_SIZE, rows * PATCH_SIZE
     raise ValueError(f"unknown resize_mode {resize_mode!r}; choose one of {RESIZE_MODES}")
 
@@ -233,11 +251,13 @@ def unpatchify(patches: np.ndarray, rows: int, cols: int) -> np.ndarray:
     )
 
 
-def image_to_patches(image: Image.Image, resize_mode: str = "fit") -> tuple[np.ndarray, tuple[int, int]]:
+def image_to_patches(
+    image: Image.Image, resize_mode: str = "fit", max_patches: int = MAX_PATCHES
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Resize an RGB image to its patch grid and cut it: returns (uint8 [N, 3072], (rows, cols))."""
     if image.mode != "RGB":
         image = _to_rgb(image)
-    new_width, new_height = resize_size(image.width, image.height, resize_mode)
+    new_width, new_height = resize_size(image.width, image.height, resize_mode, max_patches)
     if (new_width, new_height) != image.size:
         image = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
     pixels = np.asarray(image, dtype=np.uint8)
@@ -295,6 +315,7 @@ class SoloImageProcessor(BaseImageProcessor):
         patch_size: int = PATCH_SIZE,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         legacy_image_opening: bool = False,
+        max_patches: int = MAX_PATCHES,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -307,6 +328,7 @@ class SoloImageProcessor(BaseImageProcessor):
         self.max_pixels = max_pixels
         # Open every image as SOLO-7B did (see `load_image`): a converted SOLO-7B's processor sets it.
         self.legacy_image_opening = bool(legacy_image_opening)
+        self.max_patches = check_max_patches(max_patches)
 
     def patchify(
         self, image: ImageSource, name: str | None = None, legacy_solo7b: bool = False
@@ -315,7 +337,7 @@ class SoloImageProcessor(BaseImageProcessor):
         `legacy_solo7b` (or the processor's `legacy_image_opening`): open it as SOLO-7B did (see `load_image`)."""
         loaded = load_image(image, name=name, max_pixels=self.max_pixels,
                             legacy_solo7b=legacy_solo7b or self.legacy_image_opening)
-        return image_to_patches(loaded, self.resize_mode)
+        return image_to_patches(loaded, self.resize_mode, self.max_patches)
 
     def preprocess(self, images: ImageSource | Iterable[ImageSource], return_tensors=None, **kwargs) -> BatchFeature:
         if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)):

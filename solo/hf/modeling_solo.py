@@ -31,12 +31,20 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
 from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.models.mistral.modeling_mistral import MistralModel, MistralPreTrainedModel
+from transformers.models.mistral.modeling_mistral import MistralModel, MistralPreTrainedModel, MistralRotaryEmbedding
 from transformers.utils import can_return_tuple
 
 from .configuration_solo import SoloConfig
 from .image_processing_solo import normalize_patches
+from .native_vision import (
+    column_frequencies,
+    image_block_ids,
+    image_layout_from_patch_indices,
+    image_position_shift,
+    rope_section_positions,
+)
 
 IGNORE_INDEX = -100  # label value that carries no loss (the Hugging Face convention)
 NO_PATCH = -1  # vision_patch_indices value of a position that holds no patch
@@ -123,6 +131,26 @@ class SoloPreTrainedModel(MistralPreTrainedModel):
     base_model_prefix = "model"
 
 
+class SoloRotaryEmbedding(MistralRotaryEmbedding):
+    """Mistral's rotary embedding, read at two-section positions under ``vision_positions=2d``.
+
+    `SoloModel.forward` sets :attr:`section_positions` ((2, B, S): row and column section, see
+    `native_vision`) around the backbone call; frequency i turns by the column section when i is
+    odd, else by the row section. Unset, it is Mistral's. No weights of its own.
+    """
+
+    section_positions: torch.Tensor | None = None
+
+    def forward(self, x, position_ids):
+        if self.section_positions is None:
+            return super().forward(x, position_ids)
+        inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float)
+        row, col = (p[..., None].float() * inv_freq for p in self.section_positions.to(x.device))
+        freqs = torch.where(column_frequencies(inv_freq.shape[0], device=x.device), col, row)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
 class SoloModel(SoloPreTrainedModel, MistralModel):
     """The SOLO decoder: `MistralModel` plus `embed_vision_patch`, a bias-free patch_dim → hidden linear.
 
@@ -132,6 +160,8 @@ class SoloModel(SoloPreTrainedModel, MistralModel):
     def __init__(self, config: SoloConfig):
         super().__init__(config)
         self.embed_vision_patch = nn.Linear(config.patch_dim, config.hidden_size, bias=False)
+        if config.vision_positions == "2d":
+            self.rotary_emb = SoloRotaryEmbedding(config)
         # MistralModel.__init__ already ran post_init; run it again so the new layer gets the
         # library's N(0, initializer_range) init (layers initialised before are skipped).
         self.post_init()
@@ -179,13 +209,17 @@ class SoloModel(SoloPreTrainedModel, MistralModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cache: Cache | None = None,
+        rope_deltas: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
         """Embed tokens, add patch embeddings at patch positions, run the Mistral decoder.
 
         If `inputs_embeds` is given instead of `input_ids`, the patch embeddings are added to it.
         `cache` (the transformers 5 name) is accepted as an alias of `past_key_values`;
-        `return_dict=False` gives a tuple, as Mistral does.
+        `return_dict=False` gives a tuple, as Mistral does. Under `image_attention=bidirectional`
+        the image blocks of this call attend both ways; under `vision_positions=2d` the rotary
+        positions follow `native_vision` (`rope_deltas` (B, 1): added to the positions of a step
+        whose earlier images are in the cache; `generate` passes it).
         """
         cache = _merge_cache_arguments(past_key_values, cache)
         if is_packed(attention_mask, position_ids, cache):
@@ -195,15 +229,64 @@ class SoloModel(SoloPreTrainedModel, MistralModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         inputs_embeds = self.add_patch_embeddings(inputs_embeds, vision_patches, vision_patch_indices)
+        layouts = None
+        if vision_patch_indices is not None and (
+            self.config.image_attention == "bidirectional" or self.config.vision_positions == "2d"
+        ):
+            layouts = [image_layout_from_patch_indices(row) for row in vision_patch_indices]
+        if self.config.image_attention == "bidirectional" and layouts and any(len(lay) for lay in layouts):
+            attention_mask = self._image_block_mask(inputs_embeds, attention_mask, cache, position_ids, layouts)
+        if self.config.vision_positions == "2d":
+            self.rotary_emb.section_positions = self._section_positions(
+                inputs_embeds, position_ids, cache, rope_deltas, layouts
+            )
         kwargs[_BACKBONE_CACHE_ARG] = cache
-        return super().forward(
-            input_ids=None,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
+        try:
+            return super().forward(
+                input_ids=None,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        finally:
+            if self.config.vision_positions == "2d":
+                self.rotary_emb.section_positions = None
+
+    def _image_block_mask(self, inputs_embeds, attention_mask, cache, position_ids, layouts):
+        """The model's causal (packed, windowed) mask with each image block opened both ways:
+        transformers' `block_sequence_ids` overlay, over this call's tokens after the cached ones."""
+        if self.config._attn_implementation not in ("sdpa", "eager", "flex_attention"):
+            raise ValueError(
+                f"image_attention=bidirectional needs attn_implementation sdpa, eager or flex_attention "
+                f"(got {self.config._attn_implementation!r}, which cannot take an image-block mask)"
+            )
+        length = inputs_embeds.shape[1]
+        blocks = torch.stack([image_block_ids(layout, length) for layout in layouts])
+        past = cache.get_seq_length() if cache is not None else 0
+        if past:
+            blocks = F.pad(blocks, (past, 0), value=-1)
+        mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
+        return mask_function(
+            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
+            position_ids=position_ids, block_sequence_ids=blocks,
         )
+
+    @staticmethod
+    def _section_positions(inputs_embeds, position_ids, cache, rope_deltas, layouts) -> torch.Tensor:
+        """(2, B, S) row/column section positions of this call (`native_vision.rope_section_positions`)."""
+        batch, length = inputs_embeds.shape[:2]
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + length, device=inputs_embeds.device)[None]
+        position_ids = position_ids.to(inputs_embeds.device).expand(batch, length)
+        if rope_deltas is not None:
+            position_ids = position_ids + rope_deltas.to(position_ids.device).reshape(batch, 1)
+        no_images = torch.zeros(0, 3, dtype=torch.long, device=inputs_embeds.device)
+        return torch.stack([
+            rope_section_positions(position_ids[b], layouts[b] if layouts else no_images) for b in range(batch)
+        ], dim=1)
 
 
 def causal_lm_loss(
@@ -366,6 +449,11 @@ class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
         if bool((window >= 0).any()):
             model_inputs["vision_patches"] = vision_patches
             model_inputs["vision_patch_indices"] = window
+        if self.config.vision_positions == "2d" and start > 0:
+            # Text after the cached images continues after their largest 2-D position.
+            model_inputs["rope_deltas"] = torch.stack([
+                -image_position_shift(image_layout_from_patch_indices(row[:start])) for row in vision_patch_indices
+            ]).reshape(-1, 1)
         return model_inputs
 
     def _expand_inputs_for_generation(
