@@ -12,6 +12,7 @@ import os
 from typing import Optional
 
 from solo.checkpoints import (
+    CheckpointError,
     iteration_dir,
     newest_valid,
     prepare_tmp_dir,
@@ -19,7 +20,6 @@ from solo.checkpoints import (
     verify_complete_marker,
     write_complete_marker,
 )
-from solo.hf_checkpoint import CheckpointError
 from solo.outputs import write_json_atomic
 
 STATE_FILE = "trainer_state.json"
