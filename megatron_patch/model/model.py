@@ -53,7 +53,7 @@ def build_transformer_config(
     # every layer. It needs TE's THD kernel, so only the TE backend uses it (flex applies per-token
     # frequencies instead). The SwiGLU fusion is megatron's own jit kernel: any GPU.
     dtype = torch.bfloat16 if training.bf16 else torch.float32
-    recompute = {}  # training.recompute's choices are checked by the recipe loader (none: this)
+    recompute = {}  # "none" (training.recompute is one of its Literal choices: the loader checks)
     if training.recompute == "full":
         recompute = dict(
             recompute_granularity="full",
