@@ -49,7 +49,37 @@ def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
 
 
-class PackedDotProductAttention(MegatronModule):
+class _CausalCoreAttention(MegatronModule):
+    """megatron-core's core-attention constructor contract, as both packed attentions take it:
+    causal masks only, no context parallelism, the window from ``config.window_size``."""
+
+    context_parallel_error = ""  # what each backend says when context parallelism is asked for
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size > 1:
+            raise ValueError(self.context_parallel_error)
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise ValueError(f"SOLO attention is causal; got attn_mask_type={attn_mask_type}")
+        self.layer_number = layer_number
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        )
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.window_left = _window_left(config)
+
+
+class PackedDotProductAttention(_CausalCoreAttention):
     """Causal core attention that runs ``F.scaled_dot_product_attention`` per document.
 
     Inputs follow megatron-core's core-attention contract: ``[s, b, heads, dim]`` tensors, or, for a
@@ -65,32 +95,8 @@ class PackedDotProductAttention(MegatronModule):
     """
 
     segment_tokens: int = 256  # measured on CPU: 128-256 beat per-document calls; 512+ loses
-
-    def __init__(
-        self,
-        config: TransformerConfig,
-        layer_number: int,
-        attn_mask_type: AttnMaskType,
-        attention_type: str,
-        attention_dropout: Optional[float] = None,
-        softmax_scale: Optional[float] = None,
-        cp_comm_type: Optional[str] = None,
-        pg_collection=None,
-    ):
-        super().__init__(config=config)
-        if config.context_parallel_size > 1:
-            raise ValueError(
-                "PackedDotProductAttention does not implement context parallelism; "
-                "set parallel.context_parallel_size=1"
-            )
-        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
-            raise ValueError(f"SOLO attention is causal; got attn_mask_type={attn_mask_type}")
-        self.layer_number = layer_number
-        self.softmax_scale = (
-            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
-        )
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.window_left = _window_left(config)
+    context_parallel_error = ("PackedDotProductAttention does not implement context parallelism; "
+                              "set parallel.context_parallel_size=1")
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_lengths: Optional[list] = None,
@@ -304,7 +310,7 @@ def _flex_attention():
     return _COMPILED_FLEX
 
 
-class FlexPackedAttention(MegatronModule):
+class FlexPackedAttention(_CausalCoreAttention):
     """Causal core attention for packed documents with PyTorch's ``flex_attention`` (GPU, no TE).
 
     Takes the :class:`DocumentMaskParams` that ``SoloGPTModel`` builds once per micro-batch (passed
@@ -314,30 +320,13 @@ class FlexPackedAttention(MegatronModule):
     runs natively. No attention dropout (flex has none; SOLO uses 0).
     """
 
-    def __init__(
-        self,
-        config: TransformerConfig,
-        layer_number: int,
-        attn_mask_type: AttnMaskType,
-        attention_type: str,
-        attention_dropout: Optional[float] = None,
-        softmax_scale: Optional[float] = None,
-        cp_comm_type: Optional[str] = None,
-        pg_collection=None,
-    ):
-        super().__init__(config=config)
-        if config.context_parallel_size > 1:
-            raise ValueError("the flex backend does not implement context parallelism; set parallel.context_parallel_size=1")
-        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
-            raise ValueError(f"SOLO attention is causal; got attn_mask_type={attn_mask_type}")
-        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        if dropout:
-            raise ValueError(f"the flex backend has no attention dropout (got {dropout}); use backend te or local")
-        self.layer_number = layer_number
-        self.softmax_scale = (
-            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
-        )
-        self.window_left = _window_left(config)
+    context_parallel_error = ("the flex backend does not implement context parallelism; "
+                              "set parallel.context_parallel_size=1")
+
+    def __init__(self, config: TransformerConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        if self.dropout_p:
+            raise ValueError(f"the flex backend has no attention dropout (got {self.dropout_p}); use backend te or local")
 
     def forward(
         self,
