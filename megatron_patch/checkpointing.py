@@ -53,6 +53,7 @@ from solo.checkpoints import (
     CheckpointReader,
     iteration_dir,
     newest_valid,
+    nothing_to_resume,
     prepare_tmp_dir,
     publish_checkpoint,
     read_latest,
@@ -101,9 +102,7 @@ def find_resume_checkpoint(save: Optional[str]) -> Optional[int]:
         for item in skipped:
             logger.warning("skipping checkpoint %s", item)
     if iteration is None and skipped:
-        raise CheckpointError(
-            f"no valid checkpoint in {save} to resume from (" + "; ".join(skipped) + "). Move the damaged "
-            "checkpoints away to start this run from the beginning, or point checkpoint.save elsewhere")
+        raise nothing_to_resume(save, skipped)
     return iteration
 
 

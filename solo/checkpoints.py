@@ -158,6 +158,13 @@ def newest_valid(save: str, verify: Callable[[str], Optional[str]]) -> tuple[Opt
     return None, skipped
 
 
+def nothing_to_resume(save: str, skipped: list[str]) -> CheckpointError:
+    """The error of a run whose ``save`` holds checkpoints of which none verifies (``skipped``: why)."""
+    return CheckpointError(
+        f"no valid checkpoint in {save} to resume from (" + "; ".join(skipped) + "). Move the damaged "
+        "checkpoints away to start this run from the beginning, or choose another checkpoint.save")
+
+
 # ----------------------------------------------------------------------------------------------
 # megatron-core torch_dist checkpoints (pretraining's and conversion's)
 # ----------------------------------------------------------------------------------------------
