@@ -30,7 +30,7 @@ formats:
                LLaMA-Factory {"messages", "images"} with <image> placeholders
 
 Folders are searched recursively (sorted, dotfiles skipped). Relative image paths resolve against
---image-root (default: the input file's folder). Every dataset's command: data_prep/README.md,
+--image-root (default: the input file's folder). Every dataset's command: docs/data.md,
 "Datasets as downloaded".
 Run the same command again after an interruption (even kill -9): finished work is reused and the
 result is byte-identical to an uninterrupted run. Bad records are rejected with a reason in

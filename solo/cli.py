@@ -174,7 +174,7 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser, benchmarks) -> None:
     parser.add_argument(
         "--data", required=True,
         help="the benchmark's local file or folder as distributed (parquet, VLMEvalKit TSV, original JSON/folders; "
-        "see the README), or a JSONL for --benchmark mc",
+        "see docs/evaluation.md), or a JSONL for --benchmark mc",
     )
     parser.add_argument(
         "--protocol", choices=PROTOCOL_NAMES, default=None,

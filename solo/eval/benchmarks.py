@@ -34,7 +34,7 @@ class Benchmark:
 
     name: str
     read: Callable[[Path], list[Sample]]
-    layouts: str  # the data layouts ``read`` knows (named in errors and in the README)
+    layouts: str  # the data layouts ``read`` knows (named in errors and in docs/evaluation.md)
     yes_no: bool = False  # MME: answers are "yes"/"no", questions carry their own instruction
     likelihood: bool = True  # whether likelihood mode can rank its answers (not for free-form MathVista)
 
