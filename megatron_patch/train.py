@@ -607,7 +607,8 @@ def train(cfg: Config) -> int:
 
         sigterm = any_true(terminate.requested)
         stop = sigterm or (t.exit_after_iters is not None and iteration - run_start_iteration >= t.exit_after_iters)
-        if cfg.checkpoint.save and (iteration % cfg.checkpoint.save_interval == 0 or stop or iteration == t.train_iters):
+        if cfg.checkpoint.save and (iteration % cfg.checkpoint.save_interval == 0 or stop
+                                    or iteration == t.train_iters):
             _sync_params(model)
             save_checkpoint(cfg, model, optimizer, scheduler, iteration, consumed, async_saves)
             last_saved = iteration

@@ -326,7 +326,8 @@ class FlexPackedAttention(_CausalCoreAttention):
     def __init__(self, config: TransformerConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         if self.dropout_p:
-            raise ValueError(f"the flex backend has no attention dropout (got {self.dropout_p}); use backend te or local")
+            raise ValueError(f"the flex backend has no attention dropout (got {self.dropout_p}); "
+                             "use backend te or local")
 
     def forward(
         self,

@@ -6,8 +6,8 @@
 ``megatron`` reads a megatron-core pretraining checkpoint (any TP/PP it was saved at; evaluated on
 one process) and the held-out set as `solo-data pack` laid it out (any template; the demo packs it
 in the chat layout): the prompt of a question is its document up to the first token with loss
-(picture block and question), and the answer is generated greedily until EOS. All prompts of the set share one packed row per decoding
-step, so a step is one forward pass. ``hf`` runs a Hugging Face SOLO checkpoint with
+(picture block and question), and the answer is generated greedily until EOS. All prompts of the set
+share one packed row per decoding step, so a step is one forward pass. ``hf`` runs a Hugging Face SOLO checkpoint with
 ``model.generate`` on the chat template (the instruction-tuned model).
 
 Both write R.json (accuracy, chance, per question type, every answer) and print one line
@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = parser.add_subparsers(dest="kind", required=True)
     mcore = kinds.add_parser("megatron", help="a megatron-core pretraining checkpoint")
     mcore.add_argument("--ckpt", required=True, help="SAVE_DIR of a pretraining stage (or one iter_* directory)")
-    mcore.add_argument("--packed", required=True, help="the held-out questions packed by `solo-data pack --format llava`")
+    mcore.add_argument("--packed", required=True,
+                       help="the held-out questions packed by `solo-data pack --format llava`")
     hf = kinds.add_parser("hf", help="a Hugging Face SOLO checkpoint (generate)")
     hf.add_argument("--model", required=True, help="Hugging Face SOLO checkpoint directory")
     for sub in (mcore, hf):

@@ -182,13 +182,15 @@ def _train(cfg: SFTConfig, accelerator) -> dict:
     torch.manual_seed(cfg.training.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     if tokenizer.pad_token_id is None:
-        raise ConfigError(f"model.path: the tokenizer in {cfg.model.path} has no pad token; create it with `solo create`")
+        raise ConfigError(f"model.path: the tokenizer in {cfg.model.path} has no pad token; "
+                          "create it with `solo create`")
 
     data_dir = prepare_data(cfg, tokenizer, accelerator)
     reader = PackedReader(data_dir)
     report = read_report(data_dir)
     if len(reader) == 0:
-        raise DataError(f"{data_dir} holds no packs (all {report['documents_in']} samples rejected: see its report.json)")
+        raise DataError(f"{data_dir} holds no packs "
+                        f"(all {report['documents_in']} samples rejected: see its report.json)")
     plan = plan_steps(len(reader), report["pieces"], cfg.training.samples_per_step, world,
                       cfg.training.micro_batch_packs, cfg.training.epochs, cfg.training.seed)
     total_steps = plan.total_steps
@@ -254,16 +256,18 @@ def _train(cfg: SFTConfig, accelerator) -> dict:
                                      op=torch.distributed.ReduceOp.MIN)[0]
                 if finite < 1:
                     raise NonFiniteLossError(
-                        f"non-finite loss at step {step + 1}; the step was not applied. Resume from the last checkpoint "
-                        "with a lower training.lr, or check the data of this step (metrics.jsonl lists its packs)")
+                        f"non-finite loss at step {step + 1}; the step was not applied. "
+                        "Resume from the last checkpoint with a lower training.lr, "
+                        "or check the data of this step (metrics.jsonl lists its packs)")
                 accelerator.backward(out.loss * scale)
                 loss_sum += float(out.loss.detach())
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.training.clip_grad) \
                         if cfg.training.clip_grad > 0 or is_deepspeed else None
                     if grad_norm is not None and not math.isfinite(float(grad_norm)):
-                        raise NonFiniteLossError(f"non-finite gradient norm at step {step + 1}; stopped without saving it: "
-                                                 "the same command resumes from the last checkpoint (lower training.lr)")
+                        raise NonFiniteLossError(
+                            f"non-finite gradient norm at step {step + 1}; stopped without saving it: "
+                            "the same command resumes from the last checkpoint (lower training.lr)")
                     optimizer.step()
                     optimizer.zero_grad()
         loss_total = _all_reduce([loss_sum], device)[0]
