@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["solo", "solo.*", "megatron_patch", "megatron_patch.*", "data_prep", "data_prep.*"]),
+    packages=find_packages(
+        include=["solo", "solo.*", "megatron_patch", "megatron_patch.*", "data_prep", "data_prep.*"]),
     package_data={"megatron_patch": ["recipes/*.yaml"], "solo.sft": ["recipes/*.yaml"]},
     install_requires=[
         # torch is a range on purpose: GPU users bring their own CUDA build; CPU machines
@@ -37,9 +38,9 @@ setup(
         # no packed-THD attention, a newer flash-attn leaves no attention backend at all.
         # megatron_patch/preflight.py checks the same at start-up.
         "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "flash-attn==2.8.3"],
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "ruff>=0.6"],  # ruff: the lint that .ci/run enforces (ruff.toml)
         # lmms-eval model adapter (solo/eval/lmms_adapter.py). Its torchvision must match torch:
-        # on a CPU machine with torch 2.13.0 install torchvision 0.28.* with it (see README).
+        # on a CPU machine with torch 2.13.0 install torchvision 0.28.* with it (see docs/evaluation.md).
         "lmms": ["lmms-eval==0.7.3"],
     },
     entry_points={

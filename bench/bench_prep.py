@@ -5,7 +5,7 @@ Both paths get the same photo-like JPEGs at SOLO's image-size mix (`data_prep.sy
 * ours: the whole pack path in one process (`--workers 1`): read the caption JSONL, read and fully
   decode each image (verification), compute its grid, tokenise, lay out, pack, write the original
   bytes to the IndexedDataset files, report.
-* SOLO's path, re-implemented from its description (reference notes §1–3): decode → RGB → SOLO
+* SOLO's path, re-implemented from its description: decode → RGB → SOLO
   resize (bilinear) → ToTensor (÷255) → ImageNet Normalize → unfold into 32×32 patches → float16 →
   write the patches to disk. Tokenising is left out of this path, which favours SOLO.
 
@@ -82,7 +82,8 @@ def main() -> None:
         extend_tokenizer(make_base_tokenizer()).save_pretrained(os.path.join(root, "tokenizer"))
         with open(os.path.join(root, "captions.jsonl"), "w") as handle:
             for index, path in enumerate(paths):
-                handle.write(json.dumps({"image": path, "caption": f"a synthetic photo number {index} with shapes"}) + "\n")
+                caption = f"a synthetic photo number {index} with shapes"
+                handle.write(json.dumps({"image": path, "caption": caption}) + "\n")
         for path in paths:  # warm the page cache for both paths alike
             open(path, "rb").read()
 

@@ -8,7 +8,8 @@ synthetic packs (documents of ~--doc-tokens text tokens, half with an image of u
 * megatron: SoloGPTModel (local spec, per-document SDPA attention via PackedSeqParams), megatron-core
   DDP + schedules + megatron optimizer, exactly as megatron_patch.train runs it;
 * HF: SoloForCausalLM with SDPA; documents are kept apart the HF way, by position ids that restart
-  per document (transformers builds a dense block-causal mask from them, given use_cache=False), torch AdamW + clip_grad_norm_.
+  per document (transformers builds a dense block-causal mask from them, given use_cache=False),
+  torch AdamW + clip_grad_norm_.
 
 Prints tokens/s for each and the ratio megatron/HF (goal >= 1.0).
 """
@@ -60,14 +61,22 @@ def make_pack(rng, args):
         doc, doc_loss, doc_vpi = [1], [0], [-1]
         if rng.uniform() < 0.5:
             rows, cols = (int(x) for x in rng.integers(1, 7, size=2))
-            doc += [3]; doc_loss += [0]; doc_vpi += [-1]
+            doc += [3]
+            doc_loss += [0]
+            doc_vpi += [-1]
             for r in range(rows):
                 for _ in range(cols):
-                    doc.append(4); doc_loss.append(0); doc_vpi.append(len(patches))
+                    doc.append(4)
+                    doc_loss.append(0)
+                    doc_vpi.append(len(patches))
                     patches.append(rng.integers(0, 256, 3072, dtype=np.uint8))
                 if r < rows - 1:
-                    doc.append(5); doc_loss.append(0); doc_vpi.append(-1)
-            doc += [6]; doc_loss += [0]; doc_vpi += [-1]
+                    doc.append(5)
+                    doc_loss.append(0)
+                    doc_vpi.append(-1)
+            doc += [6]
+            doc_loss += [0]
+            doc_vpi += [-1]
         doc += [int(t) for t in rng.integers(32, args.vocab, n_text)] + [2]
         doc_loss += [1] * (n_text + 1)
         doc_vpi += [-1] * (n_text + 1)
@@ -79,7 +88,9 @@ def make_pack(rng, args):
             if any(v >= 0 for v in doc_vpi[cut:]):
                 break
             doc, doc_loss, doc_vpi = doc[:cut], doc_loss[:cut], doc_vpi[:cut]
-        tokens += doc; loss += doc_loss; vpi += doc_vpi
+        tokens += doc
+        loss += doc_loss
+        vpi += doc_vpi
         cu.append(len(tokens))
         if len(tokens) >= args.seq:
             break

@@ -7,7 +7,7 @@
 # 0. Smoke (about 10 s, bench/gpu_smoke.py): a bf16 matrix product, torch.compile of a tiny function,
 #    one flex attention call. A broken toolchain stops the check here with one line.
 # 1. Installs the project's missing dependencies from wheels made beforehand on a machine with a
-#    package index (README "GPU readiness"; into a fresh folder, nothing system-wide):
+#    package index (docs/gpu.md, "GPU check on one machine"; into a fresh folder, nothing system-wide):
 #      pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d wheels \
 #        megatron-core==0.16.1 einops==0.8.2 zstandard==0.25.0 lz4==4.4.5 packaging==26.4

@@ -131,7 +131,8 @@ def fastest_fitting(cfg, vocab_size: int, num_gpus: int, gpu_gib: float, margin_
 
     for recompute, method, n in recompute_choices(cfg):
         trial = copy.deepcopy(cfg)
-        trial.training.recompute, trial.training.recompute_method, trial.training.recompute_num_layers = recompute, method, n
+        training = trial.training
+        training.recompute, training.recompute_method, training.recompute_num_layers = recompute, method, n
         plan = memory_plan(trial, vocab_size, num_gpus)
         if plan["total_gib"] + margin_gib <= gpu_gib:
             return (recompute, method, n), plan

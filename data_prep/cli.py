@@ -30,7 +30,7 @@ formats:
                LLaMA-Factory {"messages", "images"} with <image> placeholders
 
 Folders are searched recursively (sorted, dotfiles skipped). Relative image paths resolve against
---image-root (default: the input file's folder). Every dataset's command: data_prep/README.md,
+--image-root (default: the input file's folder). Every dataset's command: docs/data.md,
 "Datasets as downloaded".
 Run the same command again after an interruption (even kill -9): finished work is reused and the
 result is byte-identical to an uninterrupted run. Bad records are rejected with a reason in
@@ -208,13 +208,15 @@ def _pack(args) -> int:
     try:
         check_max_patches(args.max_patches)
     except ValueError:
-        raise ValueError(f"--max-patches must be from 1 to {MAX_PATCHES} (patches per image), got {args.max_patches}") from None
+        raise ValueError(f"--max-patches must be from 1 to {MAX_PATCHES} (patches per image), "
+                         f"got {args.max_patches}") from None
     if args.format == "imagenet" and not args.class_map:
         raise ValueError("--format imagenet needs --class-map FILE (synset → class name)")
     if args.class_names and not args.class_map:
         raise ValueError("--class-names needs --class-map (the synset ids its lines are aligned with)")
     if args.image_index and not os.path.isdir(args.image_index):
-        raise FileNotFoundError(f"--image-index {args.image_index!r} is not a folder (give img2dataset's output folder)")
+        raise FileNotFoundError(f"--image-index {args.image_index!r} is not a folder "
+                                "(give img2dataset's output folder)")
     source = SourceOptions(
         format=args.format, image_root=args.image_root,
         class_map=load_class_map(args.class_map, args.class_names) if args.class_map else {},

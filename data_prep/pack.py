@@ -103,7 +103,8 @@ def load_tokenizer(directory: str):
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"tokenizer in {directory} is not a fast tokenizer; save it with tokenizers installed")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError("tokenizer pad id must exist and differ from EOS; extend it with solo.tokenizer.extend_tokenizer")
+        raise ValueError("tokenizer pad id must exist and differ from EOS; "
+                         "extend it with solo.tokenizer.extend_tokenizer")
     return tokenizer
 
 
@@ -454,7 +455,8 @@ class _ImageSource:
             _, offset, length = ref
             data = os.pread(self._handle(chunk, chunk_paths(self.work_dir, chunk)[1]).fileno(), length, offset)
             if len(data) != length:
-                raise RuntimeError(f"short read of an image ({len(data)} of {length} bytes at {ref}); rerun with --overwrite")
+                raise RuntimeError(f"short read of an image ({len(data)} of {length} bytes at {ref}); "
+                                   "rerun with --overwrite")
             return data
         _, path, offset, length, *_, sha256 = ref
         try:
@@ -733,7 +735,8 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
             accounting.image_bytes += sum(len(data) for data in pack_images)
             accounting.vision_tokens += sum(image_tokens_count(rows, cols) for _, rows, cols in layout)
         if packs:
-            progress.set_postfix(packs=accounting.packs, fill=f"{accounting.tokens / (accounting.packs * seq_length):.4f}")
+            fill = accounting.tokens / (accounting.packs * seq_length)
+            progress.set_postfix(packs=accounting.packs, fill=f"{fill:.4f}")
 
     def consume(index: int) -> None:
         if index < resume_at[0]:
@@ -808,7 +811,8 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
         # No metadata.json: training must not accept an empty directory as data. The work folder
         # stays, so the same command fails the same way and another --format says --overwrite.
         found = (f"all {report['documents_in']} records were rejected" if report["documents_in"]
-                 else "the inputs hold no records" + (" that pass --exclude-subset" if report["documents_filtered"] else ""))
+                 else "the inputs hold no records"
+                 + (" that pass --exclude-subset" if report["documents_filtered"] else ""))
         raise NothingPackedError(
             f"nothing was packed into {config.output}: {found}. "
             + (f"{warning} " if warning else "")

@@ -120,7 +120,8 @@ class PackWriter:
         self.packs, self.images = resume["packs"], resume["images"]
         self.side_packs = self._reopen(side_packs, self.packs * self.PACK_FIELDS * 8)
         self.side_images = self._reopen(side_images, self.images * 8)
-        records = np.fromfile(side_packs, dtype=np.int64, count=self.packs * self.PACK_FIELDS).reshape(-1, self.PACK_FIELDS)
+        records = np.fromfile(side_packs, dtype=np.int64, count=self.packs * self.PACK_FIELDS)
+        records = records.reshape(-1, self.PACK_FIELDS)
         image_lengths = np.fromfile(side_images, dtype=np.int64, count=self.images)
         per_pack_indices = list(range(self.packs + 1))
         for column, (name, dtype) in enumerate(dtypes.items()):

@@ -93,7 +93,8 @@ def _html(reader: PackedReader, index: int, documents: list[dict]) -> str:
     for number, document in enumerate(documents):
         input_index, record, piece = document["origin"]
         parts.append(f"<div class=doc><h2>document {number}: input {input_index}, record {record}, piece {piece} — "
-                     f"{document['tokens']} tokens, {document['loss_tokens']} with loss</h2><pre style='white-space:pre-wrap'>")
+                     f"{document['tokens']} tokens, {document['loss_tokens']} with loss</h2>"
+                     "<pre style='white-space:pre-wrap'>")
         for run in document["runs"]:
             if run[0] == "image":
                 buffer = io.BytesIO()
@@ -129,7 +130,8 @@ def _png(reader: PackedReader, index: int, documents: list[dict]) -> Image.Image
                 image = run[1]
                 if image.width > WIDTH - 2 * MARGIN:
                     scale = (WIDTH - 2 * MARGIN) / image.width
-                    image = image.resize((int(image.width * scale), int(image.height * scale)), Image.Resampling.NEAREST)
+                    size = (int(image.width * scale), int(image.height * scale))
+                    image = image.resize(size, Image.Resampling.NEAREST)
                 blocks.append(("image", image))
                 continue
             color = LOSS_COLOR if run[2] else NO_LOSS_COLOR

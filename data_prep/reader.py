@@ -74,7 +74,8 @@ class IndexedFile:
         data_size = os.path.getsize(data_path)
         end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if items else 0
         if end > data_size:
-            raise ValueError(f"{data_path} is truncated ({data_size} bytes, the index needs {end}); repack the directory")
+            raise ValueError(f"{data_path} is truncated ({data_size} bytes, the index needs {end}); "
+                             "repack the directory")
         # numpy cannot memory-map an empty file (a text-only source has no image bytes at all).
         self._data = np.memmap(data_path, mode="r", dtype=np.uint8) if data_size else np.zeros(0, np.uint8)
 
@@ -105,7 +106,8 @@ class PackedReader:
             self.metadata = json.load(handle)
         if self.metadata.get("format") != FORMAT_NAME or self.metadata.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{self.directory}: unsupported format {self.metadata.get('format')!r} "
-                             f"version {self.metadata.get('format_version')!r}; expected {FORMAT_NAME} v{FORMAT_VERSION}")
+                             f"version {self.metadata.get('format_version')!r}; "
+                             f"expected {FORMAT_NAME} v{FORMAT_VERSION}")
         self.seq_length: int = self.metadata["seq_length"]
         self.tokenizer_info: dict = self.metadata["tokenizer"]
         # Relative to the directory (its own copy); packs written before that recorded an absolute path.
@@ -124,7 +126,8 @@ class PackedReader:
             from solo.hf.image_processing_solo import SoloImageProcessor
 
             budget = {} if self.max_patches is None else {"max_patches": self.max_patches}
-            self._image_processor = SoloImageProcessor(resize_mode=self.resize_mode, max_pixels=self.max_pixels, **budget)
+            self._image_processor = SoloImageProcessor(resize_mode=self.resize_mode, max_pixels=self.max_pixels,
+                                                       **budget)
         return self._image_processor
 
     def load_tokenizer(self):
@@ -221,7 +224,8 @@ class PackedReader:
         for image_number, ((offset, rows, cols), blob) in enumerate(zip(layout.tolist(), blobs)):
             positions = vpatch_positions(offset, rows, cols)
             if positions[-1] >= len(tokens) or np.any(tokens[positions] != self.vision_patch_id):
-                raise ValueError(f"{self.directory}: pack {index} image {image_number} layout does not match its tokens")
+                raise ValueError(f"{self.directory}: pack {index} image {image_number} layout "
+                                 "does not match its tokens")
             indices[positions] = np.arange(next_patch, next_patch + rows * cols)
             next_patch += rows * cols
             if decode_images:

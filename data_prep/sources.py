@@ -261,7 +261,8 @@ def expand_inputs(paths: list[str], fmt: str) -> list[str]:
         elif image_folders and fmt == "caption":
             expanded.extend(image_folders)
         else:
-            data = [name for name in files if _strip_compression(name).endswith(DATA_SUFFIXES) and not is_side_file(name)]
+            data = [name for name in files
+                    if _strip_compression(name).endswith(DATA_SUFFIXES) and not is_side_file(name)]
             if not data:
                 raise FileNotFoundError(f"input folder {path!r} holds no .jsonl/.json/.parquet/.zip/.tar files "
                                         "(searched recursively)")
@@ -673,7 +674,8 @@ def _parse_json_record(record: Record) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise RejectedInput(f"not valid UTF-8 text (byte {error.start}: {raw[error.start:error.start + 1]!r})") from None
+        bad = raw[error.start:error.start + 1]
+        raise RejectedInput(f"not valid UTF-8 text (byte {error.start}: {bad!r})") from None
     try:
         return json.loads(text.lstrip("\ufeff"))  # a byte-order mark may open the file
     except json.JSONDecodeError as error:

@@ -59,7 +59,8 @@ def solo_like_lengths(count: int, seq_length: int, seed: int = 0) -> np.ndarray:
         elif kind == 2:
             length = int(np.clip(rng.lognormal(7.0, 1.2), 20, 400_000))
         elif kind == 3:
-            length = sum(int(rng.integers(60, 1060)) for _ in range(int(rng.integers(2, 9)))) + int(rng.integers(100, 2000))
+            length = (sum(int(rng.integers(60, 1060)) for _ in range(int(rng.integers(2, 9))))
+                      + int(rng.integers(100, 2000)))
         else:
             length = int(rng.integers(300, 3000))
         while length > seq_length:  # over-long documents arrive as clean pieces

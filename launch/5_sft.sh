@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SOLO instruction tuning (SFT) with Accelerate + DeepSpeed on this node (README "Instruction tuning").
+# SOLO instruction tuning (SFT) with Accelerate + DeepSpeed on this node (docs/sft.md).
 #
 #   MODEL=/ckpt/solo-stage3-hf DATA=/data/sft.json SAVE=/runs/sft launch/5_sft.sh [section.key=value ...]
 #

@@ -1,7 +1,7 @@
 """CPU redirects for megatron-core 0.16.1: the ONE place where the stack bends megatron-core.
 
-megatron-core assumes CUDA in a handful of places (see ../shared/CPU_NOTES.md for the measured
-facts). When CUDA is absent, :func:`apply` redirects them to the CPU:
+megatron-core assumes CUDA in a handful of places. When CUDA is absent, :func:`apply` redirects
+them to the CPU:
 
 * the RNG-states tracker (used by ``model_parallel_cuda_manual_seed`` and by every attention call)
   is replaced by :class:`CpuRNGStatesTracker`, backed by the CPU generator;
@@ -171,7 +171,8 @@ def check_symbols() -> None:
 
 
 # megatron-core's import-time notes that a CPU run cannot act on: TE, apex and fused kernels are
-# CUDA-only (CPU_NOTES.md), and a deprecation its own TransformerConfig default triggers.
+# CUDA-only (TE's torch extension is a CUDA build, apex is not on the package index), and a
+# deprecation its own TransformerConfig default triggers.
 CPU_NOTICES = (
     r"Transformer Engine and Apex are not installed",
     r"Apex is not installed",

@@ -120,7 +120,8 @@ def hf_architecture_config(model_cfg: Dict[str, Any], arch: Architecture) -> Dic
         vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, intermediate_size=arch.ffn_hidden_size,
         num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_attention_heads,
         num_key_value_heads=arch.num_query_groups, head_dim=arch.head_dim,
-        rms_norm_eps=model_cfg["rms_norm_eps"], rope_parameters={"rope_type": "default", "rope_theta": model_cfg["rope_theta"]},
+        rms_norm_eps=model_cfg["rms_norm_eps"],
+        rope_parameters={"rope_type": "default", "rope_theta": model_cfg["rope_theta"]},
         sliding_window=model_cfg.get("sliding_window"), tie_word_embeddings=False,
         **{field: model_cfg.get(field, default) for field, default in ARCH_DEFAULTS.items()},
     )
@@ -143,7 +144,8 @@ def convert_hf_to_mcore(
     config = read_solo_config(hf_dir)
     weights = HFWeights(hf_dir)
     target_dtype = DTYPES[dtype] if dtype else None
-    with atomic_output_dir(out_dir, command="solo convert hf-to-mcore", inputs=[hf_dir], overwrite=overwrite) as staging:
+    with atomic_output_dir(out_dir, command="solo convert hf-to-mcore", inputs=[hf_dir],
+                           overwrite=overwrite) as staging:
         vocab = len(write_processor(hf_dir, staging / TOKENIZER_DIR, "native", config))
         check_weight_shapes(weights, config, hf_dir, vocab_rows=vocab)  # before anything sized by config.json
         model_cfg = model_config_from_hf(config, vocab, divisible_by)
@@ -272,7 +274,8 @@ def convert_mcore_to_hf(
         arch = architecture(dict(model_cfg, vocab_size=vocab))
         rows = (reader.shape(MAPPINGS[0].mcore) or (0,))[0]
         if rows < vocab:
-            raise CheckpointError(f"{iter_dir}: the embedding has {rows} rows, fewer than the tokenizer's {vocab} entries")
+            raise CheckpointError(f"{iter_dir}: the embedding has {rows} rows, "
+                                  f"fewer than the tokenizer's {vocab} entries")
         patch_dim = (reader.shape("vision_patch_projection.weight") or (0, 0))[1]
         for key, shape in expected_shapes(arch, rows, patch_dim).items():
             found = reader.shape(key)
@@ -285,7 +288,8 @@ def convert_mcore_to_hf(
         writer = ShardWriter(staging, **({"max_bytes": max_shard_bytes} if max_shard_bytes else {}))
 
         def export(mapping, layer=None):
-            for name, tensor in zip(mapping.hf_names(layer), mapping.transform.to_hf(reader.read(mapping.mcore, layer), arch)):
+            tensors = mapping.transform.to_hf(reader.read(mapping.mcore, layer), arch)
+            for name, tensor in zip(mapping.hf_names(layer), tensors):
                 writer.add(name, tensor.to(out_dtype).clone())
 
         for mapping in MAPPINGS:
@@ -301,7 +305,8 @@ def convert_mcore_to_hf(
         hf_config.pop("rope_theta", None)
         hf_config.pop("torch_dtype", None)
         if patch_dim:
-            hf_config.setdefault("vision_patch_size", int(round((patch_dim // hf_config.get("num_channels", 3)) ** 0.5)))
+            patch_size = int(round((patch_dim // hf_config.get("num_channels", 3)) ** 0.5))
+            hf_config.setdefault("vision_patch_size", patch_size)
         if "max_position_embeddings" not in hf_config:
             seq = ((common.get("config") or {}).get("data") or {}).get("seq_length")
             hf_config["max_position_embeddings"] = max(int(seq or 0), 32768)

@@ -603,7 +603,8 @@ def train(cfg: Config) -> int:
                 last_saved = iteration
             if stop:
                 if rank == 0:
-                    logger.info("stopping at iteration %d (%s)", iteration, "SIGTERM" if sigterm else "exit_after_iters")
+                    logger.info("stopping at iteration %d (%s)", iteration,
+                                "SIGTERM" if sigterm else "exit_after_iters")
                 break
 
     if t.train_iters == 0 and cfg.checkpoint.save and last_saved is None:

@@ -69,7 +69,8 @@ def _convert(args: argparse.Namespace) -> int:
 def _add_convert(commands) -> None:
     convert = commands.add_parser(
         "convert", help="convert checkpoints: Hugging Face <-> megatron-core, SOLO-7B layout <-> native",
-        description="Checkpoint conversion through one declarative mapping (megatron_patch/model/state_dict_mapping.py). "
+        description="Checkpoint conversion through one declarative mapping "
+        "(megatron_patch/model/state_dict_mapping.py). "
         "Outputs appear atomically; a non-empty output directory is refused unless --overwrite.",
     )
     directions = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
@@ -77,9 +78,9 @@ def _add_convert(commands) -> None:
 
     to_mcore = directions.add_parser(
         "hf-to-mcore", help="Hugging Face SOLO directory -> megatron-core torch_dist checkpoint (checkpoint.init_from)",
-        description="Write a megatron-core torch_dist checkpoint (OUT/iter_0000000, the tokenizer in OUT/tokenizer, the "
-        "model config inside) that training loads with checkpoint.init_from=OUT at any TP/PP/DP. Accepts `solo create` "
-        "output, exports, and the released SOLO-7B layout.",
+        description="Write a megatron-core torch_dist checkpoint (OUT/iter_0000000, the tokenizer in "
+        "OUT/tokenizer, the model config inside) that training loads with checkpoint.init_from=OUT at any "
+        "TP/PP/DP. Accepts `solo create` output, exports, and the released SOLO-7B layout.",
     )
     to_mcore.add_argument("--hf", required=True, help="Hugging Face SOLO checkpoint directory (safetensors)")
     to_mcore.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
@@ -173,7 +174,7 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser, benchmarks) -> None:
     parser.add_argument(
         "--data", required=True,
         help="the benchmark's local file or folder as distributed (parquet, VLMEvalKit TSV, original JSON/folders; "
-        "see the README), or a JSONL for --benchmark mc",
+        "see docs/evaluation.md), or a JSONL for --benchmark mc",
     )
     parser.add_argument(
         "--protocol", choices=PROTOCOL_NAMES, default=None,

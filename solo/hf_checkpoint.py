@@ -283,7 +283,8 @@ class ShardWriter:
     def _flush(self) -> None:
         from safetensors.torch import save_file
 
-        save_file(self.pending, str(self.out_dir / f"part-{len(self.files):05d}.safetensors"), metadata={"format": "pt"})
+        path = self.out_dir / f"part-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
         self.files.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
@@ -434,7 +435,8 @@ def convert_hf_to_hf(
             )
         check_weight_shapes(weights, config, hf_dir, vocab_rows=vocab)
         write_config(config, staging, layout)
-        for name in sorted(set(weights.location.values())) + ([INDEX_FILE] if (Path(hf_dir) / INDEX_FILE).is_file() else []):
+        index = [INDEX_FILE] if (Path(hf_dir) / INDEX_FILE).is_file() else []
+        for name in sorted(set(weights.location.values())) + index:
             shutil.copyfile(Path(hf_dir) / name, staging / name)
     return Path(out_dir)
 

@@ -95,9 +95,10 @@ def test_megatron_and_exported_hf_logits_agree_on_packed_rows_with_images(
     assert diff <= 1e-5, f"megatron ({backend}) vs exported HF logits differ by {diff}"
 
 
+@pytest.mark.usefixtures("megatron_world")
 @pytest.mark.parametrize("image_attention,vision_positions", SWITCHES)
 def test_megatron_greedy_generation_answers_each_prompt_as_the_exported_hf_model_does_alone(
-    megatron_world, image_attention, vision_positions
+    image_attention, vision_positions
 ):
     """megatron_patch.generate: each document's question (up to its first loss token, with its own
     patches) continued greedily, all prompts in one packed row per step, gives the tokens the exported

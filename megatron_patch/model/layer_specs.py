@@ -345,7 +345,8 @@ class FlexPackedAttention(MegatronModule):
     ):
         super().__init__(config=config)
         if config.context_parallel_size > 1:
-            raise ValueError("the flex backend does not implement context parallelism; set parallel.context_parallel_size=1")
+            raise ValueError("the flex backend does not implement context parallelism; "
+                             "set parallel.context_parallel_size=1")
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(f"SOLO attention is causal; got attn_mask_type={attn_mask_type}")
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout

@@ -6,7 +6,8 @@ projection. It computes the input embeddings itself (token embedding, plus ``W .
 at every ``<vpatch>`` position) and hands them to ``GPTModel`` as ``decoder_input``, the way
 Megatron-LM's LLaVA model composes GPTModel.
 
-Parameter names, and the HF names they map to (the conversion issue owns the actual converter):
+Parameter names, and the HF names they map to (the converter's own mapping is
+``megatron_patch/model/state_dict_mapping.py``):
 
 =====================================================  ===========================================
 megatron-core (this model)                             HF ``SoloForCausalLM``

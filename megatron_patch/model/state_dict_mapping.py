@@ -73,7 +73,8 @@ class FusedQKV(Transform):
         per_group = arch.num_attention_heads // groups
         hidden = q.shape[-1]
         fused = torch.cat(
-            [q.reshape(groups, per_group * dim, hidden), k.reshape(groups, dim, hidden), v.reshape(groups, dim, hidden)],
+            [q.reshape(groups, per_group * dim, hidden), k.reshape(groups, dim, hidden),
+             v.reshape(groups, dim, hidden)],
             dim=1,
         )
         return fused.reshape(-1, hidden)
@@ -143,7 +144,8 @@ MAPPINGS: Tuple[Mapping, ...] = (
     Mapping("language_model.embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VocabRows(), False),
     Mapping("vision_patch_projection.weight", ("model.embed_vision_patch.weight",), Direct(), False),
     Mapping(
-        _LAYERS + "self_attention.linear_qkv.layer_norm_weight", (_HF_LAYER + "input_layernorm.weight",), Direct(), True,
+        _LAYERS + "self_attention.linear_qkv.layer_norm_weight", (_HF_LAYER + "input_layernorm.weight",),
+        Direct(), True,
         module_names=(("local", _LAYERS + "{i}.input_layernorm.weight"),
                       ("te", _LAYERS + "{i}.self_attention.linear_qkv.layer_norm_weight")),
     ),

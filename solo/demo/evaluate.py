@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = parser.add_subparsers(dest="kind", required=True)
     mcore = kinds.add_parser("megatron", help="a megatron-core pretraining checkpoint")
     mcore.add_argument("--ckpt", required=True, help="SAVE_DIR of a pretraining stage (or one iter_* directory)")
-    mcore.add_argument("--packed", required=True, help="the held-out questions packed by `solo-data pack --format llava`")
+    mcore.add_argument("--packed", required=True,
+                       help="the held-out questions packed by `solo-data pack --format llava`")
     hf = kinds.add_parser("hf", help="a Hugging Face SOLO checkpoint (generate)")
     hf.add_argument("--model", required=True, help="Hugging Face SOLO checkpoint directory")
     for sub in (mcore, hf):

@@ -198,7 +198,7 @@ def build_stages(out: Path, config: DemoConfig) -> list[Stage]:
                 f"training.lr={config.sft_lr}", f"training.min_lr={config.sft_lr / 10}", "training.warmup_steps=3",
                 f"checkpoint.save={sft_save}"),
         metrics=sft_save / METRICS_FILE, steps=config.sft_steps,
-        # accelerate runs its multi-process DDP config without CUDA only with this (CPU_NOTES.md).
+        # accelerate runs its multi-process DDP config without CUDA only with this.
         cpu_env={"ACCELERATE_USE_CPU": "1"}))
     stages.append(Stage(
         "eval", "held-out accuracy of the instruction-tuned model (HF generate)",
@@ -399,6 +399,6 @@ def _run_stages(out: Path, stages: list[Stage], names: list[str], config: DemoCo
         from solo.demo.evaluate import accuracy_line
 
         result = json.loads(final.read_text(encoding="utf-8"))
-        print(f"held-out ({'instruction-tuned HF model' if final.name == 'eval.json' else 'pretrained megatron-core'}): "
-              f"{accuracy_line(result)}")
+        model = "instruction-tuned HF model" if final.name == "eval.json" else "pretrained megatron-core"
+        print(f"held-out ({model}): {accuracy_line(result)}")
     return code

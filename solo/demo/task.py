@@ -202,7 +202,8 @@ def write_sources(out_dir: str | os.PathLike, sizes: TaskSizes = TaskSizes(), se
     paths = {name: str(root / file) for name, file in SOURCE_FILES.items()}
 
     rng = streams["pretrain"]
-    with open(paths["labels"], "w", encoding="utf-8") as labels, open(paths["captions"], "w", encoding="utf-8") as captions:
+    with open(paths["labels"], "w", encoding="utf-8") as labels, \
+            open(paths["captions"], "w", encoding="utf-8") as captions:
         for index in range(sizes.pretrain):
             scene = random_scene(rng)
             image = _save(picture(scene, rng), root, f"images/pretrain_{index:06d}.png")

@@ -34,7 +34,7 @@ class Benchmark:
 
     name: str
     read: Callable[[Path], list[Sample]]
-    layouts: str  # the data layouts ``read`` knows (named in errors and in the README)
+    layouts: str  # the data layouts ``read`` knows (named in errors and in docs/evaluation.md)
     yes_no: bool = False  # MME: answers are "yes"/"no", questions carry their own instruction
     likelihood: bool = True  # whether likelihood mode can rank its answers (not for free-form MathVista)
 
@@ -108,7 +108,8 @@ def _read_mme_release(root: Path) -> list[Sample]:
                     os.fspath(image) if image else None, key, root,
                 )
                 if image is None:
-                    sample.error = f"no image beside {text_file} (looked for {text_file.stem}{{{','.join(_IMAGE_SUFFIXES)}}})"
+                    looked = f"{text_file.stem}{{{','.join(_IMAGE_SUFFIXES)}}}"
+                    sample.error = f"no image beside {text_file} (looked for {looked})"
                 samples.append(sample)
     if not samples:
         raise EvalDataError(f"{root} holds no MME subtask folders with question .txt files")
@@ -190,7 +191,8 @@ def _read_sqa_original(root: Path) -> list[Sample]:
         raise EvalDataError(f"{problems_path} should map problem ids to problems")
     test_ids = splits.get("test") if isinstance(splits, dict) else None
     if test_ids is None:
-        test_ids = [pid for pid, problem in problems.items() if isinstance(problem, dict) and problem.get("split") == "test"]
+        test_ids = [pid for pid, problem in problems.items()
+                    if isinstance(problem, dict) and problem.get("split") == "test"]
     samples = []
     for pid in test_ids:
         problem = problems.get(str(pid))

@@ -1,11 +1,21 @@
 """Evaluation protocols: for each benchmark, the prompt, generation length, answer parsing and
 aggregation of one reference, so that a number can be put next to the ones that reference publishes.
 
-| protocol | reproduces |
-|---|---|
-| ``official`` | the benchmark authors' scorer: MME's ``eval_tool/calculation.py`` (MME's release), MMStar's ``eval/vlmeval/evaluate/mmstar.py`` (MMStar-Benchmark/MMStar 79e6d1cb), LLaVA's ``llava/eval/eval_science_qa.py`` (haotian-liu/LLaVA c121f043) for ScienceQA, MathVista's ``evaluation/`` (lupantech/MathVista 53d52587), and SEED-Bench's likelihood ranking (``--mode likelihood`` only) |
-| ``lmms-eval`` | lmms-eval 0.7.3's task folders (``lmms_eval/tasks/<task>/``): prompts, ``max_new_tokens`` and ``until``, ``process_results`` and aggregation |
-| ``vlmevalkit`` | VLMEvalKit at commit e8e78f05 (2026-08-18): ``ImageMCQDataset``/``ImageYORNDataset.build_prompt``, the ``exact_matching`` path of ``evaluate`` (``can_infer``, ``YOrN_Extraction``; no LLM judge), ``report_acc`` and ``MME_rating``; generation length of its LLaVA wrappers (``max_new_tokens=2048``) |
+Each protocol reproduces:
+
+``official``
+    the benchmark authors' scorer: MME's ``eval_tool/calculation.py`` (MME's release), MMStar's
+    ``eval/vlmeval/evaluate/mmstar.py`` (MMStar-Benchmark/MMStar 79e6d1cb), LLaVA's
+    ``llava/eval/eval_science_qa.py`` (haotian-liu/LLaVA c121f043) for ScienceQA, MathVista's
+    ``evaluation/`` (lupantech/MathVista 53d52587), and SEED-Bench's likelihood ranking
+    (``--mode likelihood`` only)
+``lmms-eval``
+    lmms-eval 0.7.3's task folders (``lmms_eval/tasks/<task>/``): prompts, ``max_new_tokens`` and
+    ``until``, ``process_results`` and aggregation
+``vlmevalkit``
+    VLMEvalKit at commit e8e78f05 (2026-08-18): ``ImageMCQDataset``/``ImageYORNDataset.build_prompt``,
+    the ``exact_matching`` path of ``evaluate`` (``can_infer``, ``YOrN_Extraction``; no LLM judge),
+    ``report_acc`` and ``MME_rating``; generation length of its LLaVA wrappers (``max_new_tokens=2048``)
 
 A protocol a benchmark has no reference for is refused by name (AI2D has no authors' scorer for
 generated answers; SEED-Bench's authors rank options by likelihood; MathVista's toolkit ports need
@@ -88,7 +98,8 @@ _MME_INSTRUCTION = " Please answer yes or no."
 
 def _mme_lmms_prompt(sample: Sample) -> str:
     """lmms-eval's MME: the released instruction replaced by its post_prompt."""
-    return sample.question.strip().replace(_MME_INSTRUCTION, "") + "\nAnswer the question using a single word or phrase."
+    question = sample.question.strip().replace(_MME_INSTRUCTION, "")
+    return question + "\nAnswer the question using a single word or phrase."
 
 
 def _mmstar_lmms_prompt(sample: Sample) -> str:
@@ -182,7 +193,8 @@ def default_protocol(benchmark: str, mode: str = "generate") -> str:
     raise AssertionError(f"{benchmark} has no protocol for {mode}")
 
 
-def resolve_protocol(benchmark: str, name: str | None, mode: str = "generate", extractor_url: str | None = None) -> Protocol:
+def resolve_protocol(benchmark: str, name: str | None, mode: str = "generate",
+                     extractor_url: str | None = None) -> Protocol:
     """The protocol ``name`` of ``benchmark`` (None: its default); EvalDataError naming the ones it has.
     ``extractor_url`` (MathVista only): an OpenAI-compatible endpoint that extracts the answers."""
     if benchmark not in PROTOCOLS:

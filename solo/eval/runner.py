@@ -118,7 +118,8 @@ def _samples_digest(samples: list[Sample], benchmark: Benchmark, rules: Protocol
             image_id = hashlib.sha256(image).hexdigest() if image is not None else None
         except EvalDataError as error:
             image_id = str(error)  # reported when the sample is predicted
-        fields = [sample.row, sample.id, sample.answer, sample.error, sample.groups, sample.image_key, question, image_id]
+        fields = [sample.row, sample.id, sample.answer, sample.error, sample.groups, sample.image_key,
+                  question, image_id]
         digest.update(json.dumps(fields, sort_keys=True).encode() + b"\n")
     return digest.hexdigest()
 
@@ -197,7 +198,8 @@ def generate_answers(model, processor, prompts: list[str], images: list, max_new
 
 
 @torch.no_grad()
-def score_replies(model, processor, prompts: list[str], images: list, replies: list[str]) -> list[tuple[float, int, bool]]:
+def score_replies(model, processor, prompts: list[str], images: list,
+                  replies: list[str]) -> list[tuple[float, int, bool]]:
     """For each (prompt, image, reply) row: the reply's summed log-probability, its token count, and
     whether greedy decoding would produce it.
 
@@ -250,10 +252,12 @@ def score_replies(model, processor, prompts: list[str], images: list, replies: l
     return results
 
 
-def rank_candidates(model, processor, prompts: list[str], images: list, candidates: list[list[str]]) -> list[list[float]]:
+def rank_candidates(model, processor, prompts: list[str], images: list,
+                    candidates: list[list[str]]) -> list[list[float]]:
     """Mean log-probability per token of each candidate reply to each prompt (the likelihood mode's score:
     per-token, so longer options are not penalised for their length)."""
-    rows = [(prompt, image, option) for prompt, image, options in zip(prompts, images, candidates) for option in options]
+    rows = [(prompt, image, option)
+            for prompt, image, options in zip(prompts, images, candidates) for option in options]
     scores = iter(score_replies(model, processor, *map(list, zip(*rows))))
     return [[total / count for total, count, _ in (next(scores) for _ in options)] for options in candidates]
 

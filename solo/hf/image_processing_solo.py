@@ -348,7 +348,8 @@ class SoloImageProcessor(BaseImageProcessor):
             patches.append(image_patches)
             grids.append(grid)
         data = {
-            "vision_patches": torch.from_numpy(np.concatenate(patches) if patches else np.zeros((0, PATCH_DIM), np.uint8)),
+            "vision_patches": torch.from_numpy(
+                np.concatenate(patches) if patches else np.zeros((0, PATCH_DIM), np.uint8)),
             "image_grids": torch.tensor(grids, dtype=torch.long).reshape(-1, 2),
         }
         return BatchFeature(data=data)

@@ -55,15 +55,17 @@ def check_switches(image_attention: str, vision_positions: str, where: str = "")
     if image_attention not in IMAGE_ATTENTION:
         raise ValueError(f"{where}image_attention must be one of {', '.join(IMAGE_ATTENTION)}; got {image_attention!r}")
     if vision_positions not in VISION_POSITIONS:
-        raise ValueError(f"{where}vision_positions must be one of {', '.join(VISION_POSITIONS)}; got {vision_positions!r}")
+        raise ValueError(f"{where}vision_positions must be one of {', '.join(VISION_POSITIONS)}; "
+                         f"got {vision_positions!r}")
 
 
 def image_layout_from_patch_indices(vision_patch_indices: torch.Tensor) -> torch.Tensor:
     """(offset of ``<vision>``, rows, cols) of every image in one row of ``vision_patch_indices``.
 
-    Read from the token layout (DESIGN: ``<vision>``, rows of C ``<vpatch>`` with one ``<vrow_sep>``
-    between rows, the closing token): an image's patches lie 1 apart within a row and 2 apart across
-    a row separator; two images are at least 3 apart (closing and opening tokens between them).
+    Read from the token layout (docs/tokens_and_images.md: ``<vision>``, rows of C ``<vpatch>`` with
+    one ``<vrow_sep>`` between rows, the closing token): an image's patches lie 1 apart within a row
+    and 2 apart across a row separator; two images are at least 3 apart (closing and opening tokens
+    between them).
     Returns int64 [n_images, 3] on the input's device; one host sync.
     """
     positions = torch.nonzero(vision_patch_indices.reshape(-1) >= 0).reshape(-1).cpu()

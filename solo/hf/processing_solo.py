@@ -102,7 +102,8 @@ class VisionTokenIds:
         ordinary = non_special_solo_tokens(tokenizer)
         if ordinary:
             raise ValueError(
-                f"tokenizer holds {len(ordinary)} SOLO token(s) as ordinary, non-special tokens (e.g. {ordinary[0]!r}): "
+                f"tokenizer holds {len(ordinary)} SOLO token(s) as ordinary, non-special tokens "
+                f"(e.g. {ordinary[0]!r}): "
                 "text containing them would become vision or location ids; rebuild it with "
                 "solo.tokenizer.extend_tokenizer (or `solo create`), which makes them special"
             )
@@ -322,7 +323,8 @@ class SoloProcessor(ProcessorMixin):
             patch_indices[row, span] = torch.from_numpy(row_indices)
             offset += count
         flat = [p for patches in sample_patches for p in patches]
-        vision_patches = torch.from_numpy(np.concatenate(flat)) if flat else torch.zeros((0, PATCH_DIM), dtype=torch.uint8)
+        vision_patches = (torch.from_numpy(np.concatenate(flat)) if flat
+                          else torch.zeros((0, PATCH_DIM), dtype=torch.uint8))
         if vision_patches.shape[0] != offset:
             raise RuntimeError(f"layout bug: {offset} <vpatch> tokens for {vision_patches.shape[0]} patches")
         return BatchFeature(

@@ -132,7 +132,8 @@ def plan_steps(num_packs: int, num_documents: int, samples_per_step: int, world_
     return StepPlan(num_packs, world_size, micro_batches, micro_batch_packs, epochs, seed)
 
 
-def collate_packs(packs: list[dict[str, np.ndarray]], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
+def collate_packs(packs: list[dict[str, np.ndarray]], pad_id: int,
+                  length: int | None = None) -> dict[str, torch.Tensor]:
     """Rows of packs (`PackedReader` items) → input_ids, position_ids, labels, vision_patches, vision_patch_indices.
 
     Rows are right-padded to ``length`` (default: the longest row); padding is one more document of

@@ -79,7 +79,8 @@ class SFTConfig:
 def validate(cfg: SFTConfig) -> SFTConfig:
     """Check values the types cannot; each error names the key and what to do."""
     if not cfg.model.path:
-        raise ConfigError("model.path: set it to a Hugging Face SOLO checkpoint directory (MODEL=... in launch/5_sft.sh)")
+        raise ConfigError("model.path: set it to a Hugging Face SOLO checkpoint directory "
+                          "(MODEL=... in launch/5_sft.sh)")
     if not os.path.isdir(cfg.model.path):
         raise ConfigError(f"model.path: {cfg.model.path} is not a directory")
     if not cfg.data.path:
@@ -92,7 +93,8 @@ def validate(cfg: SFTConfig) -> SFTConfig:
         raise ConfigError("model.attn_implementation: choose sdpa, eager or flash_attention_2")
     positive = {"data.max_length": cfg.data.max_length, "training.samples_per_step": cfg.training.samples_per_step,
                 "training.micro_batch_packs": cfg.training.micro_batch_packs, "training.epochs": cfg.training.epochs,
-                "checkpoint.save_interval": cfg.checkpoint.save_interval, "checkpoint.keep_last": cfg.checkpoint.keep_last,
+                "checkpoint.save_interval": cfg.checkpoint.save_interval,
+                "checkpoint.keep_last": cfg.checkpoint.keep_last,
                 "training.lr": cfg.training.lr, "data.workers": cfg.data.workers}
     for key, value in positive.items():
         if value <= 0:

@@ -182,13 +182,15 @@ def _train(cfg: SFTConfig, accelerator) -> dict:
     torch.manual_seed(cfg.training.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     if tokenizer.pad_token_id is None:
-        raise ConfigError(f"model.path: the tokenizer in {cfg.model.path} has no pad token; create it with `solo create`")
+        raise ConfigError(f"model.path: the tokenizer in {cfg.model.path} has no pad token; "
+                          "create it with `solo create`")
 
     data_dir = prepare_data(cfg, tokenizer, accelerator)
     reader = PackedReader(data_dir)
     report = read_report(data_dir)
     if len(reader) == 0:
-        raise DataError(f"{data_dir} holds no packs (all {report['documents_in']} samples rejected: see its report.json)")
+        raise DataError(f"{data_dir} holds no packs "
+                        f"(all {report['documents_in']} samples rejected: see its report.json)")
     plan = plan_steps(len(reader), report["pieces"], cfg.training.samples_per_step, world,
                       cfg.training.micro_batch_packs, cfg.training.epochs, cfg.training.seed)
     total_steps = plan.total_steps
