@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import random
-import signal
 import sys
 import time
 from functools import partial
@@ -36,6 +35,7 @@ from megatron_patch.config import Config, ConfigError, load_config, padded_vocab
 from megatron_patch.preflight import PreflightError, check_attention
 from solo.checkpoints import CheckpointError
 from solo.metrics import MetricsWriter
+from solo.processes import GracefulStop, ignore_sigterm
 
 logger = logging.getLogger("megatron_patch.train")
 
@@ -243,26 +243,33 @@ def loss_func(loss_mask: torch.Tensor, image_doc: torch.Tensor, nan: bool, outpu
 
 
 def forward_step(state: dict, data_iterator: Iterator, model):
-    from megatron_patch.data import packed_seq_params
-
     batch = next(data_iterator)
     state["batches"].append(batch)
-    # Pinned host memory (the loader's pin_memory on GPU) makes these copies asynchronous.
+    output = run_model(model, batch, _device())
     to = partial(torch.Tensor.to, device=_device(), non_blocking=True)
+    return output, partial(loss_func, to(batch["loss_mask"]), to(batch["image_doc"]), state["nan"])
+
+
+def run_model(model, batch: Dict[str, Any], device: torch.device, labels: bool = True):
+    """The model on one collated micro-batch (``data.collate_packed``): per-token losses against its
+    labels, or with ``labels=False`` the logits."""
+    from megatron_patch.data import packed_seq_params
+
+    # Pinned host memory (the loader's pin_memory on GPU) makes these copies asynchronous.
+    to = partial(torch.Tensor.to, device=device, non_blocking=True)
     psp = packed_seq_params(batch)
     psp.cu_seqlens_q = psp.cu_seqlens_kv = to(batch["cu_seqlens"])
-    output = model(
+    return model(
         input_ids=to(batch["tokens"]),
         position_ids=None,
         attention_mask=None,
-        labels=to(batch["labels"]),
+        labels=to(batch["labels"]) if labels else None,
         packed_seq_params=psp,
         patches=to(batch["patches"]),
         vision_patch_indices=to(batch["vision_patch_indices"]),
         patch_positions=to(batch["patch_positions"]),
         image_layout=to(batch["image_layout"]),
     )
-    return output, partial(loss_func, to(batch["loss_mask"]), to(batch["image_doc"]), state["nan"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,44 +321,6 @@ def peak_flops_per_device(cfg: Config) -> Optional[float]:
 # ----------------------------------------------------------------------------------------------
 
 
-class _Terminate:
-    """SIGTERM flag: the current step finishes, a checkpoint is written, the run exits 0."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __call__(self, signum, frame):
-        self.requested = True
-
-
-def _stop_when_launcher_dies(terminate: _Terminate, interval: float = 1.0) -> None:
-    """Stop like on SIGTERM (finish the step, save, exit) once the launcher is gone: the parent
-    (torchrun) or the launch script named by SOLO_LAUNCHER_PID was killed (kill -9 leaves no chance
-    to signal us), so no worker goes on training unattended."""
-    import threading
-
-    from solo.processes import process_gone
-
-    parent = os.getppid()
-    launcher = int(os.environ.get("SOLO_LAUNCHER_PID", "0") or 0)
-
-    def watch() -> None:
-        while not terminate.requested:
-            if os.getppid() != parent or (launcher and process_gone(launcher)):
-                logger.warning("the launcher is gone: finishing this step, saving and stopping")
-                terminate.requested = True
-                return
-            time.sleep(interval)
-
-    threading.Thread(target=watch, daemon=True, name="launcher-watch").start()
-
-
-def _ignore_sigterm(worker_id: int) -> None:
-    """DataLoader workers share the job's process group: a scheduler's SIGTERM must reach only the
-    trainer (which finishes the step and saves), not kill the workers under it."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def _grads_finite(model) -> bool:
     # A sum is non-finite iff some element is (or it overflows, which is as fatal), and unlike
     # isfinite(...).all() it needs no temporary the size of the whole gradient buffer.
@@ -389,7 +358,7 @@ def build_data_iterator(cfg: Config, consumed: int) -> Iterator:
         # dropout masks of a resumed run (the checkpoint's RNG state is restored before this runs).
         loader = iter(torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collate_packed, num_workers=d.num_workers,
-            persistent_workers=d.num_workers > 0, worker_init_fn=_ignore_sigterm,
+            persistent_workers=d.num_workers > 0, worker_init_fn=ignore_sigterm,
             pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(d.seed),
         ))
     if ps.get_tensor_model_parallel_world_size() == 1:
@@ -483,11 +452,79 @@ def log_step(record: dict, train_iters: int) -> None:
     )
 
 
+class NonFiniteStep(RuntimeError):
+    """A non-finite loss or gradient with ``training.on_nonfinite=stop``: the step's update was not applied."""
+
+
+def train_step(cfg: Config, model, optimizer, scheduler, data_iter: Iterator, num_microbatches: int,
+               iteration: int, consumed: int, mfu=None) -> Dict[str, Any]:
+    """One optimizer step on the next global batch (step ``iteration + 1``); returns its metrics record.
+
+    A non-finite loss or gradient is found before the optimizer can apply it: the step is skipped
+    (``training.on_nonfinite=skip``) or :class:`NonFiniteStep` is raised. ``mfu(tokens, patches,
+    pairs, seconds)``, when given, adds the step's model FLOPs utilisation."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    d, t = cfg.data, cfg.training
+    step_start = time.perf_counter()
+    state = {"batches": [], "nan": t.inject_nan_at_step == iteration + 1}
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, state),
+        data_iterator=data_iter,
+        model=[model],
+        num_microbatches=num_microbatches,
+        seq_length=d.seq_length * d.micro_batch_size,  # one THD row per micro-batch
+        micro_batch_size=1,
+        forward_only=False,
+    )
+    report = global_loss_report(reports)
+    lr = optimizer.param_groups[0]["lr"]  # the LR this step's update uses (warm-up starts at 0)
+    # Detected in the step that produces it, before the optimizer can apply it.
+    skipped, grad_norm = False, None
+    if not all_true(math.isfinite(report[0].item()) and _grads_finite(model)):
+        msg = (f"non-finite loss or gradient at step {iteration + 1} (loss sum {report[0].item()}); "
+               f"samples on rank {dist.get_rank()}: {[b['sample_ids'] for b in state['batches']]}")
+        if t.on_nonfinite == "stop":
+            raise NonFiniteStep(msg)
+        skipped = True
+        if dist.get_rank() == 0:
+            logger.warning("%s: step skipped", msg)
+    else:
+        update_ok, grad_norm, _ = optimizer.step()
+        skipped = not update_ok
+        if update_ok:
+            scheduler.step(increment=d.global_batch_size)
+    if t.step_sleep_s:
+        time.sleep(t.step_sleep_s)
+
+    elapsed = time.perf_counter() - step_start
+    sample_ids, pairs, tokens, patches = gather_step_samples(state["batches"], cfg.model.sliding_window)
+    n_loss = report[1].item()
+    record = dict(
+        step=iteration + 1,
+        loss=report[0].item() / n_loss if n_loss else 0.0,
+        text_loss=report[4].item() / report[5].item() if report[5].item() else None,
+        image_loss=report[2].item() / report[3].item() if report[3].item() else None,
+        loss_tokens=int(n_loss),
+        lr=lr,
+        grad_norm=float(grad_norm) if grad_norm is not None else None,
+        tokens_per_s=tokens / elapsed,
+        step_time_s=elapsed,
+        consumed_samples=consumed + d.global_batch_size,
+        skipped=skipped,
+        sample_ids=sample_ids,
+    )
+    if mfu is not None:
+        record["mfu"] = mfu(tokens, patches, pairs, elapsed)  # real tokens, not padding
+    return record
+
+
 def train(cfg: Config) -> int:
     """Run (or resume) training as configured. Returns the process exit code."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if cfg.training.bf16 and not torch.cuda.is_available():
         raise ConfigError("training.bf16=true needs CUDA (megatron-core's bf16 optimizer only wraps CUDA "
@@ -530,92 +567,44 @@ def train(cfg: Config) -> int:
     if rank == 0:
         logger.info("model: %.2fM parameters; %d micro-batches per step", n_params / 1e6, num_microbatches)
 
-    terminate = _Terminate()
-    if cfg.checkpoint.sigterm_save:
-        signal.signal(signal.SIGTERM, terminate)
-    _stop_when_launcher_dies(terminate)
-    forward_backward = get_forward_backward_func()
+    def mfu(tokens: int, patches: int, pairs: float, seconds: float) -> float:
+        flops = step_flops(cfg, n_matmul, n_projection, tokens, patches, pairs)
+        return flops / seconds / (peak * dist.get_world_size())
+
     run_start_iteration = iteration
     model.train()
-    while iteration < t.train_iters:
-        if async_saves is not None:
-            async_saves.poll()
-        step_start = time.perf_counter()
-        state = {"batches": [], "nan": t.inject_nan_at_step == iteration + 1}
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
-        reports = forward_backward(
-            forward_step_func=partial(forward_step, state),
-            data_iterator=data_iter,
-            model=[model],
-            num_microbatches=num_microbatches,
-            seq_length=d.seq_length * d.micro_batch_size,  # one THD row per micro-batch
-            micro_batch_size=1,
-            forward_only=False,
-        )
-        report = global_loss_report(reports)
-        lr = optimizer.param_groups[0]["lr"]  # the LR this step's update uses (warm-up starts at 0)
-        # Detected in the step that produces it, before the optimizer can apply it.
-        skipped, grad_norm = False, None
-        if not all_true(math.isfinite(report[0].item()) and _grads_finite(model)):
-            msg = (f"non-finite loss or gradient at step {iteration + 1} (loss sum {report[0].item()}); "
-                   f"samples on rank {rank}: {[b['sample_ids'] for b in state['batches']]}")
-            if t.on_nonfinite == "stop":
+    with GracefulStop(sigterm=cfg.checkpoint.sigterm_save) as graceful:
+        while iteration < t.train_iters:
+            if async_saves is not None:
+                async_saves.poll()
+            try:
+                record = train_step(cfg, model, optimizer, scheduler, data_iter, num_microbatches, iteration,
+                                    consumed, mfu if peak else None)
+            except NonFiniteStep as error:
                 if rank == 0:
                     logger.error("%s: stopping without updating the weights (last checkpoint: %s). "
-                                 "Set training.on_nonfinite=skip to skip such steps.", msg, last_saved)
+                                 "Set training.on_nonfinite=skip to skip such steps.", error, last_saved)
                 if async_saves is not None:
                     async_saves.wait()
                 dist.barrier()
                 return 3
-            skipped = True
-            if rank == 0:
-                logger.warning("%s: step skipped", msg)
-        else:
-            update_ok, grad_norm, _ = optimizer.step()
-            skipped = not update_ok
-            if update_ok:
-                scheduler.step(increment=d.global_batch_size)
-        iteration += 1
-        consumed += d.global_batch_size
-        if t.step_sleep_s:
-            time.sleep(t.step_sleep_s)
+            iteration, consumed = record["step"], record["consumed_samples"]
+            metrics.write(record)
+            if rank == 0 and iteration % t.log_interval == 0:
+                log_step(record, t.train_iters)
 
-        elapsed = time.perf_counter() - step_start
-        sample_ids, pairs, tokens, patches = gather_step_samples(state["batches"], cfg.model.sliding_window)
-        n_loss = report[1].item()
-        record = dict(
-            step=iteration,
-            loss=report[0].item() / n_loss if n_loss else 0.0,
-            text_loss=report[4].item() / report[5].item() if report[5].item() else None,
-            image_loss=report[2].item() / report[3].item() if report[3].item() else None,
-            loss_tokens=int(n_loss),
-            lr=lr,
-            grad_norm=float(grad_norm) if grad_norm is not None else None,
-            tokens_per_s=tokens / elapsed,
-            step_time_s=elapsed,
-            consumed_samples=consumed,
-            skipped=skipped,
-            sample_ids=sample_ids,
-        )
-        if peak:
-            flops = step_flops(cfg, n_matmul, n_projection, tokens, patches, pairs)  # real tokens, not padding
-            record["mfu"] = flops / elapsed / (peak * dist.get_world_size())
-        metrics.write(record)
-        if rank == 0 and iteration % t.log_interval == 0:
-            log_step(record, t.train_iters)
-
-        sigterm = any_true(terminate.requested)
-        stop = sigterm or (t.exit_after_iters is not None and iteration - run_start_iteration >= t.exit_after_iters)
-        if cfg.checkpoint.save and (iteration % cfg.checkpoint.save_interval == 0 or stop
-                                    or iteration == t.train_iters):
-            _sync_params(model)
-            save_checkpoint(cfg, model, optimizer, scheduler, iteration, consumed, async_saves)
-            last_saved = iteration
-        if stop:
-            if rank == 0:
-                logger.info("stopping at iteration %d (%s)", iteration, "SIGTERM" if sigterm else "exit_after_iters")
-            break
+            sigterm = any_true(graceful.requested)
+            stop = sigterm or (t.exit_after_iters is not None and iteration - run_start_iteration >= t.exit_after_iters)
+            if cfg.checkpoint.save and (iteration % cfg.checkpoint.save_interval == 0 or stop
+                                        or iteration == t.train_iters):
+                _sync_params(model)
+                save_checkpoint(cfg, model, optimizer, scheduler, iteration, consumed, async_saves)
+                last_saved = iteration
+            if stop:
+                if rank == 0:
+                    logger.info("stopping at iteration %d (%s)", iteration,
+                                "SIGTERM" if sigterm else "exit_after_iters")
+                break
 
     if t.train_iters == 0 and cfg.checkpoint.save and last_saved is None:
         save_checkpoint(cfg, model, optimizer, scheduler, 0, 0)  # materialise the initial weights

@@ -6,11 +6,14 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import threading
+import time
 
 import pytest
 
 from sft_fixtures import make_instruction_set, make_tiny_solo
-from solo.checkpoints import LATEST_FILE, iterations
+from solo.checkpoints import LATEST_FILE, iterations, read_latest
 from solo.metrics import read_metrics
 from solo.outputs import output_lock, write_marker
 from solo.sft.__main__ import main as sft_main
@@ -79,3 +82,31 @@ def test_sft_resume_skips_a_damaged_checkpoint_and_a_dangling_latest(assets, tmp
     for step in iterations(str(save)):  # nothing valid left: one clear message, exit 2
         (save / f"iter_{step:07d}" / "solo_complete.json").unlink()
     assert sft(assets, save, "training.max_steps=4") == 2
+
+
+def test_sft_saves_and_stops_when_its_launcher_dies(assets, tmp_path, monkeypatch):
+    """kill -9 of the launcher leaves the trainer no signal: it notices the launcher is gone (here the
+    process SOLO_LAUNCHER_PID names, as launch/torchrun_graceful.sh sets it), finishes its step,
+    saves it and stops without exporting, instead of training on unattended."""
+    launcher = subprocess.Popen(["sleep", "600"])
+    monkeypatch.setenv("SOLO_LAUNCHER_PID", str(launcher.pid))
+    save = tmp_path / "save"
+
+    def kill_launcher_after_the_first_step() -> None:
+        deadline = time.monotonic() + 300
+        while not (save / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        launcher.kill()
+        launcher.wait()
+
+    killer = threading.Thread(target=kill_launcher_after_the_first_step, daemon=True)
+    killer.start()
+    try:
+        assert sft(assets, save, "training.epochs=400", "training.max_steps=600", "checkpoint.save_interval=1000") == 0
+    finally:
+        launcher.kill()
+        killer.join()
+    stopped = read_latest(str(save))
+    assert stopped is not None and stopped < 600  # saved where it stopped, long before the end
+    assert read_metrics(str(save))[-1]["step"] == stopped
+    assert not (save / "hf").exists()  # an interrupted run exports nothing

@@ -96,6 +96,48 @@ def test_megatron_and_exported_hf_logits_agree_on_packed_rows_with_images(
     assert diff <= 1e-5, f"megatron ({backend}) vs exported HF logits differ by {diff}"
 
 
+@pytest.mark.usefixtures("megatron_world")
+@pytest.mark.parametrize("image_attention,vision_positions", SWITCHES)
+def test_megatron_greedy_generation_answers_each_prompt_as_the_exported_hf_model_does_alone(
+    image_attention, vision_positions
+):
+    """megatron_patch.generate: each document's question (up to its first loss token, with its own
+    patches) continued greedily, all prompts in one packed row per step, gives the tokens the exported
+    HF model gives that prompt on its own, position by position."""
+    from megatron_patch.generate import document_prompt, greedy_generate
+
+    model, model_cfg = megatron_model(image_attention, vision_positions)
+    hf = exported_hf(model, model_cfg)
+    pack = make_pack(documents())
+    prompts = [document_prompt(pack, doc) for doc in range(len(pack["cu_seqlens"]) - 1)]
+    cu = pack["cu_seqlens"]
+    for doc, prompt in enumerate(prompts):  # the question is the document up to its first loss token
+        start = int(cu[doc])
+        first_loss = start + int(np.flatnonzero(pack["loss_mask"][start:cu[doc + 1]])[0])
+        assert prompt["tokens"].tolist() == pack["tokens"][start:first_loss].tolist()
+        own = pack["vision_patch_indices"][start:first_loss]
+        assert np.array_equal(prompt["patches"][prompt["vision_patch_indices"][own >= 0]],
+                              pack["patches"][own[own >= 0]])
+    eos, new_tokens = 2, 4
+    generated = greedy_generate(model, prompts, eos, VOCAB, new_tokens)
+
+    for prompt, tokens in zip(prompts, generated):
+        expected = []
+        for _ in range(new_tokens):
+            ids = torch.as_tensor(prompt["tokens"].tolist() + expected)[None]
+            vpi = torch.as_tensor(prompt["vision_patch_indices"].tolist() + [-1] * len(expected))[None]
+            with torch.no_grad():
+                logits = hf(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None],
+                            vision_patches=torch.as_tensor(prompt["patches"]), vision_patch_indices=vpi,
+                            use_cache=False).logits[0, -1, :VOCAB]
+            token = int(logits.argmax())
+            if token == eos:
+                break
+            expected.append(token)
+        assert tokens == expected
+    assert sum(map(len, generated)) > 0
+
+
 def _first_image(batch):
     offset, rows, cols = batch["image_layout"][0].tolist()
     first_patch = offset + 1

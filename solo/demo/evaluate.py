@@ -6,9 +6,9 @@
 ``megatron`` reads a megatron-core pretraining checkpoint (any TP/PP it was saved at; evaluated on
 one process) and the held-out set as `solo-data pack` laid it out (any template; the demo packs it
 in the chat layout): the prompt of a question is its document up to the first token with loss
-(picture block and question), and the answer is generated greedily until EOS. All prompts of the set
-share one packed row per decoding step, so a step is one forward pass. ``hf`` runs a Hugging Face SOLO checkpoint with
-``model.generate`` on the chat template (the instruction-tuned model).
+(picture block and question), and the answer is generated greedily until EOS by
+``megatron_patch.generate`` (all prompts share one packed row per decoding step). ``hf`` runs a
+Hugging Face SOLO checkpoint with ``model.generate`` on the chat template (the instruction-tuned model).
 
 Both write R.json (accuracy, chance, per question type, every answer) and print one line
 ``accuracy A (n/N)  chance C`` plus a few examples.
@@ -75,106 +75,21 @@ def _load_questions(path: str) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _megatron_model(ckpt: str):
-    """The trained SoloGPTModel of a SAVE_DIR (or iter_* dir), on one process (TP=PP=1)."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_patch import compat
-    from megatron_patch.checkpointing import unwrap
-    from megatron_patch.config import Config
-    from megatron_patch.train import build_model, init_distributed
-    from solo.checkpoints import resolve_checkpoint_dir
-    from solo.recipe import build_dataclass
-
-    ckpt_dir = resolve_checkpoint_dir(ckpt)
-    compat.apply()
-    common = dist_checkpointing.load_common_state_dict(ckpt_dir)
-    cfg = build_dataclass(Config, common["config"])
-    cfg.parallel.tensor_model_parallel_size = cfg.parallel.pipeline_model_parallel_size = 1
-    cfg.data.global_batch_size = cfg.data.micro_batch_size
-    cfg.training.recompute = "none"
-    init_distributed(cfg)
-    model, _ = build_model(cfg)
-    model = unwrap(model)
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt_dir)
-    model.load_state_dict(state["model"])
-    model.eval()
-    return model, cfg
-
-
-def greedy_answers_megatron(model, vocab_size: int, eos_id: int, prompts: list, max_new: int = MAX_ANSWER_TOKENS):
-    """Greedy continuation of each (tokens, patches, vision_patch_indices) prompt until EOS: all
-    prompts go through the model as one packed row (per-document attention), once per new token."""
-    import numpy as np
-    import torch
-
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    from solo.hf.native_vision import image_layout_from_patch_indices
-
-    generated: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for _ in range(max_new):
-        active = [i for i in range(len(prompts)) if not done[i]]
-        if not active:
-            break
-        tokens, vpi, patches, cu, offset = [], [], [], [0], 0
-        for i in active:
-            prompt_tokens, prompt_patches, prompt_vpi = prompts[i]
-            row = np.concatenate([prompt_tokens, np.asarray(generated[i], np.int64)])
-            v = np.concatenate([prompt_vpi, np.full(len(generated[i]), -1, np.int64)])
-            v = np.where(v >= 0, v + offset, -1)
-            offset += len(prompt_patches)
-            tokens.append(row)
-            vpi.append(v)
-            patches.append(prompt_patches)
-            cu.append(cu[-1] + len(row))
-        cu_t = torch.tensor(cu, dtype=torch.int32)
-        max_len = int((cu_t[1:] - cu_t[:-1]).max())
-        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t,
-                                 max_seqlen_q=max_len, max_seqlen_kv=max_len)
-        row_vpi = torch.as_tensor(np.concatenate(vpi))
-        with torch.no_grad():
-            logits = model(
-                input_ids=torch.as_tensor(np.concatenate(tokens))[None],
-                packed_seq_params=params,
-                patches=torch.as_tensor(np.concatenate(patches)),
-                vision_patch_indices=row_vpi[None],
-                image_layout=image_layout_from_patch_indices(row_vpi),  # for the native-VLM switches
-            )
-        last = logits[0, cu_t[1:].long() - 1, :vocab_size]  # padded vocabulary rows are never answers
-        for i, token in zip(active, last.argmax(-1).tolist()):
-            if token == eos_id:
-                done[i] = True
-            else:
-                generated[i].append(token)
-    return generated
-
-
 def evaluate_megatron(ckpt: str, packed: str, records: list[dict]) -> dict:
     """Accuracy of the checkpoint on the packed held-out set (documents mapped back to `records`)."""
-    import numpy as np
-
     from data_prep.reader import PackedReader
+    from megatron_patch.generate import document_prompt, greedy_generate, load_model
 
-    model, cfg = _megatron_model(ckpt)
+    model, cfg = load_model(ckpt)
     reader = PackedReader(packed)
     tokenizer = reader.load_tokenizer()
     prompts, ids = [], []
     for pack_index in range(len(reader)):
         pack = reader[pack_index]
-        cu = pack["cu_seqlens"]
-        for doc, (_, record_number, piece) in enumerate(reader.doc_origin(pack_index).tolist()):
-            start, end = int(cu[doc]), int(cu[doc + 1])
-            answer_at = start + int(np.flatnonzero(pack["loss_mask"][start:end])[0])
-            vpi = pack["vision_patch_indices"][start:answer_at]
-            used = vpi[vpi >= 0]
-            first = int(used.min()) if len(used) else 0
-            prompt_patches = pack["patches"][first:first + len(used)]
-            prompts.append((pack["tokens"][start:answer_at].astype(np.int64), prompt_patches,
-                            np.where(vpi >= 0, vpi - first, -1)))
+        for doc, (_, record_number, _) in enumerate(reader.doc_origin(pack_index).tolist()):
+            prompts.append(document_prompt(pack, doc))
             ids.append(records[record_number]["id"])
-    generated = greedy_answers_megatron(model, cfg.model.vocab_size, tokenizer.eos_token_id, prompts)
+    generated = greedy_generate(model, prompts, tokenizer.eos_token_id, cfg.model.vocab_size, MAX_ANSWER_TOKENS)
     predictions = {i: tokenizer.decode(g, skip_special_tokens=True) for i, g in zip(ids, generated)}
     return score(records, predictions)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import time
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
@@ -23,6 +22,7 @@ import torch
 from solo.checkpoints import iteration_dir
 from solo.metrics import MetricsWriter
 from solo.outputs import check_output_dir, claim_output_dir, output_lock
+from solo.processes import GracefulStop, ignore_sigterm
 from solo.recipe import ConfigError
 from solo.sft import checkpoint as ckpt
 from solo.sft.data import (
@@ -207,7 +207,6 @@ def _train(cfg: SFTConfig, accelerator) -> dict:
     accelerator.gradient_accumulation_steps = plan.micro_batches
     _configure_deepspeed(accelerator, cfg, plan.micro_batches)
     model, optimizer = accelerator.prepare(model, optimizer)
-    is_deepspeed = accelerator.state.deepspeed_plugin is not None
 
     start_step = 0
     latest, skipped = on_main(accelerator, lambda: ckpt.find_resume(cfg.checkpoint.save))
@@ -224,76 +223,38 @@ def _train(cfg: SFTConfig, accelerator) -> dict:
                     "%d steps (%d in the schedule)", len(reader), report["pieces"], report["documents_rejected"],
                     plan.packs_per_step, world, plan.micro_batches, plan.micro_batch_packs, last_step, total_steps)
 
-    stop = {"signal": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("signal", True))
     dataset = StepDataset(reader, plan, rank, start_step, last_step, tokenizer.pad_token_id)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=cfg.data.num_workers,
-                                         worker_init_fn=_ignore_sigterm)
+                                         worker_init_fn=ignore_sigterm)
     batches = iter(loader)
     order = plan.order()
-    device = accelerator.device
     progress = tqdm(total=last_step, initial=start_step, desc="sft", unit="step",
                     disable=not (accelerator.is_main_process and cfg.logging.progress))
     model.train()
     step = start_step
     interrupted = False
-    while step < last_step:
-        started = time.perf_counter()
-        for group in raw_optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg, total_steps)
-        micro = [next(batches) for _ in range(plan.micro_batches)]
-        local = [sum(int((b["labels"] != -100).sum()) for b in micro),
-                 sum(int((b["input_ids"] != tokenizer.pad_token_id).sum()) for b in micro)]
-        loss_tokens, useful_tokens = _all_reduce(local, device)
-        scale = plan.micro_batches * world / max(loss_tokens, 1.0)
-        loss_sum = 0.0
-        for batch in micro:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with accelerator.accumulate(model):
-                # num_items_in_batch=1: the model returns the summed token loss; the scale normalises it per step.
-                out = model(**batch, num_items_in_batch=1)
-                finite = _all_reduce([float(torch.isfinite(out.loss.detach()))], device,
-                                     op=torch.distributed.ReduceOp.MIN)[0]
-                if finite < 1:
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {step + 1}; the step was not applied. "
-                        "Resume from the last checkpoint with a lower training.lr, "
-                        "or check the data of this step (metrics.jsonl lists its packs)")
-                accelerator.backward(out.loss * scale)
-                loss_sum += float(out.loss.detach())
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.training.clip_grad) \
-                        if cfg.training.clip_grad > 0 or is_deepspeed else None
-                    if grad_norm is not None and not math.isfinite(float(grad_norm)):
-                        raise NonFiniteLossError(
-                            f"non-finite gradient norm at step {step + 1}; stopped without saving it: "
-                            "the same command resumes from the last checkpoint (lower training.lr)")
-                    optimizer.step()
-                    optimizer.zero_grad()
-        loss_total = _all_reduce([loss_sum], device)[0]
-        step += 1
-        elapsed = time.perf_counter() - started
-        record = {
-            "step": step,
-            "loss": loss_total / max(loss_tokens, 1.0),
-            "lr": raw_optimizer.param_groups[0]["lr"],
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens_per_s": useful_tokens / elapsed,
-            "loss_tokens": int(loss_tokens),
-            "consumed_samples": _consumed_samples(reader, order, step * plan.packs_per_step),
-            "packs": [int(i) for i in order[(step - 1) * plan.packs_per_step: step * plan.packs_per_step]],
-        }
-        if accelerator.is_main_process and step % cfg.logging.log_interval == 0:
-            metrics.write(record)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-        progress.update(1)
-        stop_now = _all_reduce([float(stop["signal"])], device, op=torch.distributed.ReduceOp.MAX)[0] > 0
-        if step % cfg.checkpoint.save_interval == 0 or step == last_step or stop_now:
-            ckpt.save(accelerator, cfg, step, plan)
-        if stop_now:
-            interrupted = True
-            logger.warning("SIGTERM: saved step %d; run the same command to continue", step)
-            break
+    with GracefulStop() as graceful:
+        while step < last_step:
+            lr = lr_at(step, cfg, total_steps)
+            for group in raw_optimizer.param_groups:
+                group["lr"] = lr
+            record = train_step(accelerator, model, optimizer, [next(batches) for _ in range(plan.micro_batches)],
+                                cfg, tokenizer.pad_token_id, step, lr)
+            step = record["step"]
+            record["consumed_samples"] = _consumed_samples(reader, order, step * plan.packs_per_step)
+            record["packs"] = [int(i) for i in order[(step - 1) * plan.packs_per_step: step * plan.packs_per_step]]
+            if accelerator.is_main_process and step % cfg.logging.log_interval == 0:
+                metrics.write(record)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            progress.update(1)
+            stop_now = _all_reduce([float(graceful.requested)], accelerator.device,
+                                   op=torch.distributed.ReduceOp.MAX)[0] > 0
+            if step % cfg.checkpoint.save_interval == 0 or step == last_step or stop_now:
+                ckpt.save(accelerator, cfg, step, plan)
+            if stop_now:
+                interrupted = True
+                logger.warning("SIGTERM: saved step %d; run the same command to continue", step)
+                break
     progress.close()
     if not interrupted and step == last_step:
         export_dir = export_hf(accelerator, model, cfg)
@@ -304,9 +265,51 @@ def _train(cfg: SFTConfig, accelerator) -> dict:
     return {"step": step, "last_step": last_step, "interrupted": interrupted}
 
 
-def _ignore_sigterm(_worker_id: int) -> None:
-    # A scheduler signals the whole process group: data workers must live on while the trainer saves.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def train_step(accelerator, model, optimizer, micro: list[dict], cfg: SFTConfig, pad_token_id: int, step: int,
+               lr: float) -> dict:
+    """One optimizer step (step ``step + 1``) on this rank's micro-batches, at the learning rate ``lr``
+    the optimizer's param groups were given; returns its metrics record. The loss is normalised per token over
+    the whole step (see the module docstring). Raises NonFiniteLossError before a non-finite update."""
+    started = time.perf_counter()
+    device = accelerator.device
+    is_deepspeed = accelerator.state.deepspeed_plugin is not None
+    world = accelerator.num_processes
+    local = [sum(int((b["labels"] != -100).sum()) for b in micro),
+             sum(int((b["input_ids"] != pad_token_id).sum()) for b in micro)]
+    loss_tokens, useful_tokens = _all_reduce(local, device)
+    scale = len(micro) * world / max(loss_tokens, 1.0)
+    loss_sum = 0.0
+    for batch in micro:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with accelerator.accumulate(model):
+            # num_items_in_batch=1: the model returns the summed token loss; the scale normalises it per step.
+            out = model(**batch, num_items_in_batch=1)
+            finite = _all_reduce([float(torch.isfinite(out.loss.detach()))], device,
+                                 op=torch.distributed.ReduceOp.MIN)[0]
+            if finite < 1:
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step + 1}; the step was not applied. Resume from the last checkpoint "
+                    "with a lower training.lr, or check the data of this step (metrics.jsonl lists its packs)")
+            accelerator.backward(out.loss * scale)
+            loss_sum += float(out.loss.detach())
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.training.clip_grad) \
+                    if cfg.training.clip_grad > 0 or is_deepspeed else None
+                if grad_norm is not None and not math.isfinite(float(grad_norm)):
+                    raise NonFiniteLossError(f"non-finite gradient norm at step {step + 1}; stopped without saving it: "
+                                             "the same command resumes from the last checkpoint (lower training.lr)")
+                optimizer.step()
+                optimizer.zero_grad()
+    loss_total = _all_reduce([loss_sum], device)[0]
+    elapsed = time.perf_counter() - started
+    return {
+        "step": step + 1,
+        "loss": loss_total / max(loss_tokens, 1.0),
+        "lr": lr,
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "tokens_per_s": useful_tokens / elapsed,
+        "loss_tokens": int(loss_tokens),
+    }
 
 
 def _consumed_samples(reader, order, consumed_packs: int) -> int:
