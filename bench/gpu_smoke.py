@@ -47,7 +47,7 @@ def compile_tiny() -> str:
 def flex() -> str:
     import torch
 
-    from megatron_patch.model.layer_specs import _flex_attention, document_mask_params
+    from megatron_patch.model.attention import _flex_attention, document_mask_params
 
     lengths, window, heads, groups, dim = [300, 100, 112], 128, 4, 2, 64  # one document past the window
     total = sum(lengths)

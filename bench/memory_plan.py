@@ -93,7 +93,7 @@ def activation_bytes(cfg, tp: int, layers: int, bytes_per_value: int = 2) -> flo
 
 
 def memory_plan(cfg, vocab_size: int, num_gpus: int) -> dict:
-    from megatron_patch.model.model import padded_vocab_size
+    from megatron_patch.config import padded_vocab_size
 
     m, p, d, t = cfg.model, cfg.parallel, cfg.data, cfg.training
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size

@@ -1,8 +1,9 @@
 """Pretraining checkpoints: megatron-core ``torch_dist`` dist-checkpoints, written atomically
 (``iter_N.tmp`` renamed into place, then ``latest`` pointed at it), the last N kept.
 
-Every checkpoint gets a completeness marker (``solo_complete.json``: its files with their sizes and
-SHA-256, see solo.checkpoints), written last, before the rename. Resume (``restore``) loads model,
+The format (directory names, ``latest``, the completeness marker ``solo_complete.json`` with every
+file's size and SHA-256, verification, resolution, the tensor reader) is solo.checkpoints'; every
+checkpoint gets the marker, written last, before the rename. Resume (``restore``) loads model,
 optimizer, schedule, RNG and data position from the newest checkpoint in ``checkpoint.save`` that
 verifies (marker present, every file there at its size and checksum, metadata and common state
 readable); a newer one that does not is
@@ -44,27 +45,26 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_patch.config import Config, ConfigError
-# Directory naming, the 'latest' pointer, atomic publication and pruning are shared with SFT.
-from solo.checkpoints import (  # noqa: F401  (names kept importable from here)
-    CKPT_PREFIX,
-    COMPLETE_FILE,
-    LATEST_FILE,
-    iteration_dir as _iter_dir,
-    iterations as _iterations,
+from megatron_patch.config import ARCH_DEFAULTS, ARCH_FIELDS, Config, ConfigError
+from megatron_patch.model.state_dict_mapping import VOCAB_KEYS
+from solo.checkpoints import (
+    TOKENIZER_DIR,
+    CheckpointError,
+    CheckpointReader,
+    iteration_dir,
     newest_valid,
+    nothing_to_resume,
     prepare_tmp_dir,
     publish_checkpoint,
     read_latest,
-    verify_complete_marker,
+    resolve_checkpoint_dir,
+    verify_checkpoint,
     write_complete_marker,
 )
-from solo.hf_checkpoint import CheckpointError  # noqa: F401  (one error type for every checkpoint problem)
 
 logger = logging.getLogger("megatron_patch.checkpointing")
 
 TRAIN_COMMAND = "python -m megatron_patch.train"
-TOKENIZER_DIR = "tokenizer"  # beside the iter_* directories, in converted and training SAVE_DIRs
 
 
 def unwrap(model):
@@ -75,30 +75,6 @@ def unwrap(model):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: torch_dist (reshardable), atomic "latest", keep-last-N
 # ----------------------------------------------------------------------------------------------
-
-
-def verify_checkpoint(ckpt_dir: str) -> Optional[str]:
-    """Why ``ckpt_dir`` cannot be loaded, or None if it verifies (every file's checksum, then its
-    metadata and common state; no tensor is deserialised)."""
-    from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint import FileSystemReader
-
-    reason = verify_complete_marker(ckpt_dir)
-    if reason is not None:
-        return reason
-    try:
-        FileSystemReader(ckpt_dir).read_metadata()
-        common = dist_checkpointing.load_common_state_dict(ckpt_dir)
-    except Exception as exc:  # any failure to read them means this checkpoint cannot be used
-        return f"its metadata or common state is unreadable ({type(exc).__name__}: {str(exc)[:200]})"
-    if not isinstance(common, dict) or "iteration" not in common:
-        return "its common state has no iteration"
-    return None
-
-
-def _newest_valid(save: str) -> tuple[Optional[int], list[str]]:
-    """The newest verifying checkpoint of ``save`` and what was skipped on the way (rank 0 only)."""
-    return newest_valid(save, verify_checkpoint)
 
 
 def _agree(value):
@@ -118,7 +94,7 @@ def find_resume_checkpoint(save: Optional[str]) -> Optional[int]:
     found = None
     if dist.get_rank() == 0:
         try:
-            found = _newest_valid(save)
+            found = newest_valid(save, verify_checkpoint)
         except OSError as exc:  # never leave the other ranks waiting on a rank-0 traceback
             found = (None, [f"{save}: cannot be read ({exc})"])
     iteration, skipped = _agree(found)
@@ -126,9 +102,7 @@ def find_resume_checkpoint(save: Optional[str]) -> Optional[int]:
         for item in skipped:
             logger.warning("skipping checkpoint %s", item)
     if iteration is None and skipped:
-        raise CheckpointError(
-            f"no valid checkpoint in {save} to resume from (" + "; ".join(skipped) + "). Move the damaged "
-            "checkpoints away to start this run from the beginning, or point checkpoint.save elsewhere")
+        raise nothing_to_resume(save, skipped)
     return iteration
 
 
@@ -265,7 +239,7 @@ def save_checkpoint(cfg: Config, model, optimizer, scheduler, iteration: int, co
     if async_saves is not None:
         async_saves.wait()  # one save in flight at a time; keeps keep_last and 'latest' ordered
     save = cfg.checkpoint.save
-    tmp = _iter_dir(save, iteration) + ".tmp"
+    tmp = iteration_dir(save, iteration) + ".tmp"
     rank = dist.get_rank()
     if rank == 0:
         prepare_tmp_dir(save, iteration)
@@ -366,39 +340,6 @@ def load_checkpoint(cfg: Config, ckpt_dir: str, model, optimizer, *, with_optimi
     return common
 
 
-def resolve_checkpoint_dir(path: str, iteration: Optional[int] = None) -> str:
-    """A verified checkpoint: of a SAVE_DIR its newest verifying one (or ``iteration``), else ``path``
-    itself as an iter_* directory (which must be ``iteration`` when that is given)."""
-    path = os.fspath(path)
-    available = _iterations(path) if os.path.isdir(path) else []
-    if available and iteration is None:
-        iteration, skipped = _newest_valid(path)
-        for item in skipped:
-            logger.warning("skipping checkpoint %s", item)
-        if iteration is None:
-            raise CheckpointError(f"no valid checkpoint in {path} (" + "; ".join(skipped) + ")")
-        return _iter_dir(path, iteration)
-    if available:
-        if iteration not in available:
-            raise CheckpointError(f"{path} has no complete iteration {iteration}; available: {sorted(available)}")
-        chosen = _iter_dir(path, iteration)
-        reason = verify_checkpoint(chosen)
-        if reason is not None:
-            raise CheckpointError(f"{chosen} does not verify: {reason}; pick another iteration "
-                                  f"(available: {sorted(available)})")
-        return chosen
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    reason = verify_checkpoint(path)
-    if reason is not None:
-        raise CheckpointError(f"{path} is not a megatron-core checkpoint: neither a SAVE_DIR with iter_* "
-                              f"checkpoints nor a valid checkpoint directory ({reason})")
-    name = os.path.basename(os.path.normpath(path))
-    if iteration is not None and name != f"{CKPT_PREFIX}{iteration:07d}":
-        raise CheckpointError(f"{path} is {name}, not iteration {iteration}")
-    return path
-
-
 # The LR/WD schedule's shape as megatron-core's OptimizerParamScheduler records it (steps in samples).
 SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style",
                  "start_wd", "end_wd", "wd_incr_steps", "wd_incr_style")
@@ -435,8 +376,6 @@ def restore_schedule(cfg: Config, scheduler, saved: Dict[str, Any]) -> Optional[
 def check_init_from(cfg: Config) -> None:
     """Before building the model: refuse an init_from that is a Hugging Face directory, or whose
     model config differs from the recipe's (the first differing field is named)."""
-    from megatron_patch.config import ConfigError
-
     src = cfg.checkpoint.init_from
     if not src or read_latest(cfg.checkpoint.save) is not None:
         return
@@ -450,8 +389,6 @@ def check_init_from(cfg: Config) -> None:
     except CheckpointError as error:
         raise ConfigError(f"checkpoint.init_from: {error}") from error
     from megatron.core import dist_checkpointing
-
-    from megatron_patch.convert import ARCH_DEFAULTS, ARCH_FIELDS
 
     saved = (dist_checkpointing.load_common_state_dict(ckpt_dir).get("config") or {}).get("model") or {}
     saved = {**ARCH_DEFAULTS, **saved} if saved else saved
@@ -473,9 +410,6 @@ def load_init_weights(model, ckpt_dir: str) -> None:
     states a converted checkpoint does not carry are left at their defaults."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    from megatron_patch.convert import CheckpointReader
-    from megatron_patch.model.state_dict_mapping import VOCAB_KEYS
 
     reader = CheckpointReader(ckpt_dir)
     object_keys = {name.split("/shard_")[0] for name in reader.metadata if "/shard_" in name}
@@ -511,7 +445,7 @@ def restore(cfg: Config, model, optimizer, scheduler) -> tuple[int, int, Optiona
     latest = find_resume_checkpoint(cfg.checkpoint.save)
     if latest is not None:
         common = load_checkpoint(
-            cfg, _iter_dir(cfg.checkpoint.save, latest), model, optimizer, with_optimizer=True, restore_rng=True
+            cfg, iteration_dir(cfg.checkpoint.save, latest), model, optimizer, with_optimizer=True, restore_rng=True
         )
         warning = restore_schedule(cfg, scheduler, common["scheduler"])
         if rank == 0 and warning:

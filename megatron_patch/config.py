@@ -1,7 +1,9 @@
 """Typed training configuration, loaded from a YAML recipe plus dotted ``key=value`` overrides.
 
 Every recipe in ``megatron_patch/recipes/`` must load through :func:`load_config`: unknown keys,
-wrong types and inconsistent sizes are rejected at start-up with a message naming the key.
+wrong types, values outside a field's ``Literal`` choices and inconsistent sizes are rejected at
+start-up with a message naming the key. Beside the model config: the fields that define the
+architecture (:data:`ARCH_FIELDS`, what a checkpoint carries) and the padded vocabulary size.
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, get_args
 
-from solo.recipe import ConfigError, load_recipe
+from solo.recipe import ConfigError, check_choices, load_recipe
+
+# auto: te on a GPU with Transformer Engine, else flex (PyTorch flex_attention) on a GPU, else local (CPU).
+Backend = Literal["auto", "te", "flex", "local"]
+BACKENDS = get_args(Backend)
 
 
 def native_backend_message(image_attention: str, vision_positions: str) -> str:
@@ -46,12 +52,25 @@ class ModelConfig:
     # with dropout continues bitwise.
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
-    # auto: te on a GPU with Transformer Engine, else flex (PyTorch flex_attention) on a GPU, else local (CPU).
-    backend: str = "auto"  # auto | te | flex | local
-    # Native-VLM switches (solo/hf/native_vision.py has the exact rules); SOLO's are the defaults.
+    backend: Backend = "auto"
+    # Native-VLM switches; SOLO's are the defaults. solo/hf/native_vision.py has the exact rules and
+    # the choices (validate checks them there: that file ships with exported models, imports no config).
     # Either non-default needs backend flex (GPU) or local (CPU): Transformer Engine cannot express them.
-    image_attention: str = "causal"  # causal | bidirectional (an image block's tokens see each other)
-    vision_positions: str = "sequential"  # sequential | 2d (rotary row/column sections for patches)
+    image_attention: str = "causal"  # or bidirectional (an image block's tokens see each other)
+    vision_positions: str = "sequential"  # or 2d (rotary row/column sections for patches)
+
+
+# ModelConfig fields that define the architecture (what the checkpoint carries and training checks).
+ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+               "vocab_size", "rope_theta", "rms_norm_eps", "sliding_window", "image_attention", "vision_positions")
+# Architecture fields added later, with the value a checkpoint that lacks them was trained with (SOLO's).
+ARCH_DEFAULTS = {field: getattr(ModelConfig, field) for field in ("image_attention", "vision_positions")}
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int = 1) -> int:
+    """Embedding rows: the tokenizer's vocab rounded up so every TP shard is equal and aligned."""
+    multiple = divisible_by * tp_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
 @dataclass
@@ -86,7 +105,7 @@ class OptimizerConfig:
     lr: float = 5e-5
     min_lr: float = 5e-6
     warmup_iters: int = 200
-    decay_style: str = "cosine"
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     lr_decay_iters: Optional[int] = None  # default: training.train_iters
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
@@ -104,14 +123,14 @@ class TrainingConfig:
     train_tokens: Optional[float] = None
     seed: int = 1234
     bf16: bool = True
-    recompute: str = "full"  # none | selective | full
+    recompute: Literal["none", "selective", "full"] = "full"
     # full only: uniform = checkpoint every group of recompute_num_layers layers (all layers
     # recomputed); block = recompute only the first recompute_num_layers layers of each pipeline
     # stage and keep the rest's activations (faster, more memory: see bench/memory_plan.py).
-    recompute_method: str = "uniform"  # uniform | block
+    recompute_method: Literal["uniform", "block"] = "uniform"
     recompute_num_layers: int = 1
     log_interval: int = 1
-    on_nonfinite: str = "stop"  # stop | skip
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     exit_after_iters: Optional[int] = None  # stop (with a save) after this many iterations this run
     # Testing hooks: make the loss of this global step non-finite / sleep per step (SIGTERM tests).
     inject_nan_at_step: Optional[int] = None
@@ -159,6 +178,7 @@ class Config:
 def validate(cfg: Config) -> None:
     """Cross-field checks; raise ConfigError naming the keys to fix."""
     m, p, d, t, o = cfg.model, cfg.parallel, cfg.data, cfg.training, cfg.optimizer
+    check_choices(cfg)
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError("model.hidden_size must be divisible by model.num_attention_heads")
     if m.num_attention_heads % m.num_query_groups:
@@ -176,8 +196,6 @@ def validate(cfg: Config) -> None:
             "(packed THD rows would need per-rank partitioning and 2*CP-aligned documents); use 1 and scale "
             "with tensor/pipeline/data parallelism"
         )
-    if m.backend not in ("auto", "te", "flex", "local"):
-        raise ConfigError(f"model.backend must be auto, te, flex or local; got {m.backend!r}")
     if (m.image_attention, m.vision_positions) != (ModelConfig.image_attention, ModelConfig.vision_positions):
         from solo.hf.native_vision import check_switches  # the choices, declared once (imports torch)
 
@@ -194,18 +212,10 @@ def validate(cfg: Config) -> None:
     if t.train_tokens is not None and d.path == "synthetic":
         raise ConfigError("training.train_tokens needs packed data (their recorded lengths); "
                           "data.path=synthetic takes training.train_iters")
-    if t.recompute not in ("none", "selective", "full"):
-        raise ConfigError(f"training.recompute must be none, selective or full; got {t.recompute!r}")
-    if t.recompute_method not in ("uniform", "block"):
-        raise ConfigError(f"training.recompute_method must be uniform or block; got {t.recompute_method!r}")
     layers_per_stage = m.num_layers // p.pipeline_model_parallel_size
     if t.recompute == "full" and not 1 <= t.recompute_num_layers <= layers_per_stage:
         raise ConfigError(f"training.recompute_num_layers={t.recompute_num_layers} must be between 1 and the "
                           f"layers per pipeline stage ({layers_per_stage})")
-    if t.on_nonfinite not in ("stop", "skip"):
-        raise ConfigError(f"training.on_nonfinite must be stop or skip; got {t.on_nonfinite!r}")
-    if o.decay_style not in ("cosine", "linear", "constant"):
-        raise ConfigError(f"optimizer.decay_style must be cosine, linear or constant; got {o.decay_style!r}")
     if o.lr_decay_iters is not None and o.lr_decay_iters <= o.warmup_iters:
         raise ConfigError("optimizer.lr_decay_iters must exceed optimizer.warmup_iters")
     if o.min_lr > o.lr:

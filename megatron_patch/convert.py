@@ -20,25 +20,22 @@ import contextlib
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megatron_patch.checkpointing import (
-    CKPT_PREFIX as ITER_PREFIX,
+from megatron_patch.config import ARCH_DEFAULTS, ARCH_FIELDS, padded_vocab_size
+from megatron_patch.model.state_dict_mapping import MAPPINGS, Architecture, expected_shapes
+from solo.checkpoints import (
     LATEST_FILE,
     TOKENIZER_DIR,
+    CheckpointError,
+    CheckpointReader,
+    iteration_dir,
     resolve_checkpoint_dir,
     write_complete_marker,
 )
-from megatron_patch.model.state_dict_mapping import MAPPINGS, Architecture, expected_shapes
 from solo.hf_checkpoint import (
-    CheckpointError,
     HFWeights,
     ShardWriter,
     check_weight_shapes,
@@ -51,11 +48,6 @@ from solo.outputs import atomic_output_dir, write_text_atomic
 from solo.processes import free_local_port
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# ModelConfig fields that define the architecture (what the checkpoint carries and training checks).
-ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-               "vocab_size", "rope_theta", "rms_norm_eps", "sliding_window", "image_attention", "vision_positions")
-# Architecture fields added later, with the value a checkpoint that lacks them was trained with (SOLO's).
-ARCH_DEFAULTS = {"image_attention": "causal", "vision_positions": "sequential"}
 
 
 @contextlib.contextmanager
@@ -76,10 +68,6 @@ def single_process_group() -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
-
-
-def _padded_rows(vocab: int, divisible_by: int) -> int:
-    return -(-vocab // divisible_by) * divisible_by
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,7 +138,7 @@ def convert_hf_to_mcore(
         check_weight_shapes(weights, config, hf_dir, vocab_rows=vocab)  # before anything sized by config.json
         model_cfg = model_config_from_hf(config, vocab, divisible_by)
         arch = architecture(model_cfg)
-        rows = _padded_rows(vocab, divisible_by)
+        rows = padded_vocab_size(vocab, divisible_by)
         sharded: Dict[str, Any] = {}
         for mapping in MAPPINGS:
             layers = iter_layers(arch.num_layers) if mapping.per_layer else [None]
@@ -173,7 +161,7 @@ def convert_hf_to_mcore(
                     )
         state = {"model": sharded, "iteration": 0, "config": {"model": model_cfg}, "hf_config": config,
                  "patch_dim": PATCH_DIM}
-        iter_dir = staging / f"{ITER_PREFIX}{0:07d}"
+        iter_dir = Path(iteration_dir(str(staging), 0))
         iter_dir.mkdir()
         with single_process_group():
             dist_checkpointing.save(state, str(iter_dir))
@@ -185,58 +173,6 @@ def convert_hf_to_mcore(
 # ----------------------------------------------------------------------------------------------
 # megatron-core -> HF
 # ----------------------------------------------------------------------------------------------
-
-
-class CheckpointReader:
-    """Reads slices of a ``torch_dist`` checkpoint's global tensors (e.g. one layer of a layer-stacked
-    tensor) straight from its files with torch.distributed.checkpoint, whatever TP/PP wrote it.
-
-    megatron-core's own loader needs the whole global tensor when running in one process, which
-    would hold every layer at once; a planner that asks for one chunk keeps conversion streaming.
-    """
-
-    def __init__(self, iter_dir: str | os.PathLike):
-        self.directory = str(iter_dir)
-        self.metadata = dcp.FileSystemReader(self.directory).read_metadata().state_dict_metadata
-
-    def shape(self, key: str) -> Optional[Tuple[int, ...]]:
-        entry = self.metadata.get(key)
-        return tuple(entry.size) if entry is not None and hasattr(entry, "size") else None
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.metadata[key].properties.dtype
-
-    def read(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
-        """The whole tensor, or layer ``layer`` of a layer-stacked one (without the layer axis)."""
-        shape = self.shape(key)
-        if layer is None:
-            data, offsets = torch.empty(shape, dtype=self.dtype(key)), (0,) * len(shape)
-        else:
-            data, offsets = torch.empty((1,) + shape[1:], dtype=self.dtype(key)), (layer,) + (0,) * (len(shape) - 1)
-        dcp.load({key: data}, storage_reader=dcp.FileSystemReader(self.directory),
-                 planner=_ChunkLoadPlanner({key: offsets}), no_dist=True)
-        return data if layer is None else data[0]
-
-
-class _ChunkLoadPlanner(DefaultLoadPlanner):
-    """Loads each requested tensor as the chunk at ``offsets`` of the stored global tensor."""
-
-    def __init__(self, offsets: Dict[str, Tuple[int, ...]]):
-        super().__init__()
-        self.offsets = offsets
-
-    def create_local_plan(self) -> LoadPlan:
-        items = []
-        for fqn, tensor in self.state_dict.items():
-            chunk = ChunkStorageMetadata(offsets=torch.Size(self.offsets[fqn]), sizes=tensor.size())
-            items += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk])
-        return LoadPlan(items)
-
-    def resolve_tensor(self, read_item) -> torch.Tensor:
-        tensor = self.state_dict[read_item.dest_index.fqn]
-        for dim, (offset, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-            tensor = tensor.narrow(dim, offset, length)
-        return tensor
 
 
 def convert_mcore_to_hf(

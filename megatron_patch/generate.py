@@ -26,9 +26,10 @@ def load_model(ckpt: str):
     from megatron.core import dist_checkpointing
 
     from megatron_patch import compat
-    from megatron_patch.checkpointing import resolve_checkpoint_dir, unwrap
+    from megatron_patch.checkpointing import unwrap
     from megatron_patch.config import Config
     from megatron_patch.train import build_model, init_distributed
+    from solo.checkpoints import resolve_checkpoint_dir
     from solo.recipe import build_dataclass
 
     ckpt_dir = resolve_checkpoint_dir(ckpt)

@@ -96,7 +96,8 @@ def _describe(env: dict) -> str:
 def _attention_module(cfg, backend: str, tconfig):
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_patch.model.layer_specs import FlexPackedAttention, solo_layer_spec_te
+    from megatron_patch.model.attention import FlexPackedAttention
+    from megatron_patch.model.layer_specs import solo_layer_spec_te
 
     if backend == "te":
         spec = solo_layer_spec_te()
@@ -115,7 +116,8 @@ def check_attention(cfg, tokens: Optional[int] = None) -> None:
     """
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    from megatron_patch.model.layer_specs import document_mask_params, resolve_backend
+    from megatron_patch.model.attention import _window_left, document_mask_params
+    from megatron_patch.model.layer_specs import resolve_backend
     from megatron_patch.model.model import build_transformer_config
 
     backend = resolve_backend(cfg.model.backend)
@@ -155,8 +157,6 @@ def check_attention(cfg, tokens: Optional[int] = None) -> None:
                                      max_seqlen_kv=max(b - a for a, b in zip(bounds, bounds[1:])))
             out = attention(q, k, v, None, packed_seq_params=params)
         else:
-            from megatron_patch.model.layer_specs import _window_left
-
             params = document_mask_params(cu, total, _window_left(tconfig))
             out = attention(q[:, None], k[:, None], v[:, None], None, packed_seq_params=params)
         out.float().sum().backward()

@@ -29,10 +29,11 @@ import torch.distributed as dist
 
 from megatron_patch import compat
 from megatron_patch.checkpointing import (
-    AsyncSaves, CheckpointError, SaveDirLock, check_init_from, restore, save_checkpoint, unwrap,
+    AsyncSaves, SaveDirLock, check_init_from, restore, save_checkpoint, unwrap,
 )
-from megatron_patch.config import Config, ConfigError, load_config
+from megatron_patch.config import Config, ConfigError, load_config, padded_vocab_size
 from megatron_patch.preflight import PreflightError, check_attention
+from solo.checkpoints import CheckpointError
 from solo.metrics import MetricsWriter
 from solo.processes import GracefulStop, ignore_sigterm
 
@@ -133,8 +134,6 @@ def build_model(cfg: Config):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_patch.model import SoloGPTModel, build_transformer_config, solo_layer_spec
-    from megatron_patch.model.model import padded_vocab_size
-
     from megatron_patch.model.layer_specs import resolve_backend
 
     if cfg.parallel.sequence_parallel and resolve_backend(cfg.model.backend) != "te":

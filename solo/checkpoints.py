@@ -1,24 +1,45 @@
-"""Checkpoint bookkeeping shared by pretraining, SFT and conversion (torch-free): iteration
-directory names, the ``latest`` pointer, atomic publication (``iter_N.tmp`` renamed into place, then
-``latest`` pointed at it), keep-last-N pruning, and the completeness marker (``solo_complete.json``:
-every file's size and SHA-256, written last) with its verification and the choice of the newest
-checkpoint that verifies. What goes inside a checkpoint is each stage's business.
+"""The checkpoint format, one module below everything that writes or reads checkpoints (pretraining's
+runtime checkpointing, SFT, conversion, the demo's evaluation): iteration directory names, the
+``latest`` pointer, atomic publication (``iter_N.tmp`` renamed into place, then ``latest`` pointed at
+it), keep-last-N pruning, the completeness marker (``solo_complete.json``: every file's size and
+SHA-256, written last) with its verification, the choice of the newest checkpoint that verifies,
+and, for megatron-core ``torch_dist`` checkpoints, their verification, the resolution of a SAVE_DIR
+or iter_* path to one verified checkpoint, and :class:`CheckpointReader` (one tensor, or one layer of
+it, read straight from the files). What goes inside a checkpoint is each stage's business.
+
+megatron-core is imported only by the functions that read its format, so SFT does not load it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from solo.outputs import write_json_atomic, write_text_atomic
+
+logger = logging.getLogger("solo.checkpoints")
 
 CKPT_PREFIX = "iter_"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 TMP_SUFFIX = ".tmp"
 COMPLETE_FILE = "solo_complete.json"
+TOKENIZER_DIR = "tokenizer"  # beside the iter_* directories, in converted and training SAVE_DIRs
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, converted or resumed from (or a save directory another run
+    holds); the message names the input and what to do."""
 
 
 def iteration_dir(save: str, iteration: int) -> str:
@@ -135,3 +156,123 @@ def newest_valid(save: str, verify: Callable[[str], Optional[str]]) -> tuple[Opt
             return iteration, skipped
         skipped.append(f"{iteration_dir(save, iteration)}: {reason}")
     return None, skipped
+
+
+def nothing_to_resume(save: str, skipped: list[str]) -> CheckpointError:
+    """The error of a run whose ``save`` holds checkpoints of which none verifies (``skipped``: why)."""
+    return CheckpointError(
+        f"no valid checkpoint in {save} to resume from (" + "; ".join(skipped) + "). Move the damaged "
+        "checkpoints away to start this run from the beginning, or choose another checkpoint.save")
+
+
+# ----------------------------------------------------------------------------------------------
+# megatron-core torch_dist checkpoints (pretraining's and conversion's)
+# ----------------------------------------------------------------------------------------------
+
+
+def verify_checkpoint(ckpt_dir: str) -> Optional[str]:
+    """Why the megatron-core checkpoint ``ckpt_dir`` cannot be loaded, or None if it verifies (every
+    file's checksum, then its metadata and common state; no tensor is deserialised)."""
+    from megatron.core import dist_checkpointing
+
+    reason = verify_complete_marker(ckpt_dir)
+    if reason is not None:
+        return reason
+    try:
+        dcp.FileSystemReader(ckpt_dir).read_metadata()
+        common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+    except Exception as exc:  # any failure to read them means this checkpoint cannot be used
+        return f"its metadata or common state is unreadable ({type(exc).__name__}: {str(exc)[:200]})"
+    if not isinstance(common, dict) or "iteration" not in common:
+        return "its common state has no iteration"
+    return None
+
+
+def _newest_valid(save: str) -> tuple[Optional[int], list[str]]:
+    """The newest verifying megatron-core checkpoint of ``save`` and what was skipped on the way."""
+    return newest_valid(save, verify_checkpoint)
+
+
+def resolve_checkpoint_dir(path: str, iteration: Optional[int] = None) -> str:
+    """A verified checkpoint: of a SAVE_DIR its newest verifying one (or ``iteration``), else ``path``
+    itself as an iter_* directory (which must be ``iteration`` when that is given)."""
+    path = os.fspath(path)
+    available = iterations(path) if os.path.isdir(path) else []
+    if available and iteration is None:
+        iteration, skipped = _newest_valid(path)
+        for item in skipped:
+            logger.warning("skipping checkpoint %s", item)
+        if iteration is None:
+            raise CheckpointError(f"no valid checkpoint in {path} (" + "; ".join(skipped) + ")")
+        return iteration_dir(path, iteration)
+    if available:
+        if iteration not in available:
+            raise CheckpointError(f"{path} has no complete iteration {iteration}; available: {sorted(available)}")
+        chosen = iteration_dir(path, iteration)
+        reason = verify_checkpoint(chosen)
+        if reason is not None:
+            raise CheckpointError(f"{chosen} does not verify: {reason}; pick another iteration "
+                                  f"(available: {sorted(available)})")
+        return chosen
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    reason = verify_checkpoint(path)
+    if reason is not None:
+        raise CheckpointError(f"{path} is not a megatron-core checkpoint: neither a SAVE_DIR with iter_* "
+                              f"checkpoints nor a valid checkpoint directory ({reason})")
+    name = os.path.basename(os.path.normpath(path))
+    if iteration is not None and name != f"{CKPT_PREFIX}{iteration:07d}":
+        raise CheckpointError(f"{path} is {name}, not iteration {iteration}")
+    return path
+
+
+class CheckpointReader:
+    """Reads slices of a ``torch_dist`` checkpoint's global tensors (e.g. one layer of a layer-stacked
+    tensor) straight from its files with torch.distributed.checkpoint, whatever TP/PP wrote it.
+
+    megatron-core's own loader needs the whole global tensor when running in one process, which
+    would hold every layer at once; a planner that asks for one chunk keeps conversion streaming.
+    """
+
+    def __init__(self, iter_dir: str | os.PathLike):
+        self.directory = str(iter_dir)
+        self.metadata = dcp.FileSystemReader(self.directory).read_metadata().state_dict_metadata
+
+    def shape(self, key: str) -> Optional[Tuple[int, ...]]:
+        entry = self.metadata.get(key)
+        return tuple(entry.size) if entry is not None and hasattr(entry, "size") else None
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.metadata[key].properties.dtype
+
+    def read(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
+        """The whole tensor, or layer ``layer`` of a layer-stacked one (without the layer axis)."""
+        shape = self.shape(key)
+        if layer is None:
+            data, offsets = torch.empty(shape, dtype=self.dtype(key)), (0,) * len(shape)
+        else:
+            data, offsets = torch.empty((1,) + shape[1:], dtype=self.dtype(key)), (layer,) + (0,) * (len(shape) - 1)
+        dcp.load({key: data}, storage_reader=dcp.FileSystemReader(self.directory),
+                 planner=_ChunkLoadPlanner({key: offsets}), no_dist=True)
+        return data if layer is None else data[0]
+
+
+class _ChunkLoadPlanner(DefaultLoadPlanner):
+    """Loads each requested tensor as the chunk at ``offsets`` of the stored global tensor."""
+
+    def __init__(self, offsets: Dict[str, Tuple[int, ...]]):
+        super().__init__()
+        self.offsets = offsets
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for fqn, tensor in self.state_dict.items():
+            chunk = ChunkStorageMetadata(offsets=torch.Size(self.offsets[fqn]), sizes=tensor.size())
+            items += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk])
+        return LoadPlan(items)
+
+    def resolve_tensor(self, read_item) -> torch.Tensor:
+        tensor = self.state_dict[read_item.dest_index.fqn]
+        for dim, (offset, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            tensor = tensor.narrow(dim, offset, length)
+        return tensor

@@ -40,7 +40,7 @@ def _create(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     _without_deepspeed()
-    from solo.hf_checkpoint import CheckpointError
+    from solo.checkpoints import CheckpointError
     from solo.outputs import OutputError
 
     try:

@@ -45,7 +45,8 @@ def _check_weights(base: Path, config: dict) -> None:
     """The base's safetensors files are complete and match config.json, before any model is built
     (an absurd config would otherwise allocate first and fail later). Pickled ``.bin`` weights are
     never loaded: loading a pickle runs code."""
-    from solo.hf_checkpoint import CheckpointError, HFWeights, check_weight_shapes
+    from solo.checkpoints import CheckpointError
+    from solo.hf_checkpoint import HFWeights, check_weight_shapes
 
     pickles = sorted(path.name for path in base.glob("*.bin"))
     if pickles and not any(base.glob("*.safetensors")):

@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
+from solo.checkpoints import CheckpointError
 from solo.outputs import atomic_output_dir
 
 LAYOUTS = ("native", "solo7b")
@@ -43,11 +44,6 @@ _EXPLICIT_FIELDS = (
     "rope_parameters", "sliding_window", "tie_word_embeddings", "vision_patch_size", "num_channels",
     "bos_token_id", "eos_token_id", "pad_token_id", "dtype",
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, converted or resumed from (or a save directory another run
-    holds); the message names the input and what to do."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 One mechanism for every stage (pretraining's ``megatron_patch.config``, SFT's recipe): unknown keys
 and wrong types are rejected with a message naming the key; ``${VAR}`` in strings is expanded and an
-unset variable is an error naming it.
+unset variable is an error naming it. A field with a fixed set of values is typed ``Literal[...]``:
+that list is the only one, checked here on load and by :func:`check_choices` for configs built in code.
 """
 
 from __future__ import annotations
@@ -33,9 +34,30 @@ def expand_env(value: str, key: str) -> str:
     return expanded
 
 
+def _check_choice(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` if it is one of the ``Literal`` annotation's choices, else ConfigError naming them."""
+    choices = typing.get_args(annotation)
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    return value
+
+
+def check_choices(config: Any, prefix: str = "") -> None:
+    """ConfigError naming the first field of a dataclass tree whose value is not one of its choices."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            check_choices(value, f"{prefix}{f.name}.")
+        elif typing.get_origin(hints[f.name]) is typing.Literal:
+            _check_choice(value, hints[f.name], prefix + f.name)
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check/convert one value against a dataclass field's (resolved) annotation."""
     origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return _check_choice(expand_env(value, key) if isinstance(value, str) else value, annotation, key)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None:

@@ -312,7 +312,7 @@ def _evaluated_with_solo_preprocessing(native):
 
 def test_bad_inputs_give_clear_errors(work, solo_hf, mcore):
     from megatron_patch.convert import convert_hf_to_mcore, convert_mcore_to_hf
-    from solo.hf_checkpoint import CheckpointError
+    from solo.checkpoints import CheckpointError
     from solo.outputs import OutputError
 
     # Through the command line once (its main: exit status 2 and the message); then the functions themselves.

@@ -21,13 +21,13 @@ from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 
 from megatron_patch.data import collate_packed, make_training_sample, packed_seq_params  # noqa: E402
 from megatron_patch.model import SoloGPTModel, build_transformer_config, solo_layer_spec  # noqa: E402
-from megatron_patch.model.layer_specs import (  # noqa: E402
+from megatron_patch.model.attention import (  # noqa: E402
     FLEX_BLOCK,
     FlexPackedAttention,
     PackedDotProductAttention,
     document_mask_params,
-    resolve_backend,
 )
+from megatron_patch.model.layer_specs import resolve_backend  # noqa: E402
 from megatron_patch.train import attention_pairs  # noqa: E402
 from test_megatron_model import PAD, VOCAB, documents, make_pack, megatron_world, text_document, tiny_config  # noqa: E402,F401
 

@@ -11,7 +11,7 @@ import pytest
 from run_together import run_together
 from test_megatron_train import REPO, env, latest, metrics, run, train_cmd
 
-from megatron_patch.checkpointing import CheckpointError, _newest_valid, resolve_checkpoint_dir, verify_checkpoint
+from solo.checkpoints import CheckpointError, _newest_valid, resolve_checkpoint_dir, verify_checkpoint
 
 TWO_CHECKPOINTS = ["training.train_iters=4", "checkpoint.save_interval=2", "checkpoint.keep_last=3"]
 

@@ -18,7 +18,8 @@ from solo.cli import main as solo_main
 from solo.create import create_solo_checkpoint
 from solo.hf.image_processing_solo import SoloImageProcessor
 from solo.hf.processing_solo import VISION_TOKENS, SoloProcessor, VisionTokenIds
-from solo.hf_checkpoint import CheckpointError, HFWeights, convert_hf_to_hf
+from solo.checkpoints import CheckpointError
+from solo.hf_checkpoint import HFWeights, convert_hf_to_hf
 from solo.tiny import make_base_checkpoint, make_base_tokenizer
 from solo.tokenizer import extend_tokenizer
 

@@ -72,6 +72,22 @@ def test_schema_rejects_bad_recipes(tmp_path, monkeypatch):
         load_config(RECIPES / "stage2.yaml")
 
 
+def test_a_choice_outside_its_list_is_refused_on_load_and_in_code():
+    """Choice fields are Literal types: the loader names the key and the choices, and validate() does the
+    same for a config changed in code (the list is written once, in the field's type)."""
+    from megatron_patch.config import validate
+
+    with pytest.raises(ConfigError, match=r"model.backend must be one of auto, te, flex, local; got 'tpu'"):
+        load_config(RECIPES / "debug_cpu.yaml", ["model.backend=tpu"])
+    with pytest.raises(ConfigError, match=r"optimizer.decay_style must be one of cosine, linear, constant"):
+        load_config(RECIPES / "debug_cpu.yaml", ["optimizer.decay_style=wsd"])
+    cfg = load_config(RECIPES / "debug_cpu.yaml", ["training.recompute=selective", "model.backend=local"])
+    assert (cfg.training.recompute, cfg.model.backend) == ("selective", "local")
+    cfg.training.recompute = "partial"
+    with pytest.raises(ConfigError, match=r"training.recompute must be one of none, selective, full; got 'partial'"):
+        validate(cfg)
+
+
 def test_blend_of_packs_made_with_different_tokenizers_is_refused(tmp_path):
     import json
 

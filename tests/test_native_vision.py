@@ -15,7 +15,8 @@ from megatron_patch import compat
 compat.apply()
 
 from megatron_patch.config import Config, ConfigError, ModelConfig, validate  # noqa: E402
-from megatron_patch.convert import ARCH_DEFAULTS, architecture, hf_architecture_config, model_config_from_hf  # noqa: E402
+from megatron_patch.config import ARCH_DEFAULTS  # noqa: E402
+from megatron_patch.convert import architecture, hf_architecture_config, model_config_from_hf  # noqa: E402
 from megatron_patch.data import collate_packed, make_training_sample, packed_seq_params  # noqa: E402
 from megatron_patch.model import SoloGPTModel, build_transformer_config, solo_layer_spec  # noqa: E402
 from megatron_patch.model.state_dict_mapping import MAPPINGS  # noqa: E402
@@ -266,7 +267,8 @@ def test_switches_travel_through_conversion_and_are_validated():
 
 
 def test_solo7b_layout_refuses_native_switches(tmp_path):
-    from solo.hf_checkpoint import CheckpointError, write_config
+    from solo.checkpoints import CheckpointError
+    from solo.hf_checkpoint import write_config
 
     config = SoloConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
                         vision_positions="2d").to_dict()

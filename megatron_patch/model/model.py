@@ -6,25 +6,7 @@ projection. It computes the input embeddings itself (token embedding, plus ``W .
 at every ``<vpatch>`` position) and hands them to ``GPTModel`` as ``decoder_input``, the way
 Megatron-LM's LLaVA model composes GPTModel.
 
-Parameter names, and the HF names they map to (the converter's own mapping is
-``megatron_patch/model/state_dict_mapping.py``):
-
-=====================================================  ===========================================
-megatron-core (this model)                             HF ``SoloForCausalLM``
-=====================================================  ===========================================
-language_model.embedding.word_embeddings.weight        model.embed_tokens.weight
-vision_patch_projection.weight                         model.embed_vision_patch.weight
-language_model.decoder.layers.{i}.input_layernorm      model.layers.{i}.input_layernorm
-  (TE spec: self_attention.linear_qkv.layer_norm_weight)
-...layers.{i}.self_attention.linear_qkv.weight         q_proj/k_proj/v_proj (fused per KV group)
-...layers.{i}.self_attention.linear_proj.weight        model.layers.{i}.self_attn.o_proj.weight
-...layers.{i}.pre_mlp_layernorm                        model.layers.{i}.post_attention_layernorm
-  (TE spec: mlp.linear_fc1.layer_norm_weight)
-...layers.{i}.mlp.linear_fc1.weight                    [gate_proj; up_proj]
-...layers.{i}.mlp.linear_fc2.weight                    model.layers.{i}.mlp.down_proj.weight
-language_model.decoder.final_layernorm.weight          model.norm.weight
-language_model.output_layer.weight                     lm_head.weight (untied)
-=====================================================  ===========================================
+Parameter names and the HF names they map to: ``state_dict_mapping.MAPPINGS`` (the one table).
 """
 
 from __future__ import annotations
@@ -45,23 +27,11 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from solo.hf.image_processing_solo import PATCH_DIM, normalize_patches
 from solo.hf.native_vision import check_switches, image_block_ids, is_native, rope_section_positions
 
-from megatron_patch.model.layer_specs import (
-    DocumentRotaryEmbedding,
-    _window_left,
-    document_mask_params,
-    resolve_backend,
-    uses_flex_attention,
-    uses_packed_attention,
-)
+from megatron_patch.model.attention import DocumentRotaryEmbedding, _window_left, document_mask_params
+from megatron_patch.model.layer_specs import resolve_backend, uses_flex_attention, uses_packed_attention
 
 if TYPE_CHECKING:
     from megatron_patch.config import ModelConfig, ParallelConfig, TrainingConfig
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
-    """Embedding rows: the tokenizer's vocab rounded up so every TP shard is equal and aligned."""
-    multiple = divisible_by * tp_size
-    return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
 def have_wgrad_accumulation_kernel() -> bool:
@@ -83,7 +53,7 @@ def build_transformer_config(
     # every layer. It needs TE's THD kernel, so only the TE backend uses it (flex applies per-token
     # frequencies instead). The SwiGLU fusion is megatron's own jit kernel: any GPU.
     dtype = torch.bfloat16 if training.bf16 else torch.float32
-    recompute = {}
+    recompute = {}  # "none" (training.recompute is one of its Literal choices: the loader checks)
     if training.recompute == "full":
         recompute = dict(
             recompute_granularity="full",
@@ -92,8 +62,6 @@ def build_transformer_config(
         )
     elif training.recompute == "selective":
         recompute = dict(recompute_granularity="selective")
-    elif training.recompute != "none":
-        raise ValueError(f"training.recompute must be none, selective or full; got {training.recompute!r}")
     window = None
     if model.sliding_window is not None:
         # SOLO-7B's semantics (its Megatron run passed flash-attn window_size=(W, W) under a causal

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"solo.sft: error: {error}", file=sys.stderr)
         return 2
     from data_prep.pack import NothingPackedError
-    from solo.hf_checkpoint import CheckpointError
+    from solo.checkpoints import CheckpointError
     from solo.outputs import OutputError
 
     try:

@@ -14,12 +14,12 @@ from typing import Optional
 from solo.checkpoints import (
     iteration_dir,
     newest_valid,
+    nothing_to_resume,
     prepare_tmp_dir,
     publish_checkpoint,
     verify_complete_marker,
     write_complete_marker,
 )
-from solo.hf_checkpoint import CheckpointError
 from solo.outputs import write_json_atomic
 
 STATE_FILE = "trainer_state.json"
@@ -72,9 +72,7 @@ def find_resume(save: str) -> tuple[Optional[int], list[str]]:
     skipped on the way; CheckpointError when checkpoints exist but none verifies."""
     step, skipped = newest_valid(save, verify)
     if step is None and skipped:
-        raise CheckpointError(
-            f"no valid checkpoint in {save} to resume from (" + "; ".join(skipped) + "). Move the damaged "
-            "checkpoints away to start this run from the beginning, or choose another checkpoint.save")
+        raise nothing_to_resume(save, skipped)
     return step, skipped
 
 

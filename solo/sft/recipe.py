@@ -7,25 +7,25 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
-from solo.recipe import ConfigError, load_recipe
+from solo.recipe import ConfigError, check_choices, load_recipe
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-DATA_FORMATS = ("llava", "sharegpt", "chat")
 
 
 @dataclass
 class ModelSection:
     path: str = ""  # a Hugging Face SOLO checkpoint (`solo create` output or a converted pretraining run)
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (GPU; varlen over the packed documents)
+    # flash_attention_2: GPU, varlen over the packed documents.
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = False
 
 
 @dataclass
 class DataSection:
     path: str = ""  # instruction file(s) (comma-separated) or a directory packed by `solo-data pack --template mistral`
-    format: str = "llava"  # of instruction files: llava | sharegpt | chat
+    format: Literal["llava", "sharegpt", "chat"] = "llava"  # of instruction files
     image_root: Optional[str] = None  # relative image paths resolve here (default: next to the file)
     max_length: int = 4096  # tokens per packed row
     workers: int = 1  # encoding workers of the preparation pass
@@ -78,6 +78,7 @@ class SFTConfig:
 
 def validate(cfg: SFTConfig) -> SFTConfig:
     """Check values the types cannot; each error names the key and what to do."""
+    check_choices(cfg)
     if not cfg.model.path:
         raise ConfigError("model.path: set it to a Hugging Face SOLO checkpoint directory "
                           "(MODEL=... in launch/5_sft.sh)")
@@ -87,10 +88,6 @@ def validate(cfg: SFTConfig) -> SFTConfig:
         raise ConfigError("data.path: set it to an instruction file or a packed directory (DATA=...)")
     if not cfg.checkpoint.save:
         raise ConfigError("checkpoint.save: set the run directory (SAVE=...)")
-    if cfg.data.format not in DATA_FORMATS:
-        raise ConfigError(f"data.format: {cfg.data.format!r} is not one of {', '.join(DATA_FORMATS)}")
-    if cfg.model.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
-        raise ConfigError("model.attn_implementation: choose sdpa, eager or flash_attention_2")
     positive = {"data.max_length": cfg.data.max_length, "training.samples_per_step": cfg.training.samples_per_step,
                 "training.micro_batch_packs": cfg.training.micro_batch_packs, "training.epochs": cfg.training.epochs,
                 "checkpoint.save_interval": cfg.checkpoint.save_interval,
