@@ -1,4 +1,4 @@
-"""Training resume survives a bad checkpoint; two runs never share a save directory (issue 10, defect 6)."""
+"""Training resume survives a bad checkpoint; two runs never share a save directory."""
 
 import os
 import shutil
@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-from run_together import run_together
-from test_megatron_train import REPO, env, latest, metrics, run, train_cmd
+from helpers import REPO, latest, metrics, run_training, run_together, train_cmd, training_env
 
 from megatron_patch.checkpointing import CheckpointError, _newest_valid, resolve_checkpoint_dir, verify_checkpoint
+
+pytestmark = pytest.mark.e2e  # every test here starts processes
 
 TWO_CHECKPOINTS = ["training.train_iters=4", "checkpoint.save_interval=2", "checkpoint.keep_last=3"]
 
@@ -20,7 +21,7 @@ TWO_CHECKPOINTS = ["training.train_iters=4", "checkpoint.save_interval=2", "chec
 def saved(tmp_path_factory):
     """A save directory with two good checkpoints: iter_0000002 and iter_0000004."""
     save = tmp_path_factory.mktemp("hardening_ckpt") / "save"
-    run(save, *TWO_CHECKPOINTS)
+    run_training(save, *TWO_CHECKPOINTS)
     assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000002", "iter_0000004"]
     return save
 
@@ -120,7 +121,7 @@ def test_resume_falls_back_with_a_warning_and_fails_cleanly_when_nothing_is_vali
     # Two independent single-process runs, started together (each is mostly start-up on one core).
     commands = [train_cmd(save, "training.train_iters=5", "checkpoint.save_interval=100"),
                 train_cmd(broken, *TWO_CHECKPOINTS)]
-    resumed, refused = run_together(commands, [env(), env()], cwd=REPO, timeout=300)
+    resumed, refused = run_together(commands, [training_env(), training_env()], cwd=REPO, timeout=300)
 
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, out[-4000:]
@@ -137,19 +138,19 @@ def test_a_second_run_on_the_same_save_directory_is_refused_and_a_dead_runs_lock
     save = tmp_path / "save"
     first = subprocess.Popen(train_cmd(save, "training.train_iters=500", "checkpoint.save_interval=1000",
                                        "training.step_sleep_s=0.2"),
-                             cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             cwd=REPO, env=training_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     try:
         deadline = time.time() + 180
         while not (save / "metrics.jsonl").exists():
             assert first.poll() is None and time.time() < deadline, "first run did not start training"
             time.sleep(0.1)
-        second = run(save, "training.train_iters=2", expect_rc=2)
+        second = run_training(save, "training.train_iters=2", expect_rc=2)
         assert "is in use by a running `python -m megatron_patch.train" in second.stderr
         assert f"pid {first.pid}" in second.stderr
         assert first.poll() is None  # the first run went on untouched
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # dies holding the lock
         first.wait(timeout=30)
-    run(save, "training.train_iters=1")  # the lock of a dead run does not block the restart
+    run_training(save, "training.train_iters=1")  # the lock of a dead run does not block the restart
     assert latest(save) == 1
