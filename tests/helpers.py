@@ -98,6 +98,35 @@ def run_training(save, *overrides, nproc=1, expect_rc=0, timeout=300):
     return proc
 
 
+def train_in_process(save, *overrides) -> int:
+    """What `python -m megatron_patch.train --config DEBUG_RECIPE checkpoint.save=SAVE OVERRIDES` does, in
+    this process (a gloo group of one, torn down after): for runs whose point is not the process (which
+    checkpoint a resume picks, what a locked or broken save directory says), without the seconds a
+    fresh interpreter spends importing. Returns the exit code; the run prints to this process's
+    stdout/stderr (capsys) and logs through `logging` (caplog)."""
+    import signal
+
+    import pytest
+    import torch.distributed as dist
+
+    from megatron_patch import train
+
+    sigterm = signal.getsignal(signal.SIGTERM)  # the run installs its save-and-exit handler
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                            ("MASTER_PORT", str(free_port()))):
+            patch.setenv(name, value)
+        try:
+            return train.main(["--config", DEBUG_RECIPE, f"checkpoint.save={save}", *map(str, overrides)])
+        finally:
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+            if dist.is_initialized():  # main leaves it when a run stops on an error
+                dist.destroy_process_group()
+            signal.signal(signal.SIGTERM, sigterm)
+
+
 def metrics(save):
     with open(Path(save) / "metrics.jsonl", encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
