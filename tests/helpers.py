@@ -107,11 +107,14 @@ def train_in_process(save, *overrides) -> int:
     import signal
 
     import pytest
+    import torch
     import torch.distributed as dist
 
     from megatron_patch import train
 
     sigterm = signal.getsignal(signal.SIGTERM)  # the run installs its save-and-exit handler
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in `training_env`: the same arithmetic as a training process
     with pytest.MonkeyPatch.context() as patch:
         for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
                             ("MASTER_PORT", str(free_port()))):
@@ -125,6 +128,7 @@ def train_in_process(save, *overrides) -> int:
             if dist.is_initialized():  # main leaves it when a run stops on an error
                 dist.destroy_process_group()
             signal.signal(signal.SIGTERM, sigterm)
+            torch.set_num_threads(threads)
 
 
 def metrics(save):

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import pytest
 
-from helpers import REPO, latest, metrics, run_training, train_cmd, training_env
+from helpers import REPO, latest, metrics, run_training, train_cmd, train_in_process, training_env
 
 pytestmark = pytest.mark.e2e  # every test here starts processes
 
@@ -31,7 +31,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def init_ckpt(workdir):
     save = workdir / "init"
-    run_training(save, "training.train_iters=0")
+    assert train_in_process(save, "training.train_iters=0") == 0
     assert latest(save) == 0
     return save
 
@@ -207,7 +207,7 @@ def test_tp2_checkpoint_resumes_at_tp1(workdir, tp2_run, reference):
     shutil.copytree(tp2_run, save)
     shutil.rmtree(save / "iter_0000004")
     (save / "latest_checkpointed_iteration.txt").write_text("2")
-    run_training(save, *BASE)  # TP=1 now; model and optimizer state are resharded on load
+    assert train_in_process(save, *BASE) == 0  # TP=1 now; model and optimizer state are resharded on load
     got = metrics(save)
     assert [r["step"] for r in got] == list(range(1, ITERS + 1))
     for g, r in zip(got[2:], reference[2:]):
