@@ -841,7 +841,8 @@ class _PackRun:
             # No metadata.json: training must not accept an empty directory as data. The work folder
             # stays, so the same command fails the same way and another --format says --overwrite.
             found = (f"all {report['documents_in']} records were rejected" if report["documents_in"]
-                     else "the inputs hold no records" + (" that pass --exclude-subset" if report["documents_filtered"] else ""))
+                     else "the inputs hold no records"
+                     + (" that pass --exclude-subset" if report["documents_filtered"] else ""))
             raise NothingPackedError(
                 f"nothing was packed into {config.output}: {found}. "
                 + (f"{warning} " if warning else "")

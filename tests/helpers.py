@@ -192,6 +192,7 @@ def write_colour_task(folder: Path, count: int, seed: int) -> Path:
             pixels = np.clip(np.array(TASK_COLOURS[colour]) + rng.integers(-20, 21, (size[1], size[0], 3)), 0, 255)
             Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{index}.png")
             record = {"id": f"q{index}", "image": f"{index}.png", "question": "What colour is the square?",
-                      "options": names, "answer": "ABCD"[index % 4], "category": "warm" if index % 4 in (0, 3) else "cold"}
+                      "options": names, "answer": "ABCD"[index % 4],
+                      "category": "warm" if index % 4 in (0, 3) else "cold"}
             handle.write(json.dumps(record) + "\n")
     return folder / "task.jsonl"

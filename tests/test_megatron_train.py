@@ -86,14 +86,15 @@ def runs(request, workdir, init_ckpt):
     def next_stage():  # waits inside the pool for "reference", which is always submitted first
         pool.result("reference")
         return run_training(workdir / "next_stage", "training.train_iters=2", "checkpoint.save_interval=1000",
-                   f"checkpoint.init_from={workdir / 'ref'}", "checkpoint.init_load_optimizer=true")
+                            f"checkpoint.init_from={workdir / 'ref'}", "checkpoint.init_load_optimizer=true")
 
     dropout_tests = "test_resume_with_dropout_is_bitwise test_resume_with_another_train_iters_keeps_the_schedule"
     jobs = {  # name: (the tests that check it, the run)
         "reference": (None, lambda: run_training(workdir / "ref", *BASE, init)),
         "mbs2": ("test_micro_batch_2_matches_2x1",
                  lambda: run_training(workdir / "mbs2", *BASE, init, "data.micro_batch_size=2")),
-        "nan_stop": ("test_nonfinite_loss_stops_or_skips", lambda: run_training(workdir / "nan_stop", *nan, expect_rc=3)),
+        "nan_stop": ("test_nonfinite_loss_stops_or_skips",
+                     lambda: run_training(workdir / "nan_stop", *nan, expect_rc=3)),
         "nan_skip": ("test_nonfinite_loss_stops_or_skips",
                      lambda: run_training(workdir / "nan_skip", *nan, "training.on_nonfinite=skip")),
         "learn": ("test_loss_falls_on_synthetic_image_task test_debug_recipe_first_losses_are_the_golden_ones",
