@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -42,12 +41,6 @@ def parse_args():
     p.add_argument("--sliding-window", type=int, default=4096)
     p.add_argument("--doc-tokens", type=int, default=256, help="mean text tokens per document")
     return p.parse_args()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_pack(rng, args):
@@ -134,9 +127,10 @@ def bench_megatron(args, batches):
 
     from megatron_patch import train as train_mod
     from megatron_patch.config import Config, ModelConfig
+    from solo.processes import free_local_port
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_local_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(0)

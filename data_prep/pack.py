@@ -644,70 +644,97 @@ def run_pack(config: PackConfig) -> dict[str, Any]:
         if config.source.image_index:  # the URL → image index, built once for all workers
             config.source = replace(config.source,
                                     image_index_db=build_image_index(config.source.image_index, work_dir))
-        return _run_locked(config, tokenizer, fingerprint, work_dir)
+        return _PackRun(config, tokenizer, fingerprint, work_dir).run()
 
 
-def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work_dir: str) -> dict[str, Any]:
-    for name in os.listdir(work_dir):  # pieces of writes a crash interrupted
-        if ".tmp" in name:
-            os.remove(os.path.join(work_dir, name))
+class _PackRun:
+    """One locked pack run, phase by phase: resume (or start) the packing pass's state; encode the
+    inputs chunk by chunk (in workers) and pack each chunk in order as it is ready, checkpointing at
+    window boundaries; then seal the output (report, tokenizer copy, metadata.json written last)."""
 
-    from tqdm import tqdm
+    def __init__(self, config: PackConfig, tokenizer, fingerprint: dict[str, Any], work_dir: str):
+        self.config, self.tokenizer, self.fingerprint, self.work_dir = config, tokenizer, fingerprint, work_dir
+        self.seq_length = config.encode.seq_length
+        self.progress_path = os.path.join(work_dir, PROGRESS_FILE)
+        self.rejected_path = os.path.join(work_dir, REJECTED_FILE)  # the rejections so far, one JSON line each
+        self.packer = BestFitPacker(self.seq_length, config.window_items, config.window_tokens, config.carry_packs)
+        self.accounting = _Accounting(self.seq_length)
+        self.loaded_chunks: dict[int, list[tuple]] = {}  # chunks the open packs of a resumed run point into
+        self.last_checkpoint = time.monotonic()
 
-    seq_length = config.encode.seq_length
-    progress_path = os.path.join(work_dir, PROGRESS_FILE)
-    resume = None
-    rejected_path = os.path.join(work_dir, REJECTED_FILE)  # the rejections so far, one JSON line each
-    packer = BestFitPacker(seq_length, config.window_items, config.window_tokens, config.carry_packs)
-    accounting = _Accounting(seq_length)
-    loaded_chunks: dict[int, list[tuple]] = {}  # chunks the open packs of a resumed run point into
+    def run(self) -> dict[str, Any]:
+        from tqdm import tqdm
 
-    def piece_payload(chunk: int, entry_index: int, piece_number: int) -> tuple:
+        for name in os.listdir(self.work_dir):  # pieces of writes a crash interrupted
+            if ".tmp" in name:
+                os.remove(os.path.join(self.work_dir, name))
+        resume = self._restore()
+        self.writer = PackWriter(self.config.output, len(self.tokenizer), self.work_dir,
+                                 resume=resume["writer"] if resume else None)
+        self.images = _ImageSource(self.work_dir)
+        self.progress = tqdm(desc="pack", unit="doc", disable=not self.config.progress, file=sys.stderr,
+                             smoothing=0.1)
+        self.last_checkpoint = time.monotonic()
+        started = time.time()
+        try:
+            self._encode_and_pack()
+            self._write_packs(self.packer.flush())
+        finally:
+            self.progress.close()
+            self.images.close()
+            self.rejected_log.close()
+        self.writer.finalize()
+        report = self._seal()
+        elapsed = time.time() - started
+        print(f"packed {report['documents_packed']}/{report['documents_in']} documents "
+              f"({report['documents_rejected']} rejected) into {report['packs']} packs, fill {report['fill']:.4f}, "
+              f"{report['images']} images, in {elapsed:.1f}s", file=sys.stderr)
+        return report
+
+    def _piece_payload(self, chunk: int, entry_index: int, piece_number: int) -> tuple:
         """What the packer carries for one piece (kept small: the image bytes are read when written)."""
-        if chunk not in loaded_chunks:
-            loaded_chunks[chunk] = read_chunk(work_dir, chunk)
-        _, input_index, number, pieces, image_refs, _ = loaded_chunks[chunk][entry_index]
+        if chunk not in self.loaded_chunks:
+            self.loaded_chunks[chunk] = read_chunk(self.work_dir, chunk)
+        _, input_index, number, pieces, image_refs, _ = self.loaded_chunks[chunk][entry_index]
         return (pieces[piece_number], chunk, image_refs, (input_index, number, piece_number), entry_index)
 
-    if os.path.exists(progress_path):  # the packing pass of an earlier run got this far
-        with open(progress_path, encoding="utf-8") as handle:
+    def _restore(self) -> dict | None:
+        """Where the packing pass of an earlier run got to (None: from the start); opens the rejection log."""
+        if not os.path.exists(self.progress_path):
+            self.resume_at = (0, 0, 0)
+            self.rejected_log = open(self.rejected_path, "wb")
+            return None
+        with open(self.progress_path, encoding="utf-8") as handle:
             resume = json.load(handle)
-        packer.restore(resume["packer"], lambda ref: piece_payload(*ref))
-        loaded_chunks.clear()
+        self.packer.restore(resume["packer"], lambda ref: self._piece_payload(*ref))
+        self.loaded_chunks.clear()
         for name, value in resume["accounting"].items():
-            setattr(accounting, name, value)
-        resume_at = tuple(resume["position"])  # (chunk, entry, next piece): everything before it is written
-        rejected_log = open(rejected_path, "r+b")
-        rejected_log.truncate(resume["rejected_bytes"])
-        rejected_log.seek(0)
-        accounting.rejected = [json.loads(line) for line in rejected_log.read().splitlines()]
-        rejected_log.seek(resume["rejected_bytes"])
-    else:
-        resume_at = (0, 0, 0)
-        rejected_log = open(rejected_path, "wb")
-    writer = PackWriter(config.output, len(tokenizer), work_dir, resume=resume["writer"] if resume else None)
-    images = _ImageSource(work_dir)
-    progress = tqdm(desc="pack", unit="doc", disable=not config.progress, file=sys.stderr, smoothing=0.1)
-    last_checkpoint = time.monotonic()
+            setattr(self.accounting, name, value)
+        self.resume_at = tuple(resume["position"])  # (chunk, entry, next piece): everything before it is written
+        self.rejected_log = open(self.rejected_path, "r+b")
+        self.rejected_log.truncate(resume["rejected_bytes"])
+        self.rejected_log.seek(0)
+        self.accounting.rejected = [json.loads(line) for line in self.rejected_log.read().splitlines()]
+        self.rejected_log.seek(resume["rejected_bytes"])
+        return resume
 
-    def checkpoint(position: tuple[int, int, int]) -> None:
+    def _checkpoint(self, position: tuple[int, int, int]) -> None:
         """Record where the packing pass stands; only at window boundaries (nothing half-packed)."""
-        nonlocal last_checkpoint
-        rejected_log.flush()
+        accounting = self.accounting
+        self.rejected_log.flush()
         rejected, accounting.rejected = accounting.rejected, []  # kept in the log, not in every checkpoint
         try:
             # Open packs are stored as (chunk, entry, piece) references: the chunks stay in .work.
-            packer_state = packer.state(lambda payload: [payload[1], payload[4], payload[3][2]])
-            write_json_atomic(progress_path, {
-                "position": list(position), "writer": writer.checkpoint(), "packer": packer_state,
-                "accounting": vars(accounting), "rejected_bytes": rejected_log.tell()})
+            packer_state = self.packer.state(lambda payload: [payload[1], payload[4], payload[3][2]])
+            write_json_atomic(self.progress_path, {
+                "position": list(position), "writer": self.writer.checkpoint(), "packer": packer_state,
+                "accounting": vars(accounting), "rejected_bytes": self.rejected_log.tell()})
         finally:
             accounting.rejected = rejected
-        last_checkpoint = time.monotonic()
-    started = time.time()
-    init_args = (config.tokenizer, config.source, config.encode, work_dir)
+        self.last_checkpoint = time.monotonic()
 
-    def write_packs(packs) -> None:
+    def _write_packs(self, packs) -> None:
+        accounting = self.accounting
         for pack in packs:
             tokens, loss, cu, layout, origin, pack_images = [], [], [0], [], [], []
             for _, length, (piece, chunk, image_refs, piece_origin, _) in pack.items:
@@ -715,7 +742,7 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
                 for offset, rows, cols, image_index, *full in piece_layout:
                     full_patches = full[0] if full else rows * cols  # work files of an earlier version: no budget
                     layout.append((cu[-1] + offset, rows, cols))
-                    pack_images.append(images.read(chunk, image_refs[image_index]))
+                    pack_images.append(self.images.read(chunk, image_refs[image_index]))
                     accounting.patches += rows * cols
                     accounting.patches_before_max_patches += full_patches
                     accounting.images_scaled_down += full_patches > rows * cols
@@ -725,8 +752,9 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
                 origin.append(piece_origin)
             all_tokens = np.concatenate(tokens)
             all_loss = np.concatenate(loss)
-            writer.add_pack(all_tokens, all_loss, np.asarray(cu, np.int32),
-                            np.asarray(layout, np.int32).reshape(-1, 3), np.asarray(origin, np.int64), pack_images)
+            self.writer.add_pack(all_tokens, all_loss, np.asarray(cu, np.int32),
+                                 np.asarray(layout, np.int32).reshape(-1, 3), np.asarray(origin, np.int64),
+                                 pack_images)
             accounting.packs += 1
             accounting.tokens += len(all_tokens)
             accounting.max_pack_length = max(accounting.max_pack_length, len(all_tokens))
@@ -735,14 +763,16 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
             accounting.image_bytes += sum(len(data) for data in pack_images)
             accounting.vision_tokens += sum(image_tokens_count(rows, cols) for _, rows, cols in layout)
         if packs:
-            fill = accounting.tokens / (accounting.packs * seq_length)
-            progress.set_postfix(packs=accounting.packs, fill=f"{fill:.4f}")
+            self.progress.set_postfix(packs=accounting.packs,
+                                      fill=f"{accounting.tokens / (accounting.packs * self.seq_length):.4f}")
 
-    def consume(index: int) -> None:
+    def _consume(self, index: int) -> None:
+        """Pack the encoded chunk `index` (the part of it after where a resumed run stopped)."""
+        accounting, resume_at = self.accounting, self.resume_at
         if index < resume_at[0]:
-            progress.update(config.chunk_size)
+            self.progress.update(self.config.chunk_size)
             return  # packed before the restart
-        entries = read_chunk(work_dir, index)
+        entries = read_chunk(self.work_dir, index)
         skip_entries, first_piece = resume_at[1:] if index == resume_at[0] else (0, 0)
         for entry_index in range(skip_entries, len(entries)):
             entry = entries[entry_index]
@@ -755,7 +785,7 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
             if entry[0] == "rejected":
                 rejection = {"input": entry[1], "reason": entry[2]}
                 accounting.rejected.append(rejection)
-                rejected_log.write(json.dumps(rejection, sort_keys=True).encode() + b"\n")
+                self.rejected_log.write(json.dumps(rejection, sort_keys=True).encode() + b"\n")
                 continue
             _, input_index, number, pieces, image_refs, dropped = entry
             if not resumed:
@@ -769,95 +799,93 @@ def _run_locked(config: PackConfig, tokenizer, fingerprint: dict[str, Any], work
                 accounting.pieces += 1
                 accounting.pieces_without_loss += not piece[1].any()
                 payload = (piece, index, image_refs, (input_index, number, piece_number), entry_index)
-                write_packs(packer.add(len(piece[0]), payload))
-                if packer.window_empty and time.monotonic() - last_checkpoint >= config.checkpoint_seconds:
-                    checkpoint((index, entry_index, piece_number + 1))
-        progress.update(len(entries) - skip_entries)
+                self._write_packs(self.packer.add(len(piece[0]), payload))
+                if (self.packer.window_empty
+                        and time.monotonic() - self.last_checkpoint >= self.config.checkpoint_seconds):
+                    self._checkpoint((index, entry_index, piece_number + 1))
+        self.progress.update(len(entries) - skip_entries)
 
-    records = iter_records(config.expanded_inputs, config.source)
-    pending: deque[list] = deque()  # [chunk index, records, future or None if written]
-    try:
+    def _encode_and_pack(self) -> None:
+        """Encode the chunks not already in the work folder (in this process or in workers) and pack
+        every chunk in input order as soon as it is ready."""
+        config, work_dir = self.config, self.work_dir
+        init_args = (config.tokenizer, config.source, config.encode, work_dir)
+        records = iter_records(config.expanded_inputs, config.source)
         if config.workers == 1:
             _init_worker(*init_args)
             for index, chunk in _chunks(records, config.chunk_size):
                 if not _chunk_done(work_dir, index, chunk):
                     encode_chunk(index, chunk)
-                consume(index)
-        else:
-            workers = _WorkerPool(config.workers, init_args, work_dir)
-            try:
-                for index, chunk in _chunks(records, config.chunk_size):
-                    done = _chunk_done(work_dir, index, chunk)
-                    pending.append([index, None, None] if done else [index, chunk, workers.submit(index, chunk)])
-                    while len(pending) > 2 * config.workers or (pending and pending[0][2] is None):
-                        consume(workers.wait(pending))
-                while pending:
-                    consume(workers.wait(pending))
-            finally:
-                workers.shutdown()
-        write_packs(packer.flush())
-    finally:
-        progress.close()
-        images.close()
-        rejected_log.close()
-    writer.finalize()
+                self._consume(index)
+            return
+        pending: deque[list] = deque()  # [chunk index, records, future or None if written]
+        workers = _WorkerPool(config.workers, init_args, work_dir)
+        try:
+            for index, chunk in _chunks(records, config.chunk_size):
+                done = _chunk_done(work_dir, index, chunk)
+                pending.append([index, None, None] if done else [index, chunk, workers.submit(index, chunk)])
+                while len(pending) > 2 * config.workers or (pending and pending[0][2] is None):
+                    self._consume(workers.wait(pending))
+            while pending:
+                self._consume(workers.wait(pending))
+        finally:
+            workers.shutdown()
 
-    report = accounting.report()
-    if report["documents_in"] != report["documents_packed"] + report["documents_rejected"]:
-        raise RuntimeError("accounting bug: documents_in != documents_packed + documents_rejected")
-    write_json_atomic(os.path.join(config.output, REPORT_FILE), report)
-    warning = rejection_warning(report, config.source.format)
-    if report["packs"] == 0:
-        # No metadata.json: training must not accept an empty directory as data. The work folder
-        # stays, so the same command fails the same way and another --format says --overwrite.
-        found = (f"all {report['documents_in']} records were rejected" if report["documents_in"]
-                 else "the inputs hold no records"
-                 + (" that pass --exclude-subset" if report["documents_filtered"] else ""))
-        raise NothingPackedError(
-            f"nothing was packed into {config.output}: {found}. "
-            + (f"{warning} " if warning else "")
-            + f"Every rejection is listed in {os.path.join(config.output, REPORT_FILE)}; fix the inputs or "
-            "options and rerun with --overwrite."
-        )
-    if warning:
-        print(f"solo-data pack: WARNING: {warning} (all rejections: {os.path.join(config.output, REPORT_FILE)})",
-              file=sys.stderr)
-    vision = VisionTokenIds.from_tokenizer(tokenizer)
-    # A copy of the tokenizer travels with the packs (training and preview load it from there), so
-    # the directory can be moved or mounted elsewhere; metadata.json, written last, seals it.
-    tokenizer.save_pretrained(os.path.join(config.output, TOKENIZER_DIR))
-    metadata = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "seq_length": seq_length,
-        "packs": report["packs"],
-        "tokenizer": {
-            "dir": TOKENIZER_DIR,
-            "source_dir": os.path.abspath(config.tokenizer),
-            "digest": fingerprint["tokenizer"]["digest"],  # blended sources must share one tokenizer
-            "vocab_size": len(tokenizer),
-            "bos_id": tokenizer.bos_token_id,
-            "eos_id": tokenizer.eos_token_id,
-            "pad_id": tokenizer.pad_token_id,
-            "vision_start_id": vision.start,
-            "vision_patch_id": vision.patch,
-            "vision_row_sep_id": vision.row_sep,
-            "vision_end_id": vision.end,
-        },
-        "resize_mode": config.encode.resize_mode,
-        "max_pixels": config.encode.max_pixels,
-        "max_patches": config.encode.max_patches,
-        "template": config.encode.template,
-        "loss_on_user": config.encode.loss_on_user,
-        "source_format": config.source.format,
-        "inputs": [os.path.abspath(path) for path in config.expanded_inputs],
-        "fingerprint": fingerprint,
-    }
-    write_json_atomic(os.path.join(config.output, METADATA_FILE), metadata)
-    if not config.keep_work:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    elapsed = time.time() - started
-    print(f"packed {report['documents_packed']}/{report['documents_in']} documents "
-          f"({report['documents_rejected']} rejected) into {report['packs']} packs, fill {report['fill']:.4f}, "
-          f"{report['images']} images, in {elapsed:.1f}s", file=sys.stderr)
-    return report
+    def _seal(self) -> dict[str, Any]:
+        """Check the accounting, write the report, the tokenizer copy and metadata.json (last); return the report."""
+        config, tokenizer, fingerprint = self.config, self.tokenizer, self.fingerprint
+        report = self.accounting.report()
+        if report["documents_in"] != report["documents_packed"] + report["documents_rejected"]:
+            raise RuntimeError("accounting bug: documents_in != documents_packed + documents_rejected")
+        write_json_atomic(os.path.join(config.output, REPORT_FILE), report)
+        warning = rejection_warning(report, config.source.format)
+        if report["packs"] == 0:
+            # No metadata.json: training must not accept an empty directory as data. The work folder
+            # stays, so the same command fails the same way and another --format says --overwrite.
+            found = (f"all {report['documents_in']} records were rejected" if report["documents_in"]
+                     else "the inputs hold no records"
+                     + (" that pass --exclude-subset" if report["documents_filtered"] else ""))
+            raise NothingPackedError(
+                f"nothing was packed into {config.output}: {found}. "
+                + (f"{warning} " if warning else "")
+                + f"Every rejection is listed in {os.path.join(config.output, REPORT_FILE)}; fix the inputs or "
+                "options and rerun with --overwrite."
+            )
+        if warning:
+            print(f"solo-data pack: WARNING: {warning} (all rejections: {os.path.join(config.output, REPORT_FILE)})",
+                  file=sys.stderr)
+        vision = VisionTokenIds.from_tokenizer(tokenizer)
+        # A copy of the tokenizer travels with the packs (training and preview load it from there), so
+        # the directory can be moved or mounted elsewhere; metadata.json, written last, seals it.
+        tokenizer.save_pretrained(os.path.join(config.output, TOKENIZER_DIR))
+        metadata = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "seq_length": self.seq_length,
+            "packs": report["packs"],
+            "tokenizer": {
+                "dir": TOKENIZER_DIR,
+                "source_dir": os.path.abspath(config.tokenizer),
+                "digest": fingerprint["tokenizer"]["digest"],  # blended sources must share one tokenizer
+                "vocab_size": len(tokenizer),
+                "bos_id": tokenizer.bos_token_id,
+                "eos_id": tokenizer.eos_token_id,
+                "pad_id": tokenizer.pad_token_id,
+                "vision_start_id": vision.start,
+                "vision_patch_id": vision.patch,
+                "vision_row_sep_id": vision.row_sep,
+                "vision_end_id": vision.end,
+            },
+            "resize_mode": config.encode.resize_mode,
+            "max_pixels": config.encode.max_pixels,
+            "max_patches": config.encode.max_patches,
+            "template": config.encode.template,
+            "loss_on_user": config.encode.loss_on_user,
+            "source_format": config.source.format,
+            "inputs": [os.path.abspath(path) for path in config.expanded_inputs],
+            "fingerprint": fingerprint,
+        }
+        write_json_atomic(os.path.join(config.output, METADATA_FILE), metadata)
+        if not config.keep_work:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+        return report

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from run_together import free_ports, run_together
+from helpers import DEBUG_RECIPE as RECIPE, REPO, free_port, free_ports, run_together, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = str(REPO / "megatron_patch" / "recipes" / "debug_cpu.yaml")
 TINY_ARCH = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
              "model.num_query_groups=2", "model.vocab_size=33029", "model.sliding_window=4096"]
 
 
 def env():
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
-    return e
+    return subprocess_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
 def _check(proc, expect_rc):
@@ -55,15 +50,9 @@ def solo(*args, expect_rc=0):
     return _check(subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue()), expect_rc)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_cmd(save, *overrides, nproc=1):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                str(_free_port())] if nproc > 1 else [sys.executable]  # torchrun reports every failure as rc 1
+                str(free_port())] if nproc > 1 else [sys.executable]  # torchrun reports every failure as rc 1
     return launcher + ["-m", "megatron_patch.train", "--config", RECIPE, f"checkpoint.save={save}", *overrides]
 
 
@@ -154,6 +143,7 @@ def test_mapping_table_names_every_tensor_of_the_megatron_model():
     assert not dist.is_initialized()
 
 
+@pytest.mark.e2e
 def test_round_trip_tp1_is_bitwise_and_export_loads_and_generates(work, solo_hf, mcore):
     from transformers import AutoModelForCausalLM, AutoProcessor
 
@@ -174,6 +164,7 @@ def test_round_trip_tp1_is_bitwise_and_export_loads_and_generates(work, solo_hf,
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 4
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)],
                          ids=["tp2", "pp2", "tp2pp2"])
 def test_round_trip_through_training_at_any_tp_pp_is_bitwise(work, solo_hf, mcore, tp, pp):
@@ -207,6 +198,7 @@ def _hf_loss(model, samples):
     return total / count
 
 
+@pytest.mark.e2e
 def test_converted_checkpoint_trains_and_trained_model_exports(work, solo_hf, mcore):
     """Training at TP=2 from the converted checkpoint: its first-step loss equals the HF model's on
     the same packed multimodal batch; the checkpoint after one step exports (no --tokenizer) to a
@@ -239,6 +231,7 @@ def test_converted_checkpoint_trains_and_trained_model_exports(work, solo_hf, mc
     assert generated.shape == (1, 8)
 
 
+@pytest.mark.e2e
 def test_training_refuses_hf_directory_and_other_architecture(work, solo_hf, mcore):
     other = [a for a in TINY_ARCH if "ffn" not in a] + ["model.ffn_hidden_size=96"]
     # Two independent single-process runs, started together (each is mostly start-up on one core).
@@ -310,6 +303,7 @@ def _evaluated_with_solo_preprocessing(native):
     assert out["vision_patches"][:, :1024].eq(10).all()  # SOLO-7B kept the colour of transparent pixels
 
 
+@pytest.mark.e2e
 def test_bad_inputs_give_clear_errors(work, solo_hf, mcore):
     from megatron_patch.convert import convert_hf_to_mcore, convert_mcore_to_hf
     from solo.checkpoints import CheckpointError
@@ -341,6 +335,7 @@ def test_bad_inputs_give_clear_errors(work, solo_hf, mcore):
     assert not any((work / f"e{i}").exists() for i in range(1, 7))
 
 
+@pytest.mark.e2e
 def test_killed_conversion_leaves_nothing_that_looks_complete(work, solo_hf):
     out = work / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "solo.cli", "convert", "hf-to-mcore", "--hf", str(solo_hf),

@@ -20,11 +20,6 @@ from solo.tiny import make_base_checkpoint
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return make_base_checkpoint(tmp_path_factory.mktemp("base") / "mistral")
-
-
-@pytest.fixture(scope="module")
 def solo_dir(base_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("created") / "solo"
     assert solo_main(["create", "--base", str(base_dir), "--out", str(out), "--seed", "7"]) == 0
@@ -69,6 +64,7 @@ def test_text_logits_equal_the_base_model(base_dir, solo_dir):
     torch.testing.assert_close(got[..., :32000], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_auto_classes_load_without_this_package(solo_dir, tmp_path):
     """The exported directory carries its own code: a Python that cannot import `solo` still runs it."""
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 100, 3), dtype=np.uint8))

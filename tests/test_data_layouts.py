@@ -515,6 +515,7 @@ def test_shards_add_up_to_the_unsharded_output_and_mix_as_one_source(tmp_path, t
     assert sum(info["samples"] for info in plan["sources"]) == plan["samples"]
 
 
+@pytest.mark.e2e
 def test_prep_array_sbatch_submits_shards_then_plan(tmp_path, tokenizer_dir, tokenizer):
     """launch/prep_array.sbatch on a login node submits an N-task array and a plan job after it; each
     task packs its shard; the plan job reads the shards as one source."""

@@ -96,6 +96,7 @@ def _wait_for_chunks(work_dir, count, process, packed_some, timeout=120):
     pytest.fail("pack made no progress")
 
 
+@pytest.mark.e2e
 def test_kill_9_then_rerun_is_byte_identical(source, reference, tmp_path):
     output = tmp_path / "killed"
     work_dir = output / ".work"
@@ -171,6 +172,7 @@ def _children(pid):
     return found
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds worker processes through /proc")
 def test_a_worker_killed_mid_run_does_not_stop_it(source, reference, tmp_path):
     """A worker dying (OOM killer, decoder crash) is replaced; the run completes, same bytes."""
@@ -231,6 +233,7 @@ def test_record_by_record_encoding_writes_the_same_chunk(source, tmp_path):
                 assert (ta == tb).all() and (la == lb).all() and ia == ib
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds worker processes through /proc")
 def test_workers_exit_when_only_the_main_process_is_killed(source, tmp_path):
     output = tmp_path / "main-killed"

@@ -27,7 +27,8 @@ from solo.demo.task import (
     write_sources,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, subprocess_env
+
 SIZES = TaskSizes(pretrain=16, instructions=128, heldout=64)
 
 
@@ -106,7 +107,7 @@ def test_sources_are_deterministic_by_seed_and_blanking_keeps_the_text(tmp_path,
 
 
 def _demo(out, *args, check=True):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = subprocess_env(OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "solo.cli", "demo", "--fast", "--out", str(out), *args],
                             capture_output=True, text=True, env=env, cwd=REPO, timeout=3600)  # a hang guard only
     if check:
@@ -114,6 +115,7 @@ def _demo(out, *args, check=True):
     return result
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_fast_demo_runs_resumes_and_reports_a_failing_stage(tmp_path):
     out = tmp_path / "demo"

@@ -5,7 +5,6 @@ README's `solo eval` section for the environment it runs in).
 """
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ import pytest
 
 pytest.importorskip("lmms_eval")
 
-from test_eval_run import REPO, random_model, task  # noqa: E402,F401  (shared module fixtures)
+from helpers import subprocess_env  # noqa: E402
 
 from solo.eval import BENCHMARKS, load_samples  # noqa: E402
 from solo.eval.runner import run_eval, score_replies  # noqa: E402
@@ -73,11 +72,11 @@ def _write_tasks(folder: Path, data: Path) -> None:
         metric="acc"))
 
 
+@pytest.mark.e2e
 def test_lmms_eval_runs_solo_with_the_answers_solo_eval_gives(random_model, task, tmp_path):  # noqa: F811
     tasks = tmp_path / "tasks"
     _write_tasks(tasks, task)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env = subprocess_env(OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     command = [sys.executable, "-m", "lmms_eval", "--model", "solo", "--model_args", f"pretrained={random_model}",
                "--batch_size", "4", "--device", "cpu", "--tasks", "solo_tiny_letters",
                "--include_path", str(tasks), "--output_path", str(tmp_path / "out"), "--log_samples"]

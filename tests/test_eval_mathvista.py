@@ -7,8 +7,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-from test_eval_readers import hf_image, png, write_parquet
-from test_eval_run import random_model  # noqa: F401  (the tiny model fixture)
+from helpers import hf_image, png, write_parquet
 
 from solo.cli import main as solo_main
 from solo.eval import EvalDataError, load_samples

@@ -6,7 +6,7 @@ eval_tool, MMStar's scorer, LLaVA's eval_science_qa.py), never from this project
 import json
 
 import pytest
-from test_eval_readers import hf_image, png, write_parquet
+from helpers import hf_image, png, write_parquet
 
 from solo.cli import main as solo_main
 

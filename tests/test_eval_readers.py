@@ -2,28 +2,14 @@
 
 import base64
 import csv
-import io
 import json
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from solo.eval import BENCHMARKS, EvalDataError, load_samples
 from solo.eval.protocols import PROTOCOLS
 
-
-def png(colour=(200, 30, 30), size=(40, 32)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def write_parquet(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
+from helpers import hf_image, png, write_parquet
 
 
 def write_tsv(path, rows):
@@ -36,10 +22,6 @@ def write_tsv(path, rows):
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def hf_image(data: bytes) -> dict:
-    return {"bytes": data, "path": None}
 
 
 def test_mme_release_folder_both_layouts(tmp_path):

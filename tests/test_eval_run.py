@@ -2,7 +2,6 @@
 model trained on a generated multiple-choice task scoring far above chance (a random one near it)."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -10,51 +9,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from solo.cli import main as solo_main
-from solo.create import create_solo_checkpoint
 from solo.eval import BENCHMARKS, load_samples
 from solo.eval.protocols import PROTOCOLS
 from solo.eval.runner import run_eval
-from solo.tiny import make_base_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 40, 220), "yellow": (235, 215, 30)}
+from helpers import subprocess_env, write_colour_task
+
 STEPS = 112  # training steps of the tiny model on the colour task
-SIZES = [(32, 32), (64, 32), (32, 64), (64, 64), (96, 32)]  # different token counts: real padding in a batch
-
-
-def write_colour_task(folder: Path, count: int, seed: int) -> Path:
-    """A multiple-choice JSONL: "What colour is the square?" over solid-colour images of varied sizes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    names = list(COLOURS)
-    with open(folder / "task.jsonl", "w", encoding="utf-8") as handle:
-        for index in range(count):
-            colour = names[index % len(names)]  # balanced answers: any fixed preference scores 25%
-            size = SIZES[int(rng.integers(len(SIZES)))]
-            pixels = np.clip(np.array(COLOURS[colour]) + rng.integers(-20, 21, (size[1], size[0], 3)), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{index}.png")
-            record = {"id": f"q{index}", "image": f"{index}.png", "question": "What colour is the square?",
-                      "options": names, "answer": "ABCD"[index % 4], "category": "warm" if index % 4 in (0, 3) else "cold"}
-            handle.write(json.dumps(record) + "\n")
-    return folder / "task.jsonl"
-
-
-@pytest.fixture(scope="module")
-def random_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval-model")
-    base = make_base_checkpoint(root / "base")
-    return create_solo_checkpoint(base, root / "solo", seed=0)
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return write_colour_task(tmp_path_factory.mktemp("eval-task"), count=24, seed=1)
 
 
 def _training_batch(processor, samples, images, replies):
@@ -156,12 +122,13 @@ def _eval_command(model, data, out, *extra):
             "--out", str(out), "--batch-size", "1", "--max-new-tokens", "8", *extra]
 
 
+@pytest.mark.e2e
 def test_interrupted_run_resumes_to_the_same_results(random_model, task, tmp_path, capsys):
     reference = tmp_path / "reference"
     run_eval(random_model, "mc", task, reference, batch_size=1, max_new_tokens=8, progress=False)
 
     out = tmp_path / "interrupted"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     process = subprocess.Popen(_eval_command(random_model, task, out), env=env, stderr=subprocess.DEVNULL)
     part = out / "predictions.rank-0.jsonl"
     deadline = time.monotonic() + 240
@@ -244,11 +211,12 @@ def test_output_directory_rules(random_model, task, tmp_path, capsys):
     assert "inside the input" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_data_parallel_over_two_processes_gives_the_single_process_predictions(random_model, task, tmp_path):
     single = tmp_path / "single"
     run_eval(random_model, "mc", task, single, mode="likelihood", limit=8, progress=False)
     out = tmp_path / "parallel"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
                "-m", "solo.cli", "eval", "--model", str(random_model), "--benchmark", "mc", "--data", str(task),
                "--out", str(out), "--mode", "likelihood", "--limit", "8"]

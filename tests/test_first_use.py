@@ -3,33 +3,22 @@ and launchers that take the caller's relative paths."""
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from data_prep.cli import main as solo_data
 from data_prep.reader import PackedReader
 from solo.tiny import make_base_tokenizer
 from solo.tokenizer import extend_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, jpeg, subprocess_env
 HEAVY = ("torch", "transformers", "megatron")
-
-
-def jpeg(width: int, height: int, seed: int) -> bytes:
-    buffer = io.BytesIO()
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(buffer, format="JPEG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +41,10 @@ def pack_args(root: Path, output: Path, fmt: str = "caption", source: str = "cap
 
 
 def python_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return subprocess_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
+@pytest.mark.e2e
 def test_help_starts_without_the_model_stack():
     script = (
         "import sys\n"
@@ -74,6 +62,7 @@ def test_help_starts_without_the_model_stack():
     assert "imagenet" in help_text and "--resize-mode" in help_text
 
 
+@pytest.mark.e2e
 def test_stats_and_plan_start_without_the_model_stack(workspace, tmp_path):
     assert solo_data(pack_args(workspace, tmp_path / "packed")) == 0
     (tmp_path / "mixture.yaml").write_text("datasets:\n  - {path: packed, weight: 1}\n")
@@ -162,6 +151,7 @@ def test_packed_directory_moves_with_its_tokenizer(workspace, tmp_path):
             shutil.copytree(tokenizer_copy, workspace / "tokenizer")
 
 
+@pytest.mark.e2e
 def test_debug_launcher_takes_the_callers_relative_paths(workspace, tmp_path):
     """launch/debug_cpu.sh run from another folder, with DATA and SAVE relative to it."""
     caller = tmp_path / "caller"
@@ -183,6 +173,7 @@ def test_debug_launcher_takes_the_callers_relative_paths(workspace, tmp_path):
     assert "step 1/1 | loss" in output
 
 
+@pytest.mark.e2e
 def test_create_says_in_one_line_which_weights_are_new(tmp_path):
     from solo.tiny import make_base_checkpoint
 

@@ -9,8 +9,6 @@ dp_reshardable checkpoints, resume, the fully reshardable format; sequence paral
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,15 +19,9 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = str(REPO / "megatron_patch" / "recipes" / "debug_cpu.yaml")
+from helpers import DEBUG_RECIPE as RECIPE, REPO, free_port, subprocess_env
+
 VOCAB, PAD, SEQ, WINDOW = 128, 0, 512, 48
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +30,7 @@ def gpu_world():
     from megatron.core import parallel_state, tensor_parallel
 
     torch.cuda.set_device(0)
-    store = dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True)
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
     dist.init_process_group("nccl", store=store, rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
@@ -212,8 +204,7 @@ GPU_RUN = ["model.backend=flex", "training.bf16=true", "model.hidden_size=256", 
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               MASTER_ADDR="127.0.0.1", CUDA_DEVICE_MAX_CONNECTIONS="1")
+    env = subprocess_env(MASTER_ADDR="127.0.0.1", CUDA_DEVICE_MAX_CONNECTIONS="1")
     env.pop("MASTER_PORT", None)
     return env
 
@@ -224,18 +215,19 @@ def _metrics(save):
 
 
 def _train(save, *overrides, nproc=1):
-    env = dict(_env(), MASTER_PORT=str(_free_port()))
+    env = dict(_env(), MASTER_PORT=str(free_port()))
     if nproc == 1:
         launcher = [sys.executable, "-m", "megatron_patch.train"]
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                    "--master_port", str(_free_port()), "-m", "megatron_patch.train"]
+                    "--master_port", str(free_port()), "-m", "megatron_patch.train"]
     proc = subprocess.run(launcher + ["--config", RECIPE, f"checkpoint.save={save}", *overrides], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return _metrics(save)
 
 
+@pytest.mark.e2e
 def test_trainer_steps_saves_async_and_resumes(tmp_path):
     """Distributed optimizer with both overlaps, block recompute, async saves: 3 steps in one run
     equal 1 + resume from dp_reshardable + 1 + resume from fully_reshardable + 1 (flex backward
@@ -264,6 +256,7 @@ def test_trainer_steps_saves_async_and_resumes(tmp_path):
     assert formats == {1: "dp_reshardable", 2: "fully_reshardable", 3: "dp_reshardable"}
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="sequence parallelism needs two GPUs (TP=2)")
 def test_sequence_parallel_on_and_off_agree(tmp_path):
     from megatron_patch.model.layer_specs import HAVE_TE

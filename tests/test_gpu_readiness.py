@@ -29,7 +29,8 @@ from megatron_patch.model.attention import (  # noqa: E402
 )
 from megatron_patch.model.layer_specs import resolve_backend  # noqa: E402
 from megatron_patch.train import attention_pairs  # noqa: E402
-from test_megatron_model import PAD, VOCAB, documents, make_pack, megatron_world, text_document, tiny_config  # noqa: E402,F401
+from helpers import subprocess_env  # noqa: E402
+from megatron_tiny import PAD, VOCAB, documents, make_pack, text_document, tiny_config  # noqa: E402
 
 
 def _qkv(lengths, heads=4, groups=2, dim=16, seed=0):
@@ -194,7 +195,7 @@ def test_projection_runs_on_text_only_microbatch_under_overlapped_grad_reduce(me
 
 def test_loader_patch_positions_match_the_patch_tokens():
     rng = np.random.default_rng(4)
-    from test_megatron_model import image_document
+    from megatron_tiny import image_document
 
     s0 = dict(make_training_sample(make_pack([image_document(rng, 2, 2, 0), text_document(rng, 5)]), 48, PAD), sample_id="a")
     s1 = dict(make_training_sample(make_pack([text_document(rng, 3), image_document(rng, 1, 3, 0)]), 48, PAD), sample_id="b")
@@ -310,6 +311,7 @@ def _fake_command(directory, name, body):
     path.chmod(0o755)
 
 
+@pytest.mark.e2e
 def test_launchers_set_the_device_queue_and_slurm_uses_c10d_rendezvous(tmp_path):
     """launch/pretrain.sh and launch/slurm.sbatch run the same trainer line, with one device queue and
     the CUDA allocator's expandable segments; the SLURM one with one torchrun per node, c10d
@@ -358,6 +360,7 @@ def test_benchmark_packs_time_the_window():
         assert np.array_equal(np.nonzero(vpi >= 0)[0], np.nonzero(pack["tokens"] == bench.VPATCH)[0])
 
 
+@pytest.mark.e2e
 def test_benchmark_leg_stopped_at_its_limit_keeps_its_figures(tmp_path):
     """A benchmark leg cut off by its time limit keeps the figures of the steps it timed, and the
     stop reaches a worker it started (which would otherwise hold the output open)."""
@@ -383,6 +386,7 @@ def test_benchmark_leg_stopped_at_its_limit_keeps_its_figures(tmp_path):
     assert json.loads((tmp_path / "bench.json").read_text())["flex"]["timed_steps"] == 2
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     """bench/gpu_check.sh --dry-run on this CPU machine: the same script up to the CUDA parts. The
@@ -418,13 +422,13 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert len(report["skipped"]) == 3 and "GPU tests" in report["skipped"][1]
 
 
+@pytest.mark.e2e
 def test_trainer_runs_in_one_process_resume_exactly(tmp_path):
     """tests/train_in_one_process.py, with which the GPU check compiles once for all its trainer runs:
     the GPU test's save/resume sequence on CPU in ONE process. Every run after the first starts
     cleanly, and the runs resumed from each checkpoint format give the uninterrupted run's losses
     exactly (fp32 on CPU)."""
     import json
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -434,8 +438,7 @@ def test_trainer_runs_in_one_process_resume_exactly(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     runs = resume_sequence(tmp_path, str(repo / "megatron_patch" / "recipes" / "debug_cpu.yaml"),
                            "checkpoint.keep_last=3")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = subprocess_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.pop("MASTER_PORT", None)
     proc = subprocess.run([sys.executable, str(repo / "tests" / "train_in_one_process.py"),
                            json.dumps(runs["full"] + runs["split"])], cwd=repo, env=env, capture_output=True,

@@ -1,5 +1,7 @@
-"""Training resume survives a bad checkpoint; two runs never share a save directory (issue 10, defect 6)."""
+"""Training resume survives a bad checkpoint; two runs never share a save directory. The trainings run
+in this process (`helpers.train_in_process`) except the one the lock test must see running beside it."""
 
+import logging
 import os
 import shutil
 import signal
@@ -8,8 +10,7 @@ import time
 
 import pytest
 
-from run_together import run_together
-from test_megatron_train import REPO, env, latest, metrics, run, train_cmd
+from helpers import REPO, latest, metrics, train_cmd, train_in_process, training_env
 
 from solo.checkpoints import CheckpointError, _newest_valid, resolve_checkpoint_dir, verify_checkpoint
 
@@ -20,7 +21,7 @@ TWO_CHECKPOINTS = ["training.train_iters=4", "checkpoint.save_interval=2", "chec
 def saved(tmp_path_factory):
     """A save directory with two good checkpoints: iter_0000002 and iter_0000004."""
     save = tmp_path_factory.mktemp("hardening_ckpt") / "save"
-    run(save, *TWO_CHECKPOINTS)
+    assert train_in_process(save, *TWO_CHECKPOINTS) == 0
     assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000002", "iter_0000004"]
     return save
 
@@ -109,7 +110,7 @@ def test_a_shard_changed_at_the_same_size_is_named_by_mcore_to_hf(saved, tmp_pat
     assert "weights_only" not in err and "Traceback" not in err and not (tmp_path / "hf").exists()
 
 
-def test_resume_falls_back_with_a_warning_and_fails_cleanly_when_nothing_is_valid(saved, tmp_path):
+def test_resume_falls_back_with_a_warning_and_fails_cleanly_when_nothing_is_valid(saved, tmp_path, capsys, caplog):
     save = tmp_path / "save"
     shutil.copytree(saved, save)
     CORRUPTIONS["a .distcp shard changed at the same size"](save / "iter_0000004")
@@ -117,39 +118,40 @@ def test_resume_falls_back_with_a_warning_and_fails_cleanly_when_nothing_is_vali
     shutil.copytree(saved, broken)
     for ckpt in broken.glob("iter_*"):
         (ckpt / "common.pt").unlink()
-    # Two independent single-process runs, started together (each is mostly start-up on one core).
-    commands = [train_cmd(save, "training.train_iters=5", "checkpoint.save_interval=100"),
-                train_cmd(broken, *TWO_CHECKPOINTS)]
-    resumed, refused = run_together(commands, [env(), env()], cwd=REPO, timeout=300)
-
-    out = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, out[-4000:]
+    caplog.set_level(logging.INFO)
+    code = train_in_process(save, "training.train_iters=5", "checkpoint.save_interval=100")
+    out = caplog.text + capsys.readouterr().err
+    assert code == 0, out[-4000:]
     assert "skipping checkpoint" in out and "iter_0000004" in out
     assert "resumed from" in out and "at iteration 2" in out
     assert [r["step"] for r in metrics(save)] == [1, 2, 3, 4, 5] and latest(save) == 5
 
-    assert refused.returncode == 2, (refused.stdout + refused.stderr)[-4000:]
-    assert "no valid checkpoint in" in refused.stderr and "iter_0000002" in refused.stderr
-    assert "Traceback" not in refused.stderr
+    code = train_in_process(broken, *TWO_CHECKPOINTS)
+    err = capsys.readouterr().err
+    assert code == 2, (caplog.text + err)[-4000:]
+    assert "no valid checkpoint in" in err and "iter_0000002" in err
+    assert "Traceback" not in err
 
 
-def test_a_second_run_on_the_same_save_directory_is_refused_and_a_dead_runs_lock_does_not_block(tmp_path):
+@pytest.mark.e2e
+def test_a_second_run_on_the_same_save_directory_is_refused_and_a_dead_runs_lock_does_not_block(tmp_path, capsys):
     save = tmp_path / "save"
     first = subprocess.Popen(train_cmd(save, "training.train_iters=500", "checkpoint.save_interval=1000",
                                        "training.step_sleep_s=0.2"),
-                             cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             cwd=REPO, env=training_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     try:
         deadline = time.time() + 180
         while not (save / "metrics.jsonl").exists():
             assert first.poll() is None and time.time() < deadline, "first run did not start training"
             time.sleep(0.1)
-        second = run(save, "training.train_iters=2", expect_rc=2)
-        assert "is in use by a running `python -m megatron_patch.train" in second.stderr
-        assert f"pid {first.pid}" in second.stderr
+        assert train_in_process(save, "training.train_iters=2") == 2
+        err = capsys.readouterr().err
+        assert "is in use by a running `python -m megatron_patch.train" in err
+        assert f"pid {first.pid}" in err
         assert first.poll() is None  # the first run went on untouched
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # dies holding the lock
         first.wait(timeout=30)
-    run(save, "training.train_iters=1")  # the lock of a dead run does not block the restart
+    assert train_in_process(save, "training.train_iters=1") == 0  # the lock of a dead run does not block the restart
     assert latest(save) == 1

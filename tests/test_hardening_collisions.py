@@ -1,4 +1,4 @@
-"""Nothing lost when runs collide or inputs change (issue 21, part A): one output lock taken before
+"""Nothing lost when runs collide or inputs change: one output lock taken before
 anything is touched (pack, demo, SFT, atomic outputs), inputs and images checked by content on
 resume, stale staging folders cleaned, checkpoints verified by checksum with fallback."""
 
@@ -17,7 +17,6 @@ from data_prep.reader import PackedReader
 from data_prep.sources import SourceOptions
 from data_prep.synthetic import jpeg_bytes, photo_like
 from solo.outputs import MARKER_FILE, OutputError, atomic_output_dir, output_lock, write_marker
-from test_hardening_outputs import base_dir, small_disk  # noqa: F401  (fixtures)
 
 
 def snapshot(folder: Path) -> dict:
@@ -57,7 +56,7 @@ def copy_of_source(source, tmp_path):
     return tmp_path / "src"
 
 
-@pytest.mark.parametrize("second", ["another --chunk-size (D6)", "--overwrite (D2)"])
+@pytest.mark.parametrize("second", ["another --chunk-size", "--overwrite"])
 def test_a_second_pack_on_a_running_packs_output_is_refused_before_it_touches_anything(
         second, source, tokenizer_dir, tmp_path):
     output = unfinished(source, tokenizer_dir, tmp_path / "out")
@@ -72,7 +71,7 @@ def test_a_second_pack_on_a_running_packs_output_is_refused_before_it_touches_an
 
 
 def test_a_resumed_pack_refuses_an_input_reordered_at_the_same_size(copy_of_source, tokenizer_dir, tmp_path):
-    """D3: `shuf` between a kill and the rerun keeps the size; the finished chunks no longer match."""
+    """`shuf` between a kill and the rerun keeps the size; the finished chunks no longer match."""
     output = unfinished(copy_of_source, tokenizer_dir, tmp_path / "out")
     captions = copy_of_source / "captions.jsonl"
     original = captions.read_bytes()
@@ -93,7 +92,7 @@ def test_a_resumed_pack_refuses_an_input_reordered_at_the_same_size(copy_of_sour
 
 def test_an_image_changed_mid_run_is_named_and_the_advice_keeps_the_finished_work(
         copy_of_source, tokenizer_dir, tmp_path, capsys):
-    """E4: a clear error (exit 2), and putting the file back (a plain copy: new mtime) lets the same
+    """An image changed at the same size: a clear error (exit 2), and putting the file back (a plain copy: new mtime) lets the same
     command finish from the work already done."""
     output = unfinished(copy_of_source, tokenizer_dir, tmp_path / "out")
     image = copy_of_source / "5.jpg"
@@ -115,7 +114,7 @@ def test_an_image_changed_mid_run_is_named_and_the_advice_keeps_the_finished_wor
 
 
 def test_atomic_outputs_take_the_lock_and_clean_only_their_own_stale_staging(tmp_path):
-    """E7 and the one rule for create/convert/exports: a second writer is refused; what killed runs
+    """The one rule for create, convert and exports: a second writer is refused; what killed runs
     left beside the output is removed (or put back), what the user keeps there is not."""
     out = tmp_path / "model"
     killed = tmp_path / ".model.tmp-k1ll3d"  # as a kill -9 leaves atomic_output_dir's staging folder
@@ -149,7 +148,7 @@ def test_atomic_outputs_take_the_lock_and_clean_only_their_own_stale_staging(tmp
 
 
 def test_demo_refuses_a_folder_it_did_not_create_and_a_second_run(tmp_path, capsys):
-    """D1: `solo demo --out ~` must not touch the user's files (raw/ and base/ included)."""
+    """`solo demo --out ~` must not touch the user's files (raw/ and base/ included)."""
     from solo.cli import main as solo_main
 
     home = tmp_path / "home"
@@ -171,7 +170,7 @@ def test_demo_refuses_a_folder_it_did_not_create_and_a_second_run(tmp_path, caps
 
 
 def test_disk_full_during_hf_to_mcore_says_so(small_disk, base_dir, tmp_path, capsys):
-    """E3: megatron-core's checkpoint writer reports a worker's ENOSPC as "Worker failure"; the user
+    """megatron-core's checkpoint writer reports a worker's ENOSPC as "Worker failure"; the user
     gets the same no-space message as every other command, and nothing half-written stays."""
     from solo.cli import main as solo_main
     from solo.create import create_solo_checkpoint

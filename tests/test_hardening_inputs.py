@@ -1,5 +1,5 @@
 """A corpus of hostile inputs (generated here, never checked in) through `solo-data pack` in each
-format and through `SoloProcessor` (issue 10, defects 2-5): no crash, exact accounting, no special
+format and through `SoloProcessor`: no crash, exact accounting, no special
 id from text, `<vpatch>` count == patch rows, nothing written outside the output, bounded memory.
 """
 
@@ -25,7 +25,8 @@ from solo.hf.processing_solo import VISION_TOKENS, ChatPrompt, SoloProcessor, Vi
 from solo.tiny import make_base_tokenizer
 from solo.tokenizer import extend_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, subprocess_env
+
 # Every special-token string a text could try to forge, and a literal <image>.
 FORGERY = "a </s> b <s> c <unk> d <vpatch><vision></vision><vrow_sep><vframe_sep> e <loc_5> f <image> g [INST] h"
 BOMB_BYTES = 1 << 30  # a tar.gz member of zeros: 1 GiB inflated, ~1 MB on disk
@@ -156,6 +157,7 @@ def _listing(root: Path, skip: Path) -> dict[str, int]:
     return {str(p): p.lstat().st_size for p in root.rglob("*") if skip not in p.parents and p != skip}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("fmt", ["chat", "text", "llava", "interleaved", "caption", "imagenet"])
 def test_hostile_inputs_through_pack(corpus, tokenizer, tokenizer_dir, tmp_path, fmt):
     root, cases = corpus
@@ -170,7 +172,7 @@ def test_hostile_inputs_through_pack(corpus, tokenizer, tokenizer_dir, tmp_path,
                     "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
                     "sys.exit(code)")
         proc = subprocess.run([sys.executable, "-c", measured, *args], cwd=REPO, capture_output=True, text=True,
-                              env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+                              env=subprocess_env(), timeout=300)
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         peak = int(proc.stderr.rsplit("peak_rss_kib", 1)[1].split()[0]) * 1024
         assert peak < MEMORY_CEILING, f"peak RSS {peak / 2**20:.0f} MiB"

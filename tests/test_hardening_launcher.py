@@ -1,4 +1,4 @@
-"""Launcher exit status (issue 10, defect 8): a graceful preemption exits 0; killing the launcher
+"""Launcher exit status: a graceful preemption exits 0; killing the launcher
 alone stops the training processes too."""
 
 import os
@@ -8,14 +8,15 @@ import time
 
 import pytest
 
-from test_megatron_train import REPO, env, latest, metrics
+from helpers import REPO, latest, metrics, training_env
 
-pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds processes through /proc")
+pytestmark = [pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds processes through /proc"),
+              pytest.mark.e2e]  # every test here starts processes
 
 
 def launch(save, log):
     """launch/debug_cpu.sh on 2 processes, slow enough to be interrupted mid-run (output to `log`)."""
-    environment = dict(env(), SAVE=str(save), ITERS="500", NPROC="2")
+    environment = dict(training_env(), SAVE=str(save), ITERS="500", NPROC="2")
     with open(log, "w") as handle:
         return subprocess.Popen(["bash", "launch/debug_cpu.sh", "training.step_sleep_s=0.2",
                                  "checkpoint.save_interval=1000"],

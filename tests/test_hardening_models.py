@@ -20,15 +20,10 @@ from solo.hf.image_processing_solo import SoloImageProcessor
 from solo.hf.processing_solo import VISION_TOKENS, SoloProcessor, VisionTokenIds
 from solo.checkpoints import CheckpointError
 from solo.hf_checkpoint import HFWeights, convert_hf_to_hf
-from solo.tiny import make_base_checkpoint, make_base_tokenizer
+from solo.tiny import make_base_tokenizer
 from solo.tokenizer import extend_tokenizer
 
 SOLO_TEXT = "<vpatch> <vision> <loc_5> </vision>"
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return make_base_checkpoint(tmp_path_factory.mktemp("base") / "mistral")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""No data loss from --overwrite, and clean errors instead of tracebacks (issue 10, defects 1 and 7)."""
+"""No data loss from --overwrite, and clean errors instead of tracebacks."""
 
 import json
 import os
@@ -12,16 +12,8 @@ import pytest
 from data_prep.cli import main as solo_data
 from data_prep.synthetic import jpeg_bytes, photo_like
 from solo.cli import main as solo_main
-from solo.tiny import make_base_checkpoint
 
-from run_together import free_ports, run_together
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return make_base_checkpoint(tmp_path_factory.mktemp("base") / "mistral")
+from helpers import REPO, subprocess_env, train_in_process
 
 
 def caption_source(folder: Path, count: int = 3) -> Path:
@@ -88,21 +80,10 @@ def test_pack_overwrite_never_deletes_sources_or_foreign_folders(tokenizer_dir, 
     assert json.loads((output / "metadata.json").read_text())["seq_length"] == 128
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 3 MiB filesystem (tmpfs; needs root): writing past it fails with ENOSPC like a full disk."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
+@pytest.mark.e2e
 def test_disk_full_gives_the_same_message_in_pack_and_create(base_dir, tokenizer_dir, small_disk, tmp_path):
     source = caption_source(tmp_path / "data", count=40)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = subprocess_env()
     filler = small_disk / "filler"
     # create fills the disk while safetensors writes the weights (1000 KiB free; the tiny model is larger);
     # pack while it writes its packs (64 KiB free).
@@ -160,16 +141,12 @@ def test_plan_refuses_infinite_epochs(tokenizer_dir, tmp_path, capsys):
         assert "must be a finite number > 0" in capsys.readouterr().err
 
 
-def test_training_names_a_missing_data_path_and_a_broken_mixture(tmp_path):
+def test_training_names_a_missing_data_path_and_a_broken_mixture(tmp_path, capsys):
     broken = tmp_path / "mix.yaml"
     broken.write_text("datasets:\n  - {path: somewhere, weight: .inf}\n")
     cases = ((tmp_path / "no_such_packs", "does not exist"), (broken, "finite number > 0, got inf"))
-    commands = [[sys.executable, "-m", "megatron_patch.train", "--config",
-                 str(REPO / "megatron_patch" / "recipes" / "debug_cpu.yaml"), f"data.path={data}",
-                 "data.pad_token_id=", f"checkpoint.save={tmp_path / f'run{number}'}"]
-                for number, (data, _) in enumerate(cases)]
-    envs = [dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_PORT=str(port)) for port in free_ports(2)]
-    # Independent single-process runs, started together (each is mostly start-up on one core).
-    for proc, (_, message) in zip(run_together(commands, envs, cwd=REPO, timeout=300), cases):
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        assert message in proc.stderr and "Traceback" not in proc.stderr
+    for number, (data, message) in enumerate(cases):  # `python -m megatron_patch.train`, in this process
+        code = train_in_process(tmp_path / f"run{number}", f"data.path={data}", "data.pad_token_id=")
+        err = capsys.readouterr().err
+        assert code == 2, err[-2000:]
+        assert message in err and "Traceback" not in err

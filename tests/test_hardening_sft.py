@@ -1,5 +1,6 @@
-"""SFT's save directory (issue 21, part A): locked for the run and checked before anything is trained
-(D5, E5), and resume verifies its checkpoints by checksum and falls back to the newest valid one (C4).
+"""SFT's save directory: locked for the run and checked before anything is trained (a running SFT's
+lock, an export that cannot be replaced, nothing packable), and resume verifies its checkpoints by
+checksum and falls back to the newest valid one.
 In-process runs of `python -m solo.sft` on a tiny model: a few seconds each."""
 
 import json
@@ -40,11 +41,11 @@ def test_sft_checks_its_save_directory_before_it_trains(assets, tmp_path, capsys
     assert os.listdir(user) == ["notes.txt"]
 
     save = tmp_path / "save"
-    with output_lock(save, COMMAND):  # D5: what a running SFT holds for its whole run
+    with output_lock(save, COMMAND):  # what a running SFT holds for its whole run
         assert sft(assets, save, "training.max_steps=1") == 2
     assert "in use by a running" in capsys.readouterr().err and not save.exists()
 
-    save.mkdir()  # E5: an `hf` export that cannot be replaced is refused now, not after training
+    save.mkdir()  # an `hf` export that cannot be replaced is refused now, not after training
     write_marker(save, COMMAND)
     (save / "hf").mkdir()
     (save / "hf" / "model.safetensors").write_bytes(b"mine")
@@ -53,7 +54,7 @@ def test_sft_checks_its_save_directory_before_it_trains(assets, tmp_path, capsys
     assert f"{save / 'hf'} is not a previous output" in err and "Traceback" not in err
     assert not (save / "data").exists() and not iterations(str(save))  # nothing packed, nothing trained
 
-    bad = tmp_path / "bad.json"  # E5: nothing packable is an error message, not a traceback
+    bad = tmp_path / "bad.json"  # nothing packable is an error message, not a traceback
     bad.write_text(json.dumps([{"id": "x", "conversations": [{"from": "robot", "value": "hi"}]}]))
     assert sft(assets, tmp_path / "save2", data=bad) == 2
     err = capsys.readouterr().err
@@ -61,7 +62,7 @@ def test_sft_checks_its_save_directory_before_it_trains(assets, tmp_path, capsys
 
 
 def test_sft_resume_skips_a_damaged_checkpoint_and_a_dangling_latest(assets, tmp_path, caplog):
-    """C4: `latest` naming a missing iteration and a checkpoint whose weights were cut short are
+    """`latest` naming a missing iteration and a checkpoint whose weights were cut short are
     skipped with a warning; the run resumes from the newest valid one and its steps line up."""
     save = tmp_path / "save"
     assert sft(assets, save, "training.max_steps=2", "checkpoint.save_interval=1", "checkpoint.keep_last=3") == 0

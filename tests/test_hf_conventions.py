@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_hf_model import PAD, TOLERANCE, collate, make_sample, mixed_samples, tiny_config
+from hf_tiny import PAD, TOLERANCE, collate, make_sample, mixed_samples, tiny_config
 from transformers import DynamicCache
 
 from solo.hf import SoloForCausalLM

@@ -9,71 +9,18 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = str(REPO / "megatron_patch" / "recipes" / "debug_cpu.yaml")
+from helpers import REPO, latest, metrics, run_training, train_cmd, train_in_process, training_env
+
+pytestmark = pytest.mark.e2e  # every test here starts processes
+
 ITERS = 4
 BASE = [f"training.train_iters={ITERS}", "checkpoint.save_interval=2", "checkpoint.keep_last=2"]
-
-
-_PORTS_GIVEN: set = set()
-_PORTS_LOCK = threading.Lock()
-
-
-def _free_port() -> int:
-    """A free local port, never one this module handed out before (runs overlap, see `runs`)."""
-    with _PORTS_LOCK:
-        while True:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            if port not in _PORTS_GIVEN:
-                _PORTS_GIVEN.add(port)
-                return port
-
-
-def train_cmd(save, *overrides, nproc=1):
-    if nproc == 1:
-        launcher = [sys.executable, "-m", "megatron_patch.train"]
-    else:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                    "--master_port", str(_free_port()), "-m", "megatron_patch.train"]
-    return launcher + ["--config", RECIPE, f"checkpoint.save={save}", *overrides]
-
-
-def env():
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
-    e["MASTER_ADDR"] = "127.0.0.1"
-    e["MASTER_PORT"] = str(_free_port())  # never inherit a port another test's process group holds
-    return e
-
-
-def run(save, *overrides, nproc=1, expect_rc=0, timeout=300):
-    proc = subprocess.run(train_cmd(save, *overrides, nproc=nproc), cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=timeout)
-    if expect_rc is not None and proc.returncode != expect_rc:
-        raise AssertionError(f"rc={proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def metrics(save):
-    with open(Path(save) / "metrics.jsonl", encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def latest(save):
-    path = Path(save) / "latest_checkpointed_iteration.txt"
-    return int(path.read_text()) if path.exists() else None
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +31,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def init_ckpt(workdir):
     save = workdir / "init"
-    run(save, "training.train_iters=0")
+    assert train_in_process(save, "training.train_iters=0") == 0
     assert latest(save) == 0
     return save
 
@@ -100,11 +47,11 @@ def _chunked_dropout_run(workdir, init_ckpt):
     checkpoint of the first chunk resumed with training.train_iters=6 (a copy, taken between the two)."""
     args = [*DROPOUT, f"checkpoint.init_from={init_ckpt}", "training.exit_after_iters=2"]
     save, longer = workdir / "dropout_chunks", workdir / "schedule"
-    run(save, *args)
+    run_training(save, *args)
     first = {"latest": latest(save), "metrics": metrics(save)}
     shutil.copytree(save, longer)
-    run(save, *args)
-    resumed = run(longer, *[a for a in args if "exit_after" not in a], "training.train_iters=6")
+    run_training(save, *args)
+    resumed = run_training(longer, *[a for a in args if "exit_after" not in a], "training.train_iters=6")
     return {"first_chunk": first, "save": save, "longer": longer, "longer_output": resumed.stdout + resumed.stderr}
 
 
@@ -138,20 +85,21 @@ def runs(request, workdir, init_ckpt):
 
     def next_stage():  # waits inside the pool for "reference", which is always submitted first
         pool.result("reference")
-        return run(workdir / "next_stage", "training.train_iters=2", "checkpoint.save_interval=1000",
-                   f"checkpoint.init_from={workdir / 'ref'}", "checkpoint.init_load_optimizer=true")
+        return run_training(workdir / "next_stage", "training.train_iters=2", "checkpoint.save_interval=1000",
+                            f"checkpoint.init_from={workdir / 'ref'}", "checkpoint.init_load_optimizer=true")
 
     dropout_tests = "test_resume_with_dropout_is_bitwise test_resume_with_another_train_iters_keeps_the_schedule"
     jobs = {  # name: (the tests that check it, the run)
-        "reference": (None, lambda: run(workdir / "ref", *BASE, init)),
+        "reference": (None, lambda: run_training(workdir / "ref", *BASE, init)),
         "mbs2": ("test_micro_batch_2_matches_2x1",
-                 lambda: run(workdir / "mbs2", *BASE, init, "data.micro_batch_size=2")),
-        "nan_stop": ("test_nonfinite_loss_stops_or_skips", lambda: run(workdir / "nan_stop", *nan, expect_rc=3)),
+                 lambda: run_training(workdir / "mbs2", *BASE, init, "data.micro_batch_size=2")),
+        "nan_stop": ("test_nonfinite_loss_stops_or_skips",
+                     lambda: run_training(workdir / "nan_stop", *nan, expect_rc=3)),
         "nan_skip": ("test_nonfinite_loss_stops_or_skips",
-                     lambda: run(workdir / "nan_skip", *nan, "training.on_nonfinite=skip")),
-        "learn": ("test_loss_falls_on_synthetic_image_task",
-                  lambda: run(workdir / "learn", "training.train_iters=60", "checkpoint.save_interval=1000")),
-        "dropout_straight": (dropout_tests, lambda: run(workdir / "dropout_straight", *DROPOUT, init)),
+                     lambda: run_training(workdir / "nan_skip", *nan, "training.on_nonfinite=skip")),
+        "learn": ("test_loss_falls_on_synthetic_image_task test_debug_recipe_first_losses_are_the_golden_ones",
+                  lambda: run_training(workdir / "learn", "training.train_iters=60", "checkpoint.save_interval=1000")),
+        "dropout_straight": (dropout_tests, lambda: run_training(workdir / "dropout_straight", *DROPOUT, init)),
         "dropout_chunks": (dropout_tests + " test_exit_after_iters_saves_and_the_same_command_continues",
                            lambda: _chunked_dropout_run(workdir, init_ckpt)),
         "next_stage": ("test_next_stage_starts_from_previous_with_schedule_reset", next_stage),
@@ -177,7 +125,7 @@ def reference(workdir, runs):
 @pytest.fixture(scope="module")
 def tp2_run(workdir, init_ckpt):
     save = workdir / "tp2"
-    run(save, *BASE, f"checkpoint.init_from={init_ckpt}", "parallel.tensor_model_parallel_size=2", nproc=2)
+    run_training(save, *BASE, f"checkpoint.init_from={init_ckpt}", "parallel.tensor_model_parallel_size=2", nproc=2)
     return save
 
 
@@ -206,13 +154,13 @@ def test_tensor_parallel_2_matches_1(reference, tp2_run):
 
 def test_pipeline_parallel_2_matches_1(workdir, init_ckpt, reference):
     save = workdir / "pp2"
-    run(save, *BASE, f"checkpoint.init_from={init_ckpt}", "parallel.pipeline_model_parallel_size=2", nproc=2)
+    run_training(save, *BASE, f"checkpoint.init_from={init_ckpt}", "parallel.pipeline_model_parallel_size=2", nproc=2)
     assert_same_losses(metrics(save), reference)
 
 
 def test_data_parallel_2_matches_1(workdir, init_ckpt, reference):
     save = workdir / "dp2"
-    run(save, *BASE, f"checkpoint.init_from={init_ckpt}", nproc=2)
+    run_training(save, *BASE, f"checkpoint.init_from={init_ckpt}", nproc=2)
     assert_same_losses(metrics(save), reference)
 
 
@@ -231,7 +179,7 @@ def test_resume_after_kill_9_is_bitwise(workdir, init_ckpt, reference, runs):
     save = workdir / "killed"
     args = [*BASE, f"checkpoint.init_from={init_ckpt}", "training.step_sleep_s=0.4"]
     in_progress = save / "iter_0000004.tmp"
-    proc = subprocess.Popen(train_cmd(save, *args), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(train_cmd(save, *args), cwd=REPO, env=training_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 180
@@ -244,7 +192,7 @@ def test_resume_after_kill_9_is_bitwise(workdir, init_ckpt, reference, runs):
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert latest(save) == 2 and not (save / "iter_0000004").exists()
-    run(save, *args)  # resume = the same command again
+    run_training(save, *args)  # resume = the same command again
     got = metrics(save)
     assert [r["step"] for r in got] == list(range(1, ITERS + 1))
     for g, r in zip(got, reference):
@@ -260,7 +208,7 @@ def test_tp2_checkpoint_resumes_at_tp1(workdir, tp2_run, reference):
     shutil.copytree(tp2_run, save)
     shutil.rmtree(save / "iter_0000004")
     (save / "latest_checkpointed_iteration.txt").write_text("2")
-    run(save, *BASE)  # TP=1 now; model and optimizer state are resharded on load
+    assert train_in_process(save, *BASE) == 0  # TP=1 now; model and optimizer state are resharded on load
     got = metrics(save)
     assert [r["step"] for r in got] == list(range(1, ITERS + 1))
     for g, r in zip(got[2:], reference[2:]):
@@ -274,7 +222,7 @@ def test_sigterm_saves_a_resumable_checkpoint(workdir, runs):
     # One DataLoader worker per rank: it gets the SIGTERM too and must not take the step down.
     args = ["training.train_iters=500", "checkpoint.save_interval=1000", "training.step_sleep_s=0.2",
             "data.num_workers=1"]
-    proc = subprocess.Popen(train_cmd(save, *args, nproc=2), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train_cmd(save, *args, nproc=2), cwd=REPO, env=training_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.time() + 120
@@ -290,7 +238,7 @@ def test_sigterm_saves_a_resumable_checkpoint(workdir, runs):
     assert stopped is not None and stopped >= 2, out[-3000:]
     assert "(SIGTERM)" in out
     assert len(metrics(save)) == stopped
-    run(save, f"training.train_iters={stopped + 1}", "checkpoint.save_interval=1000", nproc=2)
+    run_training(save, f"training.train_iters={stopped + 1}", "checkpoint.save_interval=1000", nproc=2)
     assert [r["step"] for r in metrics(save)] == list(range(1, stopped + 2))
     assert latest(save) == stopped + 1
 
@@ -322,8 +270,31 @@ def test_loss_falls_on_synthetic_image_task(workdir, runs):
     assert mean("image_loss") < 0.5 < 1.386
 
 
+GOLDEN_LOSSES = REPO / "tests" / "assets" / "losses" / "debug_cpu.json"
+
+
+def test_debug_recipe_first_losses_are_the_golden_ones(workdir, runs):
+    """The debug recipe from scratch on CPU (one process, fp32; the run above, training.train_iters=60)
+    gives exactly the recorded first 8 losses: a change to the model, data, optimizer, schedule or
+    seeding shows here as a different bit. A change that moves them on purpose rewrites the file:
+    SOLO_REGENERATE_GOLDEN=1 python -m pytest tests/test_megatron_train.py -k golden (then commit it)."""
+    runs.result("learn")
+    losses = [record["loss"] for record in metrics(workdir / "learn")[:8]]
+    if os.environ.get("SOLO_REGENERATE_GOLDEN") == "1":
+        GOLDEN_LOSSES.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN_LOSSES.write_text(json.dumps({
+            "what": "the first 8 losses of the debug recipe (megatron_patch/recipes/debug_cpu.yaml) from scratch, "
+                    "one CPU process, training.train_iters=60; checked bitwise by "
+                    "tests/test_megatron_train.py::test_debug_recipe_first_losses_are_the_golden_ones",
+            "regenerate": "SOLO_REGENERATE_GOLDEN=1 python -m pytest tests/test_megatron_train.py -k golden",
+            "losses": losses}, indent=2) + "\n")
+    recorded = json.loads(GOLDEN_LOSSES.read_text())["losses"]
+    assert len(losses) == 8
+    assert [float.hex(x) for x in losses] == [float.hex(x) for x in recorded]  # bitwise (JSON keeps a float exactly)
+
+
 def _packed_dir(tmp, name, tokenizer_dir, with_images):
-    """A small real packed directory made by `solo-data pack` (the data issue's CLI)."""
+    """A small real packed directory made by `solo-data pack` (the data preparation CLI)."""
     import base64
     import io
 
@@ -380,7 +351,7 @@ def test_trains_on_real_packed_mixture(workdir):
     plan = plan_mixture(str(mix), 4, tokens=budget, output=str(workdir / "plan.json"))
     assert iterations_for_tokens(str(mix), budget, 4) == plan["iterations"] == 3
     save = workdir / "real"
-    run(save, f"data.path={mix}", "data.seq_length=256", "data.pad_token_id=", "model.vocab_size=1",
+    run_training(save, f"data.path={mix}", "data.seq_length=256", "data.pad_token_id=", "model.vocab_size=1",
         "training.train_iters=", f"training.train_tokens={budget}", "checkpoint.save_interval=1000",
         "data.global_batch_size=4")
     m = metrics(save)

@@ -22,7 +22,7 @@ from megatron_patch.model import SoloGPTModel, build_transformer_config, solo_la
 from megatron_patch.model.state_dict_mapping import MAPPINGS  # noqa: E402
 from solo.hf import SoloConfig, SoloForCausalLM  # noqa: E402
 from solo.hf.native_vision import image_layout_from_patch_indices, rope_section_positions  # noqa: E402
-from test_megatron_model import PAD, VOCAB, documents, make_pack, megatron_world, tiny_config  # noqa: E402,F401
+from megatron_tiny import PAD, VOCAB, documents, make_pack, tiny_config  # noqa: E402
 
 SWITCHES = [(a, p) for a in ("causal", "bidirectional") for p in ("sequential", "2d")]
 WINDOW = 40  # longer than every image block, shorter than the longest document: the window is exercised
@@ -197,7 +197,7 @@ def test_native_training_gradients_match_the_exported_hf_model(megatron_world):
 def test_cache_generation_equals_full_forward(image_attention, vision_positions):
     """Greedy generation with the KV cache gives, at every step, the logits of a full forward over
     the prompt and the tokens so far; a left-padded batch gives each row its own."""
-    from test_hf_model import PAD as HF_PAD, collate, mixed_samples
+    from hf_tiny import PAD as HF_PAD, collate, mixed_samples
 
     torch.manual_seed(0)
     hf = SoloForCausalLM(SoloConfig(
@@ -299,8 +299,8 @@ def test_default_switches_are_bit_identical_to_the_outputs_before_them(megatron_
     """SOLO's switches (causal, sequential) compute exactly what the code before the switches did
     (commit 7945471 wrote the golden file, same tiny models and inputs): megatron-core per-token losses
     with and without a window, the HF model's logits and its greedy tokens."""
-    from test_hf_model import collate, mixed_samples, tiny_config as hf_tiny_config
-    from test_megatron_model import per_token_losses, tiny_model
+    from hf_tiny import collate, mixed_samples, tiny_config as hf_tiny_config
+    from megatron_tiny import per_token_losses, tiny_model
 
     golden = load_file(str(GOLDEN))
     batch = packed_row()

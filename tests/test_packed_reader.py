@@ -14,7 +14,7 @@ from data_prep.packed_format import (IMAGES_PREFIX, PER_PACK_PREFIXES, image_spa
 from data_prep.reader import IndexedFile, PackedReader
 from data_prep.stats import compute_stats
 from solo.hf.image_processing_solo import image_tokens_count
-from test_first_use import jpeg
+from helpers import jpeg
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,9 +20,10 @@ import torch
 
 from solo.checkpoints import read_latest
 from solo.metrics import read_metrics
+from helpers import free_port, subprocess_env
 from sft_fixtures import make_instruction_set, make_tiny_solo
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # every test here starts processes
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 RESUME_STEPS = 8  # room for SIGTERM and kill -9 to land mid-run
@@ -36,17 +36,11 @@ def assets(tmp_path_factory):
             "root": root}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(assets, config: str, save: str, *overrides: str) -> subprocess.Popen:
     """`accelerate launch --config_file launch/accelerate/<config>.yaml --num_processes 2 -m solo.sft ...`."""
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", MODEL=assets["model"], DATA=assets["data"], SAVE=save)
+    env = subprocess_env(OMP_NUM_THREADS="1", MODEL=assets["model"], DATA=assets["data"], SAVE=save)
     args = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/accelerate/{config}.yaml",
-            "--num_processes", "2", "--main_process_port", str(_free_port())]
+            "--num_processes", "2", "--main_process_port", str(free_port())]
     if config == "ddp":  # CPU DDP: a MULTI_GPU-style config with ACCELERATE_USE_CPU (see CPU_NOTES)
         env["ACCELERATE_USE_CPU"] = "1"
         args += ["--mixed_precision", "no"]
@@ -92,9 +86,9 @@ def check_export_generates(export: str, image: str) -> None:
 def test_ddp_two_processes_through_the_launcher_train_and_export(assets):
     """launch/5_sft.sh with ddp.yaml on CPU: the launcher supplies ACCELERATE_USE_CPU and fp32 itself."""
     save = str(assets["root"] / "ddp")
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", MODEL=assets["model"], DATA=assets["data"], SAVE=save,
+    env = subprocess_env(OMP_NUM_THREADS="1", MODEL=assets["model"], DATA=assets["data"], SAVE=save,
                ACCELERATE_CONFIG="launch/accelerate/ddp.yaml", NPROC="2", RECIPE="debug_cpu", ITERS=str(STEPS),
-               MASTER_PORT=str(_free_port()), PYTHON=sys.executable)
+               MASTER_PORT=str(free_port()), PYTHON=sys.executable)
     env.pop("ACCELERATE_USE_CPU", None)
     result = subprocess.run(["launch/5_sft.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -170,7 +164,7 @@ def test_a_non_finite_loss_stops_the_run_before_the_weights_change(assets, tmp_p
     """One process (no launcher): an absurd learning rate blows the weights up; the run stops with a
     clear message at the first non-finite loss and leaves only checkpoints of finite steps."""
     save = str(tmp_path / "nan")
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", MODEL=assets["model"], DATA=assets["data"], SAVE=save)
+    env = subprocess_env(OMP_NUM_THREADS="1", MODEL=assets["model"], DATA=assets["data"], SAVE=save)
     env.pop("WORLD_SIZE", None)
     result = subprocess.run([sys.executable, "-m", "solo.sft", "--config", "debug_cpu", "training.lr=1e30",
                              "training.warmup_steps=0", "training.clip_grad=0", "checkpoint.save_interval=1",
