@@ -85,7 +85,8 @@ def test_imagenet_tar_shards_and_class_folders(tmp_path):
     assert not documents and len(rejected) == 2
     assert all("above --max-image-bytes 100" in reason for _, reason in rejected)
     (tmp_path / "chat.jsonl").write_text(json.dumps([{"role": "assistant", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(jpeg(seed=7)).decode()}},
+        {"type": "image_url",
+         "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(jpeg(seed=7)).decode()}},
         {"type": "text", "text": "x"}]}]) + "\n")
     documents, rejected, _ = convert_all([tmp_path / "chat.jsonl"], SourceOptions(format="chat", max_image_bytes=100))
     assert not documents and "above --max-image-bytes 100" in rejected[0][1]

@@ -437,8 +437,10 @@ def test_slimpajama_chunk_folders_searched_recursively(tmp_path, tokenizer_dir, 
              ("chunk2", 0): [("arxiv one", "RedPajamaArXiv"), ("c4 one", "RedPajamaC4")]}
     for (chunk, number), lines in texts.items():
         (root / chunk).mkdir(parents=True, exist_ok=True)
-        raw = "".join(json.dumps({"text": text, "meta": {"redpajama_set_name": subset}}) + "\n" for text, subset in lines)
-        (root / chunk / f"example_train_{number}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw.encode()))
+        raw = "".join(json.dumps({"text": text, "meta": {"redpajama_set_name": subset}}) + "\n"
+                      for text, subset in lines)
+        (root / chunk / f"example_train_{number}.jsonl.zst").write_bytes(
+            zstandard.ZstdCompressor().compress(raw.encode()))
     (root / ".cache").mkdir()
     (root / ".cache" / "x.jsonl").write_text('{"text": "hidden"}\n')
     report = run_pack(tokenizer_dir, [root], tmp_path / "packed", "text", "--exclude-subset", "RedPajamaCommonCrawl",
@@ -458,7 +460,8 @@ def test_solo_processed_chat_jsonl(tmp_path, tokenizer_dir, tokenizer):
     lines = [[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                            {"type": "text", "text": "Describe."}]},
               {"role": "assistant", "content": "Noise."}],
-             {"messages": [{"role": "user", "content": "<image> is text here"}, {"role": "assistant", "content": "ok"}]}]
+             {"messages": [{"role": "user", "content": "<image> is text here"},
+                           {"role": "assistant", "content": "ok"}]}]
     with gzip.open(tmp_path / "solo_sft.jsonl.gz", "wt") as handle:
         handle.write("".join(json.dumps(line) + "\n" for line in lines))
     report = run_pack(tokenizer_dir, [tmp_path / "solo_sft.jsonl.gz"], tmp_path / "packed", "chat")

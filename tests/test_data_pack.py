@@ -160,7 +160,8 @@ def test_pack_invariants_patches_loss_and_accounting(tmp_path, tokenizer_dir, to
                         ("assistant", "text", "between"), ("assistant", "image", other), ("assistant", "text", "end")]
         messages = []
         for role, kind_, value in segments:
-            item = {"type": "text", "text": value} if kind_ == "text" else {"type": "image_url", "image_url": {"url": data_url(value)}}
+            item = ({"type": "text", "text": value} if kind_ == "text"
+                    else {"type": "image_url", "image_url": {"url": data_url(value)}})
             if messages and messages[-1]["role"] == role:
                 messages[-1]["content"].append(item)
             else:
@@ -191,7 +192,8 @@ def test_split_of_overlong_text_and_many_image_documents(tmp_path, tokenizer_dir
     segments_images_only = [("assistant", "image", data) for data in images] + [("assistant", "text", "eight")]
     lines = []
     for segments in (segments_text, segments_many, segments_images_only):
-        content = [{"type": "text", "text": v} if k == "text" else {"type": "image_url", "image_url": {"url": data_url(v)}}
+        content = [{"type": "text", "text": v} if k == "text"
+                   else {"type": "image_url", "image_url": {"url": data_url(v)}}
                    for _, k, v in segments]
         lines.append(json.dumps([{"role": "assistant", "content": content}]))
     (tmp_path / "long.jsonl").write_text("\n".join(lines) + "\n")
@@ -236,12 +238,18 @@ def test_every_bad_input_is_rejected_with_a_reason(tmp_path, tokenizer_dir, toke
     jpeg = image_bytes(120, 90, seed=2)
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "ok.jpg").write_bytes(good)
-    image = lambda url: {"type": "image_url", "image_url": {"url": url}}
+
+    def image(url):
+        return {"type": "image_url", "image_url": {"url": url}}
+
     cases = [
         ("good", [{"role": "assistant", "content": [image("ok.jpg"), {"type": "text", "text": "fine"}]}], None),
-        ("corrupt", [{"role": "assistant", "content": [image(data_url(b"\xff\xd8\xff garbage bytes"))]}], "not a readable image"),
-        ("truncated", [{"role": "assistant", "content": [image(data_url(jpeg[: len(jpeg) // 2]))]}], "cannot decode image"),
-        ("oversized", [{"role": "assistant", "content": [image(data_url(image_bytes(300, 300, 3)))]}], "exceeds the decoded-pixel cap"),
+        ("corrupt", [{"role": "assistant", "content": [image(data_url(b"\xff\xd8\xff garbage bytes"))]}],
+         "not a readable image"),
+        ("truncated", [{"role": "assistant", "content": [image(data_url(jpeg[: len(jpeg) // 2]))]}],
+         "cannot decode image"),
+        ("oversized", [{"role": "assistant", "content": [image(data_url(image_bytes(300, 300, 3)))]}],
+         "exceeds the decoded-pixel cap"),
         ("unknown role", [{"role": "narrator", "content": "x"}], "unknown role 'narrator'"),
         ("empty doc", [{"role": "assistant", "content": []}], "empty document"),
         ("empty text", [{"role": "assistant", "content": "   "}], "empty document"),
@@ -292,7 +300,8 @@ def test_truncated_tar_shard_keeps_earlier_samples(tmp_path, tokenizer_dir):
 
 def test_mistral_template_matches_chat_template_and_masks_user(tmp_path, tokenizer_dir, tokenizer):
     messages = [{"role": "system", "content": "be brief"},
-                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image_bytes(64, 32, 5))}},
+                {"role": "user", "content": [{"type": "image_url",
+                                              "image_url": {"url": data_url(image_bytes(64, 32, 5))}},
                                              {"type": "text", "text": "what is it?"}]},
                 {"role": "assistant", "content": "noise"},
                 {"role": "user", "content": "sure?"},

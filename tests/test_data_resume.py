@@ -34,7 +34,8 @@ def source(tmp_path_factory):
             continue
         width, height = (480, 360) if index % 2 else (360, 200)
         (root / "images" / f"{index}.jpg").write_bytes(jpeg_bytes(photo_like(width, height, seed=index)))
-        lines.append(json.dumps({"image": f"images/{index}.jpg", "caption": f"photo {index} " + "of a scene " * (index % 40)}))
+        lines.append(json.dumps({"image": f"images/{index}.jpg",
+                                 "caption": f"photo {index} " + "of a scene " * (index % 40)}))
     (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
     return root
 

@@ -40,7 +40,8 @@ def packed(tmp_path_factory):
     common = ["--tokenizer", str(root / "tokenizer"), "--seq-length", "128", "--no-progress"]
     assert solo_data(["pack", str(root / "a.jsonl"), str(root / "b.jsonl"), "--format", "caption",
                       "--output", str(root / "captions"), *common]) == 0
-    assert solo_data(["pack", str(root / "text.jsonl"), "--format", "text", "--output", str(root / "text"), *common]) == 0
+    assert solo_data(["pack", str(root / "text.jsonl"), "--format", "text",
+                      "--output", str(root / "text"), *common]) == 0
     return root
 
 

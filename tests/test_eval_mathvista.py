@@ -91,7 +91,8 @@ def test_scores_overall_per_task_and_skill(tmp_path, snapshot):
     assert solo_main(["eval", "score", "--benchmark", "mathvista", "--data", str(snapshot), "--predictions",
                       str(answers_file(tmp_path / "a.jsonl", responses)), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    records = {json.loads(line)["id"]: json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()}
+    records = {json.loads(line)["id"]: json.loads(line)
+               for line in (out / "predictions.jsonl").read_text().splitlines()}
     assert {pid: r["correct"] for pid, r in records.items()} == EXPECTED
     assert records["1"]["parsed"] == "8/11" and records["4"]["parsed"] == "1.45" and records["7"]["parsed"] is None
     metrics = results["metrics"]
@@ -181,7 +182,8 @@ def test_solo_eval_runs_mathvista_and_score_agrees(random_model, tmp_path, snaps
     rescored = json.loads((tmp_path / "rescored" / "results.json").read_text())
     assert rescored["scored"] == 2 and rescored["bad"] == 7  # the 7 problems beyond --limit have no answer
     assert rescored["metrics"]["correct"] == results["metrics"]["correct"]
-    records = {name: {r["id"]: r for r in map(json.loads, (tmp_path / name / "predictions.jsonl").read_text().splitlines())}
+    records = {name: {r["id"]: r
+                      for r in map(json.loads, (tmp_path / name / "predictions.jsonl").read_text().splitlines())}
                for name in ("run", "rescored")}
     for key, record in records["run"].items():
         assert records["rescored"][key]["parsed"] == record["parsed"]

@@ -82,7 +82,8 @@ def test_mmstar_parquet_options_come_from_the_question(tmp_path):
     (sample,) = load_samples("mmstar", path)
     assert sample.options == ["red", "dark green", "blue", "a, b and c"]
     assert sample.groups == {"category": "coarse perception", "l2_category": "image scene and topic"}
-    assert PROTOCOLS["mmstar"]["official"].prompt(sample) == question + "\nAnswer with the option's letter from the given choices directly."
+    assert PROTOCOLS["mmstar"]["official"].prompt(sample) == (
+        question + "\nAnswer with the option's letter from the given choices directly.")
     assert BENCHMARKS["mmstar"].cloze_prompt(sample) == "Which colour is the car?"
 
 

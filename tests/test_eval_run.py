@@ -86,13 +86,14 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_trained_model_scores_far_above_chance_and_random_model_near_chance(trained_model, random_model, task, tmp_path):
+def test_trained_model_scores_far_above_chance_and_random_model_near_chance(
+        trained_model, random_model, task, tmp_path):
     scores = {}
     for name, model in (("trained", trained_model), ("random", random_model)):
         for mode in ("generate", "likelihood"):
             out = tmp_path / f"{name}-{mode}"
-            code = solo_main(["eval", "--model", str(model), "--benchmark", "mc", "--data", str(task), "--out", str(out),
-                              "--mode", mode, "--batch-size", "8", "--max-new-tokens", "4"])
+            code = solo_main(["eval", "--model", str(model), "--benchmark", "mc", "--data", str(task),
+                              "--out", str(out), "--mode", mode, "--batch-size", "8", "--max-new-tokens", "4"])
             assert code == 0
             results = json.loads((out / "results.json").read_text())
             assert results["samples"] == results["scored"] == 24 and results["bad"] == 0
@@ -234,8 +235,8 @@ def test_data_parallel_over_two_processes_gives_the_single_process_predictions(r
 def test_a_resumed_run_predicts_only_the_samples_left(random_model, task, tmp_path, capsys):
     """The finished predictions of an interrupted run are kept, never predicted again (a resume that
     re-predicted everything would give the same results.json, only slower: this catches it)."""
-    args = ["eval", "--model", str(random_model), "--benchmark", "mc", "--data", str(task), "--out", str(tmp_path / "out"),
-            "--limit", "6", "--batch-size", "2", "--max-new-tokens", "4"]
+    args = ["eval", "--model", str(random_model), "--benchmark", "mc", "--data", str(task),
+            "--out", str(tmp_path / "out"), "--limit", "6", "--batch-size", "2", "--max-new-tokens", "4"]
     assert solo_main(args) == 0
     reference = _lines(tmp_path / "out" / "predictions.jsonl")
     kept = [dict(record, kept_from_the_first_run=True) for record in reference[:4]]

@@ -77,7 +77,8 @@ def test_multiple_choice_accuracy_overall_and_per_group():
     assert scores["accuracy"] == 50.0 and scores["n"] == 4 and scores["correct"] == 2 and scores["unparsed"] == 1
     assert scores["by_category"] == {"math": {"accuracy": 33.3333, "correct": 1, "n": 3},
                                      "ocr": {"accuracy": 100.0, "correct": 1, "n": 1}}
-    assert scores["by_l2"] == {"x": {"accuracy": 100.0, "correct": 1, "n": 1}, "y": {"accuracy": 33.3333, "correct": 1, "n": 3}}
+    assert scores["by_l2"] == {"x": {"accuracy": 100.0, "correct": 1, "n": 1},
+                               "y": {"accuracy": 33.3333, "correct": 1, "n": 3}}
 
 
 def test_mme_accuracy_plus_pairs_the_two_questions_of_each_image():

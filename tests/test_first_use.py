@@ -81,7 +81,8 @@ def test_stats_and_plan_start_without_the_model_stack(workspace, tmp_path):
     assert "12 images" in result.stdout and "per source" in result.stdout  # stats
     assert "iterations" in result.stdout and (tmp_path / "mixture.plan.json").exists()  # plan
     # Piped into a reader that stops reading (`| head`): no traceback.
-    piped = subprocess.run(f"{shlex.quote(sys.executable)} -m data_prep.cli stats {shlex.quote(str(tmp_path / 'packed'))} | true", shell=True,
+    piped = subprocess.run(f"{shlex.quote(sys.executable)} -m data_prep.cli stats "
+                           f"{shlex.quote(str(tmp_path / 'packed'))} | true", shell=True,
                            env=python_env(), capture_output=True, text=True, timeout=120)
     assert piped.stderr == ""
 
@@ -178,7 +179,8 @@ def test_create_says_in_one_line_which_weights_are_new(tmp_path):
     from solo.tiny import make_base_checkpoint
 
     base = make_base_checkpoint(tmp_path / "base")
-    command = [sys.executable, "-m", "solo.cli", "create", "--base", base, "--out", str(tmp_path / "solo"), "--seed", "3"]
+    command = [sys.executable, "-m", "solo.cli", "create", "--base", base,
+               "--out", str(tmp_path / "solo"), "--seed", "3"]
     result = subprocess.run(command, env=python_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     out, err = result.stdout, result.stderr

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 from helpers import DEBUG_RECIPE as RECIPE, REPO, free_port, subprocess_env
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 VOCAB, PAD, SEQ, WINDOW = 128, 0, 512, 48
 

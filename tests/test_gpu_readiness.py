@@ -6,8 +6,6 @@ flex_attention runs forward-only on CPU (torch 2.13): backward, bf16 and the com
 checked by tests/test_gpu.py on a GPU.
 """
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -61,7 +59,8 @@ def test_flex_attention_forward_equals_per_document_path(megatron_world, lengths
     t = q.shape[0]
     thd = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=t, max_seqlen_kv=t)
     expected = reference(q, k, v, None, packed_seq_params=thd)
-    out = flex(q[:, None], k[:, None], v[:, None], None, packed_seq_params=document_mask_params(cu, t, flex.window_left))
+    out = flex(q[:, None], k[:, None], v[:, None], None,
+               packed_seq_params=document_mask_params(cu, t, flex.window_left))
     assert out.shape == (t, 1, 4 * 16)
     assert (out[:, 0] - expected).abs().max().item() < 1e-5
 
@@ -197,8 +196,10 @@ def test_loader_patch_positions_match_the_patch_tokens():
     rng = np.random.default_rng(4)
     from megatron_tiny import image_document
 
-    s0 = dict(make_training_sample(make_pack([image_document(rng, 2, 2, 0), text_document(rng, 5)]), 48, PAD), sample_id="a")
-    s1 = dict(make_training_sample(make_pack([text_document(rng, 3), image_document(rng, 1, 3, 0)]), 48, PAD), sample_id="b")
+    s0 = dict(make_training_sample(make_pack([image_document(rng, 2, 2, 0), text_document(rng, 5)]), 48, PAD),
+              sample_id="a")
+    s1 = dict(make_training_sample(make_pack([text_document(rng, 3), image_document(rng, 1, 3, 0)]), 48, PAD),
+              sample_id="b")
     batch = collate_packed([s0, s1])
     vpi = batch["vision_patch_indices"][0]
     assert torch.equal(batch["patch_positions"], torch.nonzero(vpi >= 0).reshape(-1))
@@ -333,13 +334,17 @@ def test_launchers_set_the_device_queue_and_slurm_uses_c10d_rendezvous(tmp_path)
     env.pop("CUDA_DEVICE_MAX_CONNECTIONS", None)
     env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
     recipe = "megatron_patch/recipes/stage1.yaml"
-    subprocess.run(["bash", str(repo / "launch" / "pretrain.sh"), recipe, "training.train_iters=2"], env=env, check=True)
-    subprocess.run(["bash", str(repo / "launch" / "slurm.sbatch"), recipe, "training.train_iters=2"], env=env, check=True)
+    subprocess.run(["bash", str(repo / "launch" / "pretrain.sh"), recipe, "training.train_iters=2"],
+                   env=env, check=True)
+    subprocess.run(["bash", str(repo / "launch" / "slurm.sbatch"), recipe, "training.train_iters=2"],
+                   env=env, check=True)
     local, srun, slurm = record.read_text().splitlines()
-    assert local.startswith("CDMC=1 ALLOC=expandable_segments:True -m torch.distributed.run --nproc_per_node 8 --nnodes 1")
+    assert local.startswith("CDMC=1 ALLOC=expandable_segments:True -m torch.distributed.run "
+                            "--nproc_per_node 8 --nnodes 1")
     assert local.endswith(f"-m megatron_patch.train --config {recipe} training.train_iters=2")
     assert srun.startswith("srun --kill-on-bad-exit=1")
-    assert slurm.startswith("CDMC=1 ALLOC=expandable_segments:True -m torch.distributed.run --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d "
+    assert slurm.startswith("CDMC=1 ALLOC=expandable_segments:True -m torch.distributed.run "
+                            "--nnodes 2 --nproc_per_node 8 --rdzv_backend c10d "
                             "--rdzv_endpoint gpu-a:29500 --rdzv_id 77 --max-restarts 3")
     assert slurm.endswith(f"-m megatron_patch.train --config {recipe} training.train_iters=2")
 

@@ -92,8 +92,8 @@ def test_a_resumed_pack_refuses_an_input_reordered_at_the_same_size(copy_of_sour
 
 def test_an_image_changed_mid_run_is_named_and_the_advice_keeps_the_finished_work(
         copy_of_source, tokenizer_dir, tmp_path, capsys):
-    """An image changed at the same size: a clear error (exit 2), and putting the file back (a plain copy: new mtime) lets the same
-    command finish from the work already done."""
+    """An image changed at the same size: a clear error (exit 2), and putting the file back (a plain copy: new
+    mtime) lets the same command finish from the work already done."""
     output = unfinished(copy_of_source, tokenizer_dir, tmp_path / "out")
     image = copy_of_source / "5.jpg"
     original = image.read_bytes()
@@ -176,7 +176,8 @@ def test_disk_full_during_hf_to_mcore_says_so(small_disk, base_dir, tmp_path, ca
     from solo.create import create_solo_checkpoint
 
     solo = create_solo_checkpoint(base_dir, tmp_path / "solo")
-    (small_disk / "filler").write_bytes(b"\0" * (3 * 1024 * 1024 - 400 * 1024))  # 400 KiB free, the tiny model needs more
+    # 400 KiB free, the tiny model needs more
+    (small_disk / "filler").write_bytes(b"\0" * (3 * 1024 * 1024 - 400 * 1024))
     assert solo_main(["convert", "hf-to-mcore", "--hf", str(solo), "--out", str(small_disk / "mcore")]) == 2
     err = capsys.readouterr().err
     assert f"no space left on {small_disk}; free space and run the same command again" in err

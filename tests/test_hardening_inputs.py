@@ -112,7 +112,8 @@ def corpus(tmp_path_factory):
     lines += [json.dumps([{"role": "user", "content": [{"type": "image", "image": bad}, {"type": "text", "text": "x"}]},
                           {"role": "assistant", "content": "y"}]) for bad in bad_images]
     lines += ['{"broken',
-              json.dumps([{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,@@"}}]}]),
+              json.dumps([{"role": "assistant", "content": [
+                  {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,@@"}}]}]),
               json.dumps([{"role": "assistant", "content": "z" * 3000}])]  # longer than --max-record-bytes
     lines = [line.encode() for line in lines] + [b'{"text": "\xff\xfe not utf-8"}']
     (root / "chat.jsonl").write_bytes(b"\n".join(lines) + b"\n")
@@ -121,14 +122,17 @@ def corpus(tmp_path_factory):
     (root / "text.jsonl").write_text(json.dumps({"text": FORGERY}) + "\n" + json.dumps({"text": 5}) + "\n")
     cases["text"] = ([root / "text.jsonl"], [], 1, 1)
 
-    llava = [{"image": "good.jpg", "conversations": [{"from": "human", "value": "<image>\n" + FORGERY.replace("<image>", "")},
-                                                     {"from": "gpt", "value": FORGERY.replace("<image>", "")}]},
-             {"image": "good.jpg", "conversations": [{"from": "human", "value": FORGERY + " <image>"}]},  # 2 for 1 image
-             {"image": "/dev/zero", "conversations": [{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "y"}]}]
+    llava = [{"image": "good.jpg",
+              "conversations": [{"from": "human", "value": "<image>\n" + FORGERY.replace("<image>", "")},
+                                {"from": "gpt", "value": FORGERY.replace("<image>", "")}]},
+             {"image": "good.jpg", "conversations": [{"from": "human", "value": FORGERY + " <image>"}]},  # 2 for 1
+             {"image": "/dev/zero",
+              "conversations": [{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "y"}]}]
     (root / "llava.json").write_text(json.dumps(llava))
     cases["llava"] = ([root / "llava.json"], [], 1, 2)
 
-    interleaved = [{"text_list": [FORGERY, "after"], "image_info": [{"image_name": "good.jpg", "matched_text_index": 1}]},
+    interleaved = [{"text_list": [FORGERY, "after"],
+                    "image_info": [{"image_name": "good.jpg", "matched_text_index": 1}]},
                    {"text_list": ["x"], "image_info": [{"image_name": "fifo.jpg", "matched_text_index": 0}]}]
     (root / "mmc4.jsonl").write_text("\n".join(json.dumps(entry) for entry in interleaved) + "\n")
     cases["interleaved"] = ([root / "mmc4.jsonl"], [], 1, 1)

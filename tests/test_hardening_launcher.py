@@ -20,7 +20,8 @@ def launch(save, log):
     with open(log, "w") as handle:
         return subprocess.Popen(["bash", "launch/debug_cpu.sh", "training.step_sleep_s=0.2",
                                  "checkpoint.save_interval=1000"],
-                                cwd=REPO, env=environment, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+                                cwd=REPO, env=environment, stdout=handle, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def wait_for_steps(save, proc, steps=2, timeout=180):

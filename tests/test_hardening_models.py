@@ -169,7 +169,8 @@ def test_consecutive_messages_of_one_role_are_one_turn_in_pack_and_processor(pro
     image = jpeg_bytes(photo_like(64, 64, seed=4))
     (tmp_path / "img.jpg").write_bytes(image)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Be kind."},
-                {"role": "user", "content": [{"type": "image", "image": "img.jpg"}, {"type": "text", "text": "first?"}]},
+                {"role": "user", "content": [{"type": "image", "image": "img.jpg"},
+                                             {"type": "text", "text": "first?"}]},
                 {"role": "user", "content": "second?"},
                 {"role": "assistant", "content": "one"}, {"role": "assistant", "content": "two"}]
     (tmp_path / "chat.jsonl").write_text(json.dumps(messages) + "\n")

@@ -94,7 +94,8 @@ def test_disk_full_gives_the_same_message_in_pack_and_create(base_dir, tokenizer
         filler.write_bytes(b"\0" * (3 * 1024 * 1024 - free * 1024))
         proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
         assert proc.returncode == 2, proc.stderr[-2000:]
-        assert f"no space left on {small_disk}" in proc.stderr and "free space and run the same command again" in proc.stderr
+        assert (f"no space left on {small_disk}" in proc.stderr
+                and "free space and run the same command again" in proc.stderr)
         assert "Traceback" not in proc.stderr
     assert not (small_disk / "solo").exists()  # nothing half-written looks like a checkpoint
     assert not [name for name in os.listdir(small_disk) if name.startswith(".solo")]  # its staging is gone

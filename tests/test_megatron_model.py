@@ -82,8 +82,10 @@ def test_microbatch_of_two_equals_two_microbatches_of_one(megatron_world):
     """Patch indices of the second sample must be offset by the first sample's patches."""
     model = tiny_model()
     rng = np.random.default_rng(5)
-    s0 = dict(make_training_sample(make_pack([image_document(rng, 2, 2, 0), text_document(rng, 6)]), 64, PAD), sample_id="0")
-    s1 = dict(make_training_sample(make_pack([text_document(rng, 3), image_document(rng, 1, 3, 0)]), 64, PAD), sample_id="1")
+    s0 = dict(make_training_sample(make_pack([image_document(rng, 2, 2, 0), text_document(rng, 6)]), 64, PAD),
+              sample_id="0")
+    s1 = dict(make_training_sample(make_pack([text_document(rng, 3), image_document(rng, 1, 3, 0)]), 64, PAD),
+              sample_id="1")
     both = collate_packed([s0, s1])
     assert both["patches"].shape[0] == 7
     assert both["vision_patch_indices"][0, 64:].max() == 6  # offset by the 4 patches of s0
@@ -195,7 +197,8 @@ def test_dataset_is_deterministic_and_blends_by_weight(megatron_world, tmp_path)
 def test_each_epoch_is_a_fresh_permutation_fixed_by_the_seed(megatron_world, tmp_path):
     packs, epochs = 12, 4
     def pack_order(seed, cache):
-        ds = build_train_dataset("synthetic", packs * epochs, 64, PAD, seed, str(tmp_path / cache), synthetic_num_packs=packs)
+        ds = build_train_dataset("synthetic", packs * epochs, 64, PAD, seed, str(tmp_path / cache),
+                                 synthetic_num_packs=packs)
         return [int(ds[i]["sample_id"].rsplit("#", 1)[1]) for i in range(packs * epochs)]
 
     order = pack_order(7, "a")

@@ -367,7 +367,8 @@ def test_trains_on_real_packed_mixture(workdir):
         if len(parts) == 1:
             assert abs(r["loss"] - parts[0]) < 1e-9
     # The model was sized from the packs' tokenizer, not from the recipe's vocab_size=1.
-    saved = json.loads(json.dumps(__import__("torch").load(save / "iter_0000003" / "common.pt", weights_only=False)["config"]))
+    saved = json.loads(json.dumps(
+        __import__("torch").load(save / "iter_0000003" / "common.pt", weights_only=False)["config"]))
     assert saved["model"]["vocab_size"] == len(tok)
     assert saved["data"]["pad_token_id"] == tok.pad_token_id
 

@@ -30,7 +30,8 @@ WINDOW = 40  # longer than every image block, shorter than the longest document:
 
 def megatron_model(image_attention, vision_positions, backend="local"):
     cfg = tiny_config(WINDOW)
-    cfg.model.image_attention, cfg.model.vision_positions, cfg.model.backend = image_attention, vision_positions, backend
+    cfg.model.image_attention, cfg.model.vision_positions, cfg.model.backend = (
+        image_attention, vision_positions, backend)
     tc = build_transformer_config(cfg.model, cfg.parallel, cfg.training)
     torch.manual_seed(0)
     model = SoloGPTModel(tc, solo_layer_spec(backend), VOCAB, 256, cfg.model.rope_theta,

@@ -30,7 +30,8 @@ def resume_sequence(root: Path, config: str, *overrides: str) -> dict:
     return {
         "full": [base + [f"checkpoint.save={full}"]],
         "split": [base + [f"checkpoint.save={split}", "training.exit_after_iters=1"],
-                  base + [f"checkpoint.save={split}", "training.exit_after_iters=1", "checkpoint.fully_reshardable=true"],
+                  base + [f"checkpoint.save={split}", "training.exit_after_iters=1",
+                          "checkpoint.fully_reshardable=true"],
                   base + [f"checkpoint.save={split}"]],
     }
 
