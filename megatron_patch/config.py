@@ -112,7 +112,7 @@ class OptimizerConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
-    use_distributed_optimizer: bool = True  # GPU only; CPU falls back (see train.py)
+    use_distributed_optimizer: bool = True  # GPU only; CPU falls back (see megatron_patch.train)
 
 
 @dataclass

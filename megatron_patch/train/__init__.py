@@ -664,6 +664,3 @@ def main(argv: Optional[List[str]] = None) -> int:
     dist.destroy_process_group()
     return code
 
-
-if __name__ == "__main__":
-    sys.exit(main())
