@@ -4,8 +4,10 @@ files (images, parquet, a multiple-choice task). Fixtures built from these live 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -129,6 +131,25 @@ def train_in_process(save, *overrides) -> int:
                 dist.destroy_process_group()
             signal.signal(signal.SIGTERM, sigterm)
             torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def captured_output():
+    """Everything the code inside prints or logs (INFO and up), as one text: `buffer.getvalue()`. What
+    `capture_output=True` gives of a training process, for a run in this process."""
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            yield buffer
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 def metrics(save):

@@ -1,7 +1,9 @@
 """End-to-end training runs of ``megatron_patch.train`` (CPU, gloo, torchrun, the debug recipe).
 
 All runs start from one initial checkpoint (``training.train_iters=0``) so that every parallel
-layout trains the same weights; the reference is TP=1, PP=1, DP=1, micro-batch 1.
+layout trains the same weights; the reference is TP=1, PP=1, DP=1, micro-batch 1. Single-process runs
+happen in this process (`train_in_process`); torchrun layouts, and the runs that are killed or stopped
+by a signal, are processes.
 """
 
 import json
@@ -11,11 +13,20 @@ import shutil
 import signal
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
 
 import pytest
 
-from helpers import REPO, latest, metrics, run_training, train_cmd, train_in_process, training_env
+from helpers import (
+    REPO,
+    captured_output,
+    latest,
+    metrics,
+    run_together,
+    run_training,
+    train_cmd,
+    train_in_process,
+    training_env,
+)
 
 pytestmark = pytest.mark.e2e  # every test here starts processes
 
@@ -42,76 +53,61 @@ DROPOUT = ["model.hidden_dropout=0.2", "model.attention_dropout=0.2", "training.
            "checkpoint.save_interval=1000", "optimizer.warmup_iters=1"]
 
 
+def _train(save, *overrides, expect=0):
+    """One single-process run in this process (`train_in_process`): what it printed and logged."""
+    with captured_output() as output:
+        code = train_in_process(save, *overrides)
+    assert code == expect, output.getvalue()[-4000:]
+    return output.getvalue()
+
+
 def _chunked_dropout_run(workdir, init_ckpt):
     """training.exit_after_iters=2 of a 4-step run with dropout, then the same command again; and the
     checkpoint of the first chunk resumed with training.train_iters=6 (a copy, taken between the two)."""
     args = [*DROPOUT, f"checkpoint.init_from={init_ckpt}", "training.exit_after_iters=2"]
     save, longer = workdir / "dropout_chunks", workdir / "schedule"
-    run_training(save, *args)
+    _train(save, *args)
     first = {"latest": latest(save), "metrics": metrics(save)}
     shutil.copytree(save, longer)
-    run_training(save, *args)
-    resumed = run_training(longer, *[a for a in args if "exit_after" not in a], "training.train_iters=6")
-    return {"first_chunk": first, "save": save, "longer": longer, "longer_output": resumed.stdout + resumed.stderr}
+    _train(save, *args)
+    resumed = _train(longer, *[a for a in args if "exit_after" not in a], "training.train_iters=6")
+    return {"first_chunk": first, "save": save, "longer": longer, "longer_output": resumed}
 
 
 class Runs:
-    """The module's independent single-process training runs, started ahead of the tests that check
-    them, two at a time. Most of such a run is start-up on one CPU core (imports, process group, the
-    first checkpoint save), so on a 2-core machine two of them take the time of one. A test waits for
-    its own run with `result(name)`; the timing-sensitive tests (a kill at a given moment) call
-    `quiet()` first so that nothing else runs beside them."""
+    """The module's single-process training runs, each made once, in this process, when the first test
+    that checks it asks for it (`result(name)`): a process would add only its start-up."""
 
     def __init__(self, jobs):
-        self.jobs, self.futures = jobs, {}
-        self.executor = ThreadPoolExecutor(max_workers=2)
-
-    def start(self, name):
-        if name not in self.futures:
-            self.futures[name] = self.executor.submit(self.jobs[name])
-        return self.futures[name]
+        self.jobs, self.results = jobs, {}
 
     def result(self, name):
-        return self.start(name).result()
-
-    def quiet(self):
-        wait(list(self.futures.values()))
+        if name not in self.results:
+            self.results[name] = self.jobs[name]()
+        return self.results[name]
 
 
 @pytest.fixture(scope="module")
-def runs(request, workdir, init_ckpt):
+def runs(workdir, init_ckpt):
     init = f"checkpoint.init_from={init_ckpt}"
     nan = [*BASE, init, "training.inject_nan_at_step=2"]
 
-    def next_stage():  # waits inside the pool for "reference", which is always submitted first
+    def next_stage():
         pool.result("reference")
-        return run_training(workdir / "next_stage", "training.train_iters=2", "checkpoint.save_interval=1000",
-                            f"checkpoint.init_from={workdir / 'ref'}", "checkpoint.init_load_optimizer=true")
+        return _train(workdir / "next_stage", "training.train_iters=2", "checkpoint.save_interval=1000",
+                      f"checkpoint.init_from={workdir / 'ref'}", "checkpoint.init_load_optimizer=true")
 
-    dropout_tests = "test_resume_with_dropout_is_bitwise test_resume_with_another_train_iters_keeps_the_schedule"
-    jobs = {  # name: (the tests that check it, the run)
-        "reference": (None, lambda: run_training(workdir / "ref", *BASE, init)),
-        "mbs2": ("test_micro_batch_2_matches_2x1",
-                 lambda: run_training(workdir / "mbs2", *BASE, init, "data.micro_batch_size=2")),
-        "nan_stop": ("test_nonfinite_loss_stops_or_skips",
-                     lambda: run_training(workdir / "nan_stop", *nan, expect_rc=3)),
-        "nan_skip": ("test_nonfinite_loss_stops_or_skips",
-                     lambda: run_training(workdir / "nan_skip", *nan, "training.on_nonfinite=skip")),
-        "learn": ("test_loss_falls_on_synthetic_image_task test_debug_recipe_first_losses_are_the_golden_ones",
-                  lambda: run_training(workdir / "learn", "training.train_iters=60", "checkpoint.save_interval=1000")),
-        "dropout_straight": (dropout_tests, lambda: run_training(workdir / "dropout_straight", *DROPOUT, init)),
-        "dropout_chunks": (dropout_tests + " test_exit_after_iters_saves_and_the_same_command_continues",
-                           lambda: _chunked_dropout_run(workdir, init_ckpt)),
-        "next_stage": ("test_next_stage_starts_from_previous_with_schedule_reset", next_stage),
-    }
-    pool = Runs({name: job for name, (_, job) in jobs.items()})
-    selected = {item.originalname for item in request.session.items if item.module is request.module}
-    for name, (tests, _) in jobs.items():  # only the runs the selected tests check
-        if tests is None or selected & set(tests.split()):
-            pool.start(name)
-    yield pool
-    pool.quiet()
-    pool.executor.shutdown()
+    pool = Runs({
+        "reference": lambda: _train(workdir / "ref", *BASE, init),
+        "mbs2": lambda: _train(workdir / "mbs2", *BASE, init, "data.micro_batch_size=2"),
+        "nan_stop": lambda: _train(workdir / "nan_stop", *nan, expect=3),
+        "nan_skip": lambda: _train(workdir / "nan_skip", *nan, "training.on_nonfinite=skip"),
+        "learn": lambda: _train(workdir / "learn", "training.train_iters=60", "checkpoint.save_interval=1000"),
+        "dropout_straight": lambda: _train(workdir / "dropout_straight", *DROPOUT, init),
+        "dropout_chunks": lambda: _chunked_dropout_run(workdir, init_ckpt),
+        "next_stage": next_stage,
+    })
+    return pool
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +118,20 @@ def reference(workdir, runs):
     return m
 
 
+LAYOUTS = {"tp2": ["parallel.tensor_model_parallel_size=2"], "pp2": ["parallel.pipeline_model_parallel_size=2"],
+           "dp2": []}  # two processes each
+
+
 @pytest.fixture(scope="module")
-def tp2_run(workdir, init_ckpt):
-    save = workdir / "tp2"
-    run_training(save, *BASE, f"checkpoint.init_from={init_ckpt}", "parallel.tensor_model_parallel_size=2", nproc=2)
-    return save
+def parallel_runs(workdir, init_ckpt):
+    """The reference run at TP=2, PP=2 and DP=2 (torchrun, two processes each), started together: most of a
+    run is its processes' start-up, which overlaps."""
+    saves = {name: workdir / name for name in LAYOUTS}
+    commands = [train_cmd(save, *BASE, f"checkpoint.init_from={init_ckpt}", *LAYOUTS[name], nproc=2)
+                for name, save in saves.items()]
+    for proc in run_together(commands, [training_env() for _ in commands], cwd=REPO):
+        assert proc.returncode == 0, f"{proc.args}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return saves
 
 
 def assert_same_losses(got, ref, first_tol=1e-5, tol=1e-4):
@@ -148,20 +153,10 @@ def test_reference_run_logs_required_metrics(reference):
     assert len(ids) == len(set(ids)) == ITERS * 4, "no sample is repeated within an epoch"
 
 
-def test_tensor_parallel_2_matches_1(reference, tp2_run):
-    assert_same_losses(metrics(tp2_run), reference)
-
-
-def test_pipeline_parallel_2_matches_1(workdir, init_ckpt, reference):
-    save = workdir / "pp2"
-    run_training(save, *BASE, f"checkpoint.init_from={init_ckpt}", "parallel.pipeline_model_parallel_size=2", nproc=2)
-    assert_same_losses(metrics(save), reference)
-
-
-def test_data_parallel_2_matches_1(workdir, init_ckpt, reference):
-    save = workdir / "dp2"
-    run_training(save, *BASE, f"checkpoint.init_from={init_ckpt}", nproc=2)
-    assert_same_losses(metrics(save), reference)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_parallel_layout_matches_one_process(layout, parallel_runs, reference):
+    """TP=2, PP=2 and DP=2 train the reference run's losses on the same samples."""
+    assert_same_losses(metrics(parallel_runs[layout]), reference)
 
 
 def test_micro_batch_2_matches_2x1(workdir, runs, reference):
@@ -172,10 +167,9 @@ def test_micro_batch_2_matches_2x1(workdir, runs, reference):
         assert g["sample_ids"] == r["sample_ids"], "same samples in the same order"
 
 
-def test_resume_after_kill_9_is_bitwise(workdir, init_ckpt, reference, runs):
+def test_resume_after_kill_9_is_bitwise(workdir, init_ckpt, reference):
     """Killed in the middle of writing checkpoint 4: the save goes through iter_N.tmp, so `latest`
     stays on checkpoint 2 and the same command resumes from it bitwise."""
-    runs.quiet()  # nothing beside this run: the kill must land while the save is in progress
     save = workdir / "killed"
     args = [*BASE, f"checkpoint.init_from={init_ckpt}", "training.step_sleep_s=0.4"]
     in_progress = save / "iter_0000004.tmp"
@@ -192,7 +186,7 @@ def test_resume_after_kill_9_is_bitwise(workdir, init_ckpt, reference, runs):
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert latest(save) == 2 and not (save / "iter_0000004").exists()
-    run_training(save, *args)  # resume = the same command again
+    _train(save, *args)  # resume = the same command again (here in this process)
     got = metrics(save)
     assert [r["step"] for r in got] == list(range(1, ITERS + 1))
     for g, r in zip(got, reference):
@@ -203,9 +197,9 @@ def test_resume_after_kill_9_is_bitwise(workdir, init_ckpt, reference, runs):
     assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000002", "iter_0000004"]  # keep_last=2
 
 
-def test_tp2_checkpoint_resumes_at_tp1(workdir, tp2_run, reference):
+def test_tp2_checkpoint_resumes_at_tp1(workdir, parallel_runs, reference):
     save = workdir / "tp2_to_tp1"
-    shutil.copytree(tp2_run, save)
+    shutil.copytree(parallel_runs["tp2"], save)
     shutil.rmtree(save / "iter_0000004")
     (save / "latest_checkpointed_iteration.txt").write_text("2")
     assert train_in_process(save, *BASE) == 0  # TP=1 now; model and optimizer state are resharded on load
@@ -216,8 +210,7 @@ def test_tp2_checkpoint_resumes_at_tp1(workdir, tp2_run, reference):
         assert g["sample_ids"] == r["sample_ids"]
 
 
-def test_sigterm_saves_a_resumable_checkpoint(workdir, runs):
-    runs.quiet()
+def test_sigterm_saves_a_resumable_checkpoint(workdir):
     save = workdir / "sigterm"
     # One DataLoader worker per rank: it gets the SIGTERM too and must not take the step down.
     args = ["training.train_iters=500", "checkpoint.save_interval=1000", "training.step_sleep_s=0.2",
@@ -245,8 +238,8 @@ def test_sigterm_saves_a_resumable_checkpoint(workdir, runs):
 
 def test_nonfinite_loss_stops_or_skips(workdir, runs, reference):
     save = workdir / "nan_stop"
-    proc = runs.result("nan_stop")  # training.inject_nan_at_step=2, rc 3
-    assert "non-finite loss or gradient at step 2" in proc.stdout + proc.stderr
+    output = runs.result("nan_stop")  # training.inject_nan_at_step=2, exit code 3
+    assert "non-finite loss or gradient at step 2" in output
     assert [r["step"] for r in metrics(save)] == [1]
     assert latest(save) is None  # nothing saved from the poisoned step
     runs.result("nan_skip")  # the same with training.on_nonfinite=skip
@@ -351,9 +344,9 @@ def test_trains_on_real_packed_mixture(workdir):
     plan = plan_mixture(str(mix), 4, tokens=budget, output=str(workdir / "plan.json"))
     assert iterations_for_tokens(str(mix), budget, 4) == plan["iterations"] == 3
     save = workdir / "real"
-    run_training(save, f"data.path={mix}", "data.seq_length=256", "data.pad_token_id=", "model.vocab_size=1",
-        "training.train_iters=", f"training.train_tokens={budget}", "checkpoint.save_interval=1000",
-        "data.global_batch_size=4")
+    _train(save, f"data.path={mix}", "data.seq_length=256", "data.pad_token_id=", "model.vocab_size=1",
+           "training.train_iters=", f"training.train_tokens={budget}", "checkpoint.save_interval=1000",
+           "data.global_batch_size=4")
     m = metrics(save)
     assert [r["step"] for r in m] == [1, 2, 3]
     # A fresh model's per-token loss is about ln(vocabulary): sized from the packs' tokenizer.
