@@ -193,6 +193,10 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def _pack(args) -> int:
+    if args.workers > 1:
+        from .workers import start_worker_server
+
+        start_worker_server()  # its imports overlap with this process's own, below
     from .encode import EncodeOptions
     from .pack import PackConfig, run_pack
     from .sources import SourceOptions, load_class_map

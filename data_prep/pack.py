@@ -340,12 +340,9 @@ class _WorkerPool:
     """
 
     def __init__(self, workers: int, init_args: tuple, work_dir: str):
-        import multiprocessing
+        from .workers import worker_context
 
-        # forkserver: one clean server process imports this module (torch, transformers) once and
-        # forks the workers from it: no per-worker import cost, none of fork's thread hazards.
-        self.context = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(["data_prep.pack"])
+        self.context = worker_context()
         self.workers, self.init_args, self.work_dir = workers, init_args, work_dir
         self.deaths: dict[int, int] = {}
         self.pool = self._new_pool(workers)
