@@ -16,7 +16,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import DEBUG_RECIPE as RECIPE, REPO, free_port, free_ports, run_together, subprocess_env
+from helpers import (
+    DEBUG_RECIPE as RECIPE,
+    REPO,
+    captured_output,
+    free_port,
+    subprocess_env,
+    train_in_process,
+)
 
 TINY_ARCH = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
              "model.num_query_groups=2", "model.vocab_size=33029", "model.sliding_window=4096"]
@@ -231,16 +238,14 @@ def test_converted_checkpoint_trains_and_trained_model_exports(work, solo_hf, mc
     assert generated.shape == (1, 8)
 
 
-@pytest.mark.e2e
 def test_training_refuses_hf_directory_and_other_architecture(work, solo_hf, mcore):
     other = [a for a in TINY_ARCH if "ffn" not in a] + ["model.ffn_hidden_size=96"]
-    # Two independent single-process runs, started together (each is mostly start-up on one core).
-    commands = [train_cmd(work / "refused_hf", *TINY_ARCH, f"checkpoint.init_from={solo_hf}"),
-                train_cmd(work / "refused_arch", *other, f"checkpoint.init_from={mcore}")]
-    envs = [dict(env(), MASTER_PORT=str(port)) for port in free_ports(2)]
-    hf_dir, arch = [_check(proc, 2) for proc in run_together(commands, envs, cwd=REPO)]
-    assert "solo convert hf-to-mcore --hf" in hf_dir.stderr
-    assert "model.ffn_hidden_size=96" in arch.stderr and "ffn_hidden_size=128" in arch.stderr
+    with captured_output() as hf_dir:
+        assert train_in_process(work / "refused_hf", *TINY_ARCH, f"checkpoint.init_from={solo_hf}") == 2
+    assert "solo convert hf-to-mcore --hf" in hf_dir.getvalue()
+    with captured_output() as arch:
+        assert train_in_process(work / "refused_arch", *other, f"checkpoint.init_from={mcore}") == 2
+    assert "model.ffn_hidden_size=96" in arch.getvalue() and "ffn_hidden_size=128" in arch.getvalue()
 
 
 def _released_layout(work, solo_hf, rope_theta=1e6):
