@@ -38,7 +38,7 @@ setup(
         # no packed-THD attention, a newer flash-attn leaves no attention backend at all.
         # megatron_patch/preflight.py checks the same at start-up.
         "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "flash-attn==2.8.3"],
-        "test": ["pytest>=7", "ruff>=0.6"],  # ruff: the lint that .ci/run enforces (ruff.toml)
+        "test": ["pytest>=7", "pytest-xdist>=3", "ruff>=0.6"],  # xdist: the README's `-n 2`; ruff: the lint (ruff.toml)
         # lmms-eval model adapter (solo/eval/lmms_adapter.py). Its torchvision must match torch:
         # on a CPU machine with torch 2.13.0 install torchvision 0.28.* with it (see docs/evaluation.md).
         "lmms": ["lmms-eval==0.7.3"],

@@ -102,8 +102,9 @@ def corpus(tmp_path_factory):
     (root / "big.jpg").write_bytes(good + bytes(300_000))  # above --max-image-bytes 200000
     (root / "a_folder.jpg").mkdir()
     os.mkfifo(root / "fifo.jpg")
+    escape = "../" * len(root.parts) + "etc/passwd"  # /etc/passwd however deep the temporary folder is
     bad_images = ["/dev/zero", "fifo.jpg", "missing.jpg", "a_folder.jpg", "corrupt.jpg", "bomb.png", "big.jpg",
-                  "../../../../etc/passwd", "http://example.com/x.jpg"]
+                  escape, "http://example.com/x.jpg"]
     cases = {}
 
     lines = [json.dumps({"messages": [{"role": "user", "content": [{"type": "image", "image": "good.jpg"},
