@@ -1,12 +1,17 @@
 """Shared pytest settings and fixtures (plain helpers live in helpers.py, megatron_tiny.py, hf_tiny.py and
 sft_fixtures.py; no test module imports another)."""
 
+import os
 import subprocess
 
 import pytest
 
 
 def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # One thread of CPU math per worker (set before torch is imported): torch's default, a thread per
+        # core in each of the workers, would oversubscribe the cores.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     # Slow tests (a minute or more on 2 CPU cores) run by default; `-m "not slow"` skips them.
     config.addinivalue_line("markers", "slow: takes a minute or more on a 2-core CPU")
     # Tests that start processes (a CLI, a training, torchrun, accelerate); `-m "not e2e"` runs the in-process rest.

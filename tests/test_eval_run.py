@@ -18,7 +18,7 @@ from solo.eval import BENCHMARKS, load_samples
 from solo.eval.protocols import PROTOCOLS
 from solo.eval.runner import run_eval
 
-from helpers import subprocess_env, write_colour_task
+from helpers import free_port, subprocess_env, write_colour_task
 
 STEPS = 112  # training steps of the tiny model on the colour task
 
@@ -218,9 +218,9 @@ def test_data_parallel_over_two_processes_gives_the_single_process_predictions(r
     run_eval(random_model, "mc", task, single, mode="likelihood", limit=8, progress=False)
     out = tmp_path / "parallel"
     env = subprocess_env(OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
-               "-m", "solo.cli", "eval", "--model", str(random_model), "--benchmark", "mc", "--data", str(task),
-               "--out", str(out), "--mode", "likelihood", "--limit", "8"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(free_port()), "-m", "solo.cli", "eval", "--model", str(random_model),
+               "--benchmark", "mc", "--data", str(task), "--out", str(out), "--mode", "likelihood", "--limit", "8"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     # Two processes really shared the work (a CPU launch can silently run each rank alone).

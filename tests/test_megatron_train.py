@@ -28,8 +28,6 @@ from helpers import (
     training_env,
 )
 
-pytestmark = pytest.mark.e2e  # every test here starts processes
-
 ITERS = 4
 BASE = [f"training.train_iters={ITERS}", "checkpoint.save_interval=2", "checkpoint.keep_last=2"]
 
@@ -153,6 +151,7 @@ def test_reference_run_logs_required_metrics(reference):
     assert len(ids) == len(set(ids)) == ITERS * 4, "no sample is repeated within an epoch"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_parallel_layout_matches_one_process(layout, parallel_runs, reference):
     """TP=2, PP=2 and DP=2 train the reference run's losses on the same samples."""
@@ -167,6 +166,7 @@ def test_micro_batch_2_matches_2x1(workdir, runs, reference):
         assert g["sample_ids"] == r["sample_ids"], "same samples in the same order"
 
 
+@pytest.mark.e2e
 def test_resume_after_kill_9_is_bitwise(workdir, init_ckpt, reference):
     """Killed in the middle of writing checkpoint 4: the save goes through iter_N.tmp, so `latest`
     stays on checkpoint 2 and the same command resumes from it bitwise."""
@@ -197,6 +197,7 @@ def test_resume_after_kill_9_is_bitwise(workdir, init_ckpt, reference):
     assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000002", "iter_0000004"]  # keep_last=2
 
 
+@pytest.mark.e2e
 def test_tp2_checkpoint_resumes_at_tp1(workdir, parallel_runs, reference):
     save = workdir / "tp2_to_tp1"
     shutil.copytree(parallel_runs["tp2"], save)
@@ -210,6 +211,7 @@ def test_tp2_checkpoint_resumes_at_tp1(workdir, parallel_runs, reference):
         assert g["sample_ids"] == r["sample_ids"]
 
 
+@pytest.mark.e2e
 def test_sigterm_saves_a_resumable_checkpoint(workdir):
     save = workdir / "sigterm"
     # One DataLoader worker per rank: it gets the SIGTERM too and must not take the step down.
