@@ -18,18 +18,6 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: starts processes (a CLI, a training, torchrun, accelerate)")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Modules that start processes run first, those with slow tests first of all (each module's tests
-    stay together and in order): under `-n 2 --dist loadfile` the long modules then start early and the
-    two workers finish together, instead of one waiting on a long module handed out last."""
-    slow: dict = {}
-    e2e: dict = {}
-    for item in items:
-        slow[item.module] = slow.get(item.module, False) or item.get_closest_marker("slow") is not None
-        e2e[item.module] = e2e.get(item.module, 0) + (item.get_closest_marker("e2e") is not None)
-    items.sort(key=lambda item: (not slow[item.module], -e2e[item.module]))
-
-
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> str:
     """A SOLO tokenizer (the tiny 32,000-entry base extended with the vision tokens), saved once."""
