@@ -120,6 +120,8 @@ def test_sliding_window_attention_matches_dense_reference(megatron_world, segmen
     scores = scores.masked_fill(~allowed, float("-inf"))
     ref = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv).reshape(t, -1)
     assert (out - ref).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="PackedDotProductAttention does not take an attention bias"):
+        attn(q, k, v, None, attention_bias=torch.zeros(1), packed_seq_params=psp)
 
 
 def test_training_sample_shift_and_document_boundaries():

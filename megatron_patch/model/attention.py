@@ -78,6 +78,24 @@ class _CausalCoreAttention(MegatronModule):
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.window_left = _window_left(config)
 
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> torch.Tensor:
+        """megatron-core's core-attention call; the mask is causal and per document, never an argument."""
+        if attention_bias is not None:
+            raise ValueError(f"{type(self).__name__} does not take an attention bias")
+        return self._attend_batch(query, key, value, packed_seq_params)
+
+    def _attend_batch(self, query, key, value, packed_seq_params):
+        raise NotImplementedError
+
 
 class PackedDotProductAttention(_CausalCoreAttention):
     """Causal core attention that runs ``F.scaled_dot_product_attention`` per document.
@@ -160,18 +178,7 @@ class PackedDotProductAttention(_CausalCoreAttention):
             first = last
         return torch.cat(outs, dim=0)
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
-        attn_mask_type: Optional[AttnMaskType] = None,
-        attention_bias: Optional[torch.Tensor] = None,
-        packed_seq_params: Optional[PackedSeqParams] = None,
-    ) -> torch.Tensor:
-        if attention_bias is not None:
-            raise ValueError("PackedDotProductAttention does not take an attention bias")
+    def _attend_batch(self, query, key, value, packed_seq_params):
         with tensor_parallel.get_cuda_rng_tracker().fork():  # TP-consistent dropout RNG
             if isinstance(packed_seq_params, DocumentMaskParams):
                 # Native-VLM switches: one packed row [t, 1, heads, dim] (sbhd, per-token RoPE).
@@ -329,18 +336,7 @@ class FlexPackedAttention(_CausalCoreAttention):
             raise ValueError(f"the flex backend has no attention dropout (got {self.dropout_p}); "
                              "use backend te or local")
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
-        attn_mask_type: Optional[AttnMaskType] = None,
-        attention_bias: Optional[torch.Tensor] = None,
-        packed_seq_params: Optional[PackedSeqParams] = None,
-    ) -> torch.Tensor:
-        if attention_bias is not None:
-            raise ValueError("FlexPackedAttention does not take an attention bias")
+    def _attend_batch(self, query, key, value, packed_seq_params):
         if not isinstance(packed_seq_params, DocumentMaskParams) or packed_seq_params.block_mask is None:
             raise ValueError("FlexPackedAttention needs the DocumentMaskParams that SoloGPTModel builds "
                              "(document_mask_params); call it through SoloGPTModel with packed rows")
