@@ -37,11 +37,6 @@ def free_port() -> int:
                 return port
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` different free local ports."""
-    return [free_port() for _ in range(count)]
-
-
 def subprocess_env(**extra: str) -> dict[str, str]:
     """This process's environment with the checkout first on PYTHONPATH (a subprocess imports the code
     under test, not an installed copy), plus `extra`."""

@@ -17,10 +17,9 @@ import torch
 from safetensors import safe_open
 
 from helpers import (
-    DEBUG_RECIPE as RECIPE,
     REPO,
     captured_output,
-    free_port,
+    run_training,
     subprocess_env,
     train_in_process,
 )
@@ -55,18 +54,6 @@ def solo(*args, expect_rc=0):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["convert", *map(str, args)])
     return _check(subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue()), expect_rc)
-
-
-def train_cmd(save, *overrides, nproc=1):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                str(free_port())] if nproc > 1 else [sys.executable]  # torchrun reports every failure as rc 1
-    return launcher + ["-m", "megatron_patch.train", "--config", RECIPE, f"checkpoint.save={save}", *overrides]
-
-
-def train(save, *overrides, nproc=1, expect_rc=0):
-    proc = subprocess.run(train_cmd(save, *overrides, nproc=nproc), cwd=REPO, env=env(), capture_output=True,
-                          text=True, timeout=600)
-    return _check(proc, expect_rc)
 
 
 def tensors(directory):
@@ -178,7 +165,8 @@ def test_round_trip_through_training_at_any_tp_pp_is_bitwise(work, solo_hf, mcor
     """HF -> mcore (vocab padded for TP=1) -> loaded by training at TP/PP (other padding) and saved
     there -> HF: identical weights. The exporter needs no --tokenizer: training kept it."""
     save = work / f"run_tp{tp}pp{pp}"
-    train(save, *TINY_ARCH, f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",
+    run_training(save, *TINY_ARCH, f"parallel.tensor_model_parallel_size={tp}",
+                 f"parallel.pipeline_model_parallel_size={pp}",
           "training.train_iters=0", f"checkpoint.init_from={mcore}", nproc=tp * pp)
     assert (save / "tokenizer" / "tokenizer.json").is_file()
     out = work / f"back_tp{tp}pp{pp}"
@@ -215,7 +203,7 @@ def test_converted_checkpoint_trains_and_trained_model_exports(work, solo_hf, mc
     from solo.hf import SoloForCausalLM
 
     save = work / "trained_tp2"
-    train(save, *TINY_ARCH, "parallel.tensor_model_parallel_size=2", "training.train_iters=2",
+    run_training(save, *TINY_ARCH, "parallel.tensor_model_parallel_size=2", "training.train_iters=2",
           "checkpoint.save_interval=1", f"checkpoint.init_from={mcore}", nproc=2)
     records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     with single_process_group():
